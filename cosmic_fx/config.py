@@ -1,0 +1,285 @@
+"""`CosmicConfig`: every knob of the cosmic pipeline in one validated, hashable dataclass.
+
+Presets are constructors: ``CosmicConfig()`` is the measured default, ``CosmicConfig.seed()`` the
+source text's literal rules, ``CosmicConfig.off()`` every pass and hook disabled (the lowering alone).
+A ``torch.compile(..., options={...})`` dict becomes a config in exactly one place:
+:meth:`CosmicConfig.from_options`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "CCEMode",
+    "CDGMode",
+    "CSCPlacement",
+    "CosmicConfig",
+    "Lowering",
+    "QCIInit",
+]
+
+
+class _Choice(str, enum.Enum):
+    """A string enum whose error message lists the valid values."""
+
+    @classmethod
+    def parse(cls, value: Any, field: str) -> _Choice:
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls(value.lower())
+            except ValueError:
+                pass
+        valid = ", ".join(repr(m.value) for m in cls)
+        raise ValueError(f"CosmicConfig.{field} must be one of {valid}; got {value!r}")
+
+    def __str__(self) -> str:  # f"{mode}" prints the bare value
+        return self.value
+
+
+class CSCPlacement(_Choice):
+    """Where cosmic state compression is inserted."""
+
+    OUTPUT = "output"  # on the model output, as the source text does
+    SITES = "sites"  # after every qualifying Linear/Conv2d site (after its QCI, if any)
+    NONE = "none"
+
+
+class QCIInit(_Choice):
+    """How a new QuantumClassicalInterface is initialised."""
+
+    IDENTITY = "identity"  # projector = identity: the module returns its input exactly at insertion
+    SEED = "seed"  # nn.Linear's default init, as in the source text
+
+
+class CDGMode(_Choice):
+    """Cosmic dynamic graph: which parameters get no update."""
+
+    OFF = "off"
+    SEED = "seed"  # every step: skip p when E(p) < E(output)   (source text)
+    CALIBRATED = "calibrated"  # freeze on a schedule after `cdg_patience` low readings; see hooks.py
+
+
+class CCEMode(_Choice):
+    """Cosmic classical efficiency: how a parameter's efficiency scales its update."""
+
+    OFF = "off"
+    SEED = "seed"  # grad <- E(p) * grad, i.e. p <- p - lr * E(p) * grad with SGD   (source text code)
+    RELATIVE = "relative"  # grad <- m(p) * grad, m = clamp(1 + gamma * (E(p) - mean E), lo, hi) > 0
+
+
+class Lowering(_Choice):
+    """What the backend hands the rewritten graph to."""
+
+    INDUCTOR = "inductor"
+    AOT_EAGER = "aot_eager"
+    EAGER = "eager"
+
+
+_CHOICES: dict[str, type[_Choice]] = {
+    "csc": CSCPlacement,
+    "qci_init": QCIInit,
+    "cdg": CDGMode,
+    "cce": CCEMode,
+    "lower": Lowering,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CosmicConfig:
+    """Configuration of the cosmic passes and hooks.
+
+    Args:
+        qci: insert a QuantumClassicalInterface after every qualifying site.
+        qci_init: ``"identity"`` (default; function-preserving) or ``"seed"`` (random, as the text).
+        qci_beta: initial value of the learnable gate temperature ``beta``.
+        min_width: a site qualifies when its output width is greater than this (the text: 10).
+        targets: regexes (full match on the qualified module name); when given, only matching sites
+            qualify.
+        exclude: regexes; matching sites never qualify.
+        csc: where cosmic state compression goes: ``"output"``, ``"sites"`` or ``"none"``.
+        csc_alpha: the entropy threshold ``alpha`` of CSC, finite and >= 0.
+        eps: the epsilon of every formula, in (0, 1e-2].
+        cdg: ``"off"``, ``"seed"`` (literal) or ``"calibrated"``.
+        cdg_patience: calibrated CDG freezes a parameter only after this many consecutive low
+            readings (E(p) < E(output)).
+        cdg_interval: calibrated CDG decides the frozen set every this many steps (and thaws the
+            previous set then).
+        cdg_max_frozen: calibrated CDG freezes at most this fraction of the parameter tensors.
+        cdg_max_sets: calibrated CDG uses at most this many distinct frozen sets per run, which
+            bounds recompilations under ``torch.compile``.
+        cdg_protect_output: calibrated CDG never freezes the output layer (the last site).
+        cce: ``"off"``, ``"seed"`` (literal) or ``"relative"``.
+        cce_gamma, cce_min, cce_max: the relative CCE multiplier
+            ``clamp(1 + gamma * (E(p) - mean E), cce_min, cce_max)``.
+        lower: ``"inductor"``, ``"aot_eager"`` or ``"eager"``.
+
+    Example:
+        >>> import cosmic_fx
+        >>> cfg = cosmic_fx.CosmicConfig(csc="sites", csc_alpha=0.3)
+        >>> cfg.csc
+        <CSCPlacement.SITES: 'sites'>
+        >>> cosmic_fx.CosmicConfig.seed().cdg.value
+        'seed'
+    """
+
+    qci: bool = True
+    qci_init: QCIInit | str = QCIInit.IDENTITY
+    qci_beta: float = 1.0
+    min_width: int = 10
+    targets: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    csc: CSCPlacement | str = CSCPlacement.OUTPUT
+    csc_alpha: float = 0.5
+    eps: float = 1e-8
+    cdg: CDGMode | str = CDGMode.CALIBRATED
+    cdg_patience: int = 3
+    cdg_interval: int = 20
+    cdg_max_frozen: float = 0.25
+    cdg_max_sets: int = 4
+    cdg_protect_output: bool = True
+    cce: CCEMode | str = CCEMode.RELATIVE
+    cce_gamma: float = 1.0
+    cce_min: float = 0.5
+    cce_max: float = 2.0
+    lower: Lowering | str = Lowering.INDUCTOR
+
+    # ------------------------------------------------------------------ validation
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        for name, kind in _CHOICES.items():
+            set_(name, kind.parse(getattr(self, name), name))
+        for name in ("qci", "cdg_protect_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"CosmicConfig.{name} must be a bool; got {getattr(self, name)!r}")
+        for name in ("targets", "exclude"):
+            set_(name, _regex_tuple(getattr(self, name), name))
+        for name, low in (("min_width", 0), ("cdg_patience", 1), ("cdg_interval", 1), ("cdg_max_sets", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"CosmicConfig.{name} must be an int >= {low}; got {value!r}")
+        floats = {
+            "qci_beta": (-math.inf, math.inf),
+            "csc_alpha": (0.0, math.inf),
+            "eps": (0.0, 1e-2),
+            "cdg_max_frozen": (0.0, 1.0),
+            "cce_gamma": (0.0, math.inf),
+            "cce_min": (0.0, math.inf),
+            "cce_max": (0.0, math.inf),
+        }
+        for name, (low, high) in floats.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"CosmicConfig.{name} must be a number; got {value!r}")
+            value = float(value)
+            if not math.isfinite(value) or not low <= value <= high:
+                raise ValueError(f"CosmicConfig.{name} must be finite and in [{low}, {high}]; got {value!r}")
+            set_(name, value)
+        if self.eps == 0.0:
+            raise ValueError("CosmicConfig.eps must be > 0 (it keeps the efficiency's denominator away from 0)")
+        if self.cce_min == 0.0 or self.cce_min > 1.0 or self.cce_max < 1.0 or self.cce_min > self.cce_max:
+            raise ValueError(
+                "CosmicConfig needs 0 < cce_min <= 1 <= cce_max (the relative CCE multiplier is positive "
+                f"and 1 at the mean efficiency); got cce_min={self.cce_min}, cce_max={self.cce_max}"
+            )
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def seed(cls, **overrides: Any) -> CosmicConfig:
+        """The source text's literal rules: random QCI init, CSC on the output, literal CDG and CCE.
+
+        These rules wreck training (see README, "Default vs seed"); they are kept so that anyone can
+        reproduce the text exactly.
+        """
+        base = dict(qci_init=QCIInit.SEED, csc=CSCPlacement.OUTPUT, cdg=CDGMode.SEED, cce=CCEMode.SEED)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def off(cls, **overrides: Any) -> CosmicConfig:
+        """Every pass and hook disabled: the backend is then its lowering alone."""
+        base = dict(qci=False, csc=CSCPlacement.NONE, cdg=CDGMode.OFF, cce=CCEMode.OFF)
+        return cls(**{**base, **overrides})
+
+    _PRESETS = ("default", "seed", "off")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> CosmicConfig:
+        """A preset by name (``"default"``, ``"seed"`` or ``"off"``), with field overrides."""
+        if name == "default":
+            return cls(**overrides)
+        if name in ("seed", "off"):
+            return getattr(cls, name)(**overrides)
+        raise ValueError(f"unknown cosmic preset {name!r}; valid presets: {', '.join(cls._PRESETS)}")
+
+    # ------------------------------------------------------------------ options dicts
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | CosmicConfig | None) -> CosmicConfig:
+        """Build a config from a ``torch.compile(..., options=...)`` dict.
+
+        The dict takes any field name, plus ``"preset"`` (``"default"``, ``"seed"`` or ``"off"``) and
+        ``"config"`` (a whole :class:`CosmicConfig`). Unknown keys are an error listing the valid ones.
+
+        Example:
+            >>> CosmicConfig.from_options({"preset": "seed", "csc_alpha": 0.3}).csc_alpha
+            0.3
+        """
+        if options is None:
+            return cls()
+        if isinstance(options, CosmicConfig):
+            return options
+        if not isinstance(options, Mapping):
+            raise TypeError(
+                f"cosmic backend options must be a dict or a CosmicConfig; got {type(options).__name__}"
+            )
+        options = dict(options)
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(k for k in options if k not in fields and k not in ("preset", "config"))
+        if unknown:
+            raise ValueError(
+                f"unknown cosmic option(s) {unknown}; valid keys: {', '.join(['config', 'preset', *sorted(fields)])}"
+            )
+        base = options.pop("config", None)
+        preset = options.pop("preset", None)
+        if base is not None:
+            if preset is not None:
+                raise ValueError("cosmic options take 'config' or 'preset', not both")
+            if not isinstance(base, CosmicConfig):
+                raise TypeError(f"cosmic option 'config' must be a CosmicConfig; got {type(base).__name__}")
+            return dataclasses.replace(base, **options)
+        return cls.preset(preset or "default", **options)
+
+    def to_options(self) -> dict[str, Any]:
+        """A plain dict (JSON-friendly) that :meth:`from_options` turns back into this config."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.value if isinstance(value, enum.Enum) else (list(value) if isinstance(value, tuple) else value)
+        return out
+
+    def replace(self, **changes: Any) -> CosmicConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def hooks_enabled(self) -> bool:
+        return self.cdg is not CDGMode.OFF or self.cce is not CCEMode.OFF
+
+
+def _regex_tuple(value: Any, field: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"CosmicConfig.{field} must be a list of regex strings; got {value!r}")
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"CosmicConfig.{field}: {pattern!r} is not a valid regex ({err})") from None
+    return tuple(value)

@@ -1,0 +1,90 @@
+"""Insert cosmic state compression at the model output or after every qualifying site."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import fx
+from torch._dynamo.utils import counters
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from cosmic_fx.config import CosmicConfig, CSCPlacement
+from cosmic_fx.modules import _csc_output, cosmic_state_compression
+from cosmic_fx.tracer import META_KEY, find_sites, is_csc_node, site_has_csc, site_output
+
+log = logging.getLogger(__name__)
+
+
+def _is_float_value(node: fx.Node) -> bool:
+    """False only when the graph's metadata says the value is not a floating-point tensor."""
+    value = node.meta.get("val", node.meta.get("example_value"))
+    if value is None:
+        return True  # symbolic_trace graphs carry no metadata: _csc_output checks at run time
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+class InsertCSC(PassBase):
+    """Insert ``cosmic_state_compression`` calls where ``config.csc`` says (output / sites / none).
+
+    ``"sites"`` puts CSC after each qualifying site (after its QCI, if one follows); ``"output"``
+    wraps every floating-point value the graph returns. In a dynamo graph that ends in a graph break,
+    the values returned are not the model's output, so ``"output"`` leaves such graphs alone.
+    """
+
+    def __init__(self, config: CosmicConfig | None = None) -> None:
+        self.config = config or CosmicConfig()
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        placement = self.config.csc
+        if placement is CSCPlacement.NONE:
+            return PassResult(graph_module, False)
+        if placement is CSCPlacement.SITES:
+            n = self._after_sites(graph_module)
+        else:
+            n = self._at_output(graph_module)
+        if n:
+            counters["cosmic_fx"]["insert_csc"] += n
+            graph_module.graph.lint()
+            graph_module.recompile()
+        return PassResult(graph_module, n > 0)
+
+    def _new_node(self, gm: fx.GraphModule, fn, arg: fx.Node, dim: int | None) -> fx.Node:
+        cfg = self.config
+        args = (arg, cfg.csc_alpha, dim, cfg.eps) if dim is not None else (arg, cfg.csc_alpha, cfg.eps)
+        node = gm.graph.call_function(fn, args)
+        node.meta[META_KEY] = {"inserted_by": "insert_csc"}
+        for key in ("val", "example_value"):
+            if key in arg.meta:
+                node.meta[key] = arg.meta[key]
+        return node
+
+    def _after_sites(self, gm: fx.GraphModule) -> int:
+        sites = [s for s in find_sites(gm, self.config) if s.qualifies and not site_has_csc(gm, s)]
+        targets = [site_output(gm, s) for s in sites]
+        for site, anchor in zip(sites, targets):
+            with gm.graph.inserting_after(anchor):
+                new = self._new_node(gm, cosmic_state_compression, anchor, site.feature_dim)
+            anchor.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+            new.meta[META_KEY]["site"] = site.name
+        return len(sites)
+
+    def _at_output(self, gm: fx.GraphModule) -> int:
+        reason = getattr(gm, "compile_subgraph_reason", None)
+        if reason is not None and getattr(reason, "graph_break", False):
+            log.debug("insert_csc: graph ends in a graph break; its outputs are not the model output")
+            return 0
+        output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+        leaves: list[fx.Node] = []
+        fx.node.map_arg(output.args, leaves.append)
+        wrap = [
+            n for n in dict.fromkeys(leaves)
+            if n.op not in ("placeholder", "get_attr") and _is_float_value(n) and not is_csc_node(gm, n)
+        ]
+        replaced: dict[fx.Node, fx.Node] = {}
+        for leaf in wrap:
+            with gm.graph.inserting_before(output):
+                replaced[leaf] = self._new_node(gm, _csc_output, leaf, None)
+        if replaced:
+            output.args = fx.node.map_arg(output.args, lambda n: replaced.get(n, n))
+        return len(replaced)
