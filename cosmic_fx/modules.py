@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CosmicConfig, CSCPlacement, QCIInit
+from .config import CosmicConfig, QCIInit
 from .quantities import DEFAULT_EPS
 
 __all__ = [
@@ -68,15 +68,11 @@ def cosmic_state_compression(
     return (x * torch.sigmoid(z)).to(t.dtype)
 
 
-def _csc_output(value, alpha: float, eps: float):
-    """CSC on a model output leaf; non-float leaves (ints, masks, None) pass through unchanged."""
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return cosmic_state_compression(value, alpha, -1, eps)
-    return value
-
-
 class CosmicStateCompression(nn.Module):
     """Module form of :func:`cosmic_state_compression` (no parameters).
+
+    With ``passthrough=True`` (used at model outputs) values that are not floating-point tensors
+    (integer predictions, masks, ``None``) are returned unchanged instead of raising.
 
     Example:
         >>> csc = CosmicStateCompression(alpha=0.3)
@@ -84,16 +80,18 @@ class CosmicStateCompression(nn.Module):
         torch.Size([2, 5])
     """
 
-    def __init__(self, alpha: float = 0.5, dim: int = -1, eps: float = DEFAULT_EPS) -> None:
+    def __init__(self, alpha: float = 0.5, dim: int = -1, eps: float = DEFAULT_EPS, *, passthrough: bool = False) -> None:
         super().__init__()
         _check_alpha_eps(alpha, eps)
-        self.alpha, self.dim, self.eps = float(alpha), int(dim), float(eps)
+        self.alpha, self.dim, self.eps, self.passthrough = float(alpha), int(dim), float(eps), passthrough
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.passthrough and not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+            return x
         return cosmic_state_compression(x, self.alpha, self.dim, self.eps)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, dim={self.dim}, eps={self.eps}"
+        return f"alpha={self.alpha}, dim={self.dim}, eps={self.eps}" + (", passthrough=True" if self.passthrough else "")
 
 
 class QuantumClassicalInterface(nn.Module):
@@ -225,9 +223,5 @@ def make_qci(width: int, feature_dim: int, config: CosmicConfig, like: torch.Ten
     )
 
 
-def make_csc(config: CosmicConfig, feature_dim: int = -1) -> CosmicStateCompression:
-    return CosmicStateCompression(config.csc_alpha, feature_dim, config.eps)
-
-
-def csc_enabled(config: CosmicConfig, placement: CSCPlacement) -> bool:
-    return config.csc is placement
+def make_csc(config: CosmicConfig, feature_dim: int = -1, passthrough: bool = False) -> CosmicStateCompression:
+    return CosmicStateCompression(config.csc_alpha, feature_dim, config.eps, passthrough=passthrough)

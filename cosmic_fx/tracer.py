@@ -23,13 +23,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .config import CosmicConfig
-from .modules import (
-    CosmicSite,
-    CosmicStateCompression,
-    QuantumClassicalInterface,
-    _csc_output,
-    cosmic_state_compression,
-)
+from .modules import CosmicSite, CosmicStateCompression, QuantumClassicalInterface
 
 __all__ = ["CosmicTracer", "Site", "SiteKind", "find_sites", "module_name_of", "symbolic_trace"]
 
@@ -302,13 +296,11 @@ def _is_qci_node(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def is_csc_node(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """True for a CSC application: a CSC module call, a call inserted by cosmic's CSC pass, or (in a
-    dynamo graph) a node traced from inside a ``CosmicStateCompression`` module."""
+    """True for a CSC application: a CSC module call (marked or not), or, in a dynamo graph, a node
+    traced from inside a ``CosmicStateCompression`` module."""
     if isinstance(_module_of(gm, node), CosmicStateCompression):
         return True
     if node.meta.get(META_KEY, {}).get("inserted_by") == "insert_csc":
-        return True
-    if node.op == "call_function" and node.target in (cosmic_state_compression, _csc_output):
         return True
     return any(isinstance(cls, type) and issubclass(cls, CosmicStateCompression) for _, cls in _stack(node))
 

@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from .config import CosmicConfig, CSCPlacement
-from .modules import CosmicSite, _csc_output, make_csc, make_qci
+from .modules import CosmicSite, make_csc, make_qci
 from .tracer import COSMIC_MODULES, Site, SiteKind, find_sites, qualify, symbolic_trace
 
 __all__ = ["TransformInfo", "transform", "transform_info"]
@@ -165,17 +165,17 @@ def _module_swap(model: nn.Module, config: CosmicConfig, trace_error: str) -> nn
         setattr(parent, child, CosmicSite(layer, qci, csc))
         rewritten.append(site.name)
     if config.csc is CSCPlacement.OUTPUT:
-        alpha, eps = config.csc_alpha, config.eps
-        out.register_forward_hook(lambda m, a, o: _map_output(o, alpha, eps))
+        csc = make_csc(config, passthrough=True)
+        out.register_forward_hook(lambda m, a, o: _map_output(o, csc))
     setattr(out, INFO_ATTR, TransformInfo("module_swap", config, _site_summary(sites), rewritten, trace_error))
     return out
 
 
-def _map_output(out, alpha: float, eps: float):
+def _map_output(out, csc: nn.Module):
     if isinstance(out, tuple):
-        return tuple(_map_output(o, alpha, eps) for o in out)
+        return tuple(_map_output(o, csc) for o in out)
     if isinstance(out, list):
-        return [_map_output(o, alpha, eps) for o in out]
+        return [_map_output(o, csc) for o in out]
     if isinstance(out, dict):
-        return {k: _map_output(v, alpha, eps) for k, v in out.items()}
-    return _csc_output(out, alpha, eps)
+        return {k: _map_output(v, csc) for k, v in out.items()}
+    return csc(out)

@@ -10,26 +10,31 @@ from torch._dynamo.utils import counters
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from cosmic_fx.config import CosmicConfig, CSCPlacement
-from cosmic_fx.modules import _csc_output, cosmic_state_compression
+from cosmic_fx.modules import make_csc
 from cosmic_fx.tracer import META_KEY, find_sites, is_csc_node, site_has_csc, site_output
 
 log = logging.getLogger(__name__)
+
+CSC_ROOT = "cosmic_csc"
 
 
 def _is_float_value(node: fx.Node) -> bool:
     """False only when the graph's metadata says the value is not a floating-point tensor."""
     value = node.meta.get("val", node.meta.get("example_value"))
     if value is None:
-        return True  # symbolic_trace graphs carry no metadata: _csc_output checks at run time
+        return True  # symbolic_trace graphs carry no metadata: the output CSC passes non-floats through
     return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
 class InsertCSC(PassBase):
-    """Insert ``cosmic_state_compression`` calls where ``config.csc`` says (output / sites / none).
+    """Insert ``CosmicStateCompression`` modules where ``config.csc`` says (output / sites / none).
 
-    ``"sites"`` puts CSC after each qualifying site (after its QCI, if one follows); ``"output"``
-    wraps every floating-point value the graph returns. In a dynamo graph that ends in a graph break,
-    the values returned are not the model's output, so ``"output"`` leaves such graphs alone.
+    ``"sites"`` puts CSC after each qualifying site (after its QCI, if one follows), as submodule
+    ``cosmic_csc.<site name>``; ``"output"`` wraps every floating-point value the graph returns with
+    ``cosmic_csc.output``. CSC is a module call (not an inlined function) so that a later dynamo trace
+    of the rewritten model still sees where it is and the backend never applies it twice. A dynamo
+    graph that ends in a graph break returns values that are not the model's output: ``"output"``
+    leaves such graphs alone.
     """
 
     def __init__(self, config: CosmicConfig | None = None) -> None:
@@ -49,10 +54,8 @@ class InsertCSC(PassBase):
             graph_module.recompile()
         return PassResult(graph_module, n > 0)
 
-    def _new_node(self, gm: fx.GraphModule, fn, arg: fx.Node, dim: int | None) -> fx.Node:
-        cfg = self.config
-        args = (arg, cfg.csc_alpha, dim, cfg.eps) if dim is not None else (arg, cfg.csc_alpha, cfg.eps)
-        node = gm.graph.call_function(fn, args)
+    def _new_node(self, gm: fx.GraphModule, target: str, arg: fx.Node) -> fx.Node:
+        node = gm.graph.call_module(target, (arg,))
         node.meta[META_KEY] = {"inserted_by": "insert_csc"}
         for key in ("val", "example_value"):
             if key in arg.meta:
@@ -61,10 +64,12 @@ class InsertCSC(PassBase):
 
     def _after_sites(self, gm: fx.GraphModule) -> int:
         sites = [s for s in find_sites(gm, self.config) if s.qualifies and not site_has_csc(gm, s)]
-        targets = [site_output(gm, s) for s in sites]
-        for site, anchor in zip(sites, targets):
+        anchors = [site_output(gm, s) for s in sites]
+        for site, anchor in zip(sites, anchors):
+            target = f"{CSC_ROOT}.{site.name}"
+            gm.add_submodule(target, make_csc(self.config, site.feature_dim))
             with gm.graph.inserting_after(anchor):
-                new = self._new_node(gm, cosmic_state_compression, anchor, site.feature_dim)
+                new = self._new_node(gm, target, anchor)
             anchor.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
             new.meta[META_KEY]["site"] = site.name
         return len(sites)
@@ -81,10 +86,13 @@ class InsertCSC(PassBase):
             n for n in dict.fromkeys(leaves)
             if n.op not in ("placeholder", "get_attr") and _is_float_value(n) and not is_csc_node(gm, n)
         ]
+        if not wrap:
+            return 0
+        target = f"{CSC_ROOT}.output"
+        gm.add_submodule(target, make_csc(self.config, -1, passthrough=True))
         replaced: dict[fx.Node, fx.Node] = {}
         for leaf in wrap:
             with gm.graph.inserting_before(output):
-                replaced[leaf] = self._new_node(gm, _csc_output, leaf, None)
-        if replaced:
-            output.args = fx.node.map_arg(output.args, lambda n: replaced.get(n, n))
+                replaced[leaf] = self._new_node(gm, target, leaf)
+        output.args = fx.node.map_arg(output.args, lambda n: replaced.get(n, n))
         return len(replaced)

@@ -1,0 +1,71 @@
+"""Shared fixtures: the table of small models every generic check runs on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cosmic_fx.models import DigitsCNN, DigitsMLP, TinyTransformerLM
+
+
+class TiedLM(nn.Module):
+    """Embedding and output head share one weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.mid = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.head(torch.relu(self.mid(self.emb(idx))))
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: symbolic_trace fails, dynamo handles it with a guard."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        if h.sum() > 0:  # a Python branch on a tensor value
+            h = h * 2
+        return self.head(torch.relu(self.fc2(h)))
+
+
+def _lm():
+    return TinyTransformerLM(vocab=24, dim=16, heads=2, layers=1, context=8)
+
+
+# name -> (factory, example input maker, expected qualifying site names)
+MODELS = {
+    "mlp": (DigitsMLP, lambda b=4: torch.rand(b, 64), ["0", "2"]),
+    "cnn": (DigitsCNN, lambda b=4: torch.rand(b, 1, 8, 8), ["conv1", "conv2", "fc1"]),
+    "transformer": (
+        _lm,
+        lambda b=4: torch.randint(0, 24, (b, 8)),
+        ["blocks.0.qkv", "blocks.0.proj", "blocks.0.fc1", "blocks.0.fc2", "head"],
+    ),
+    "tied": (TiedLM, lambda b=4: torch.randint(0, 20, (b, 5)), ["mid", "head"]),
+    "untraceable": (Untraceable, lambda b=4: torch.rand(b, 8), ["fc1", "fc2"]),
+}
+
+
+@pytest.fixture(params=sorted(MODELS))
+def model_case(request):
+    torch.manual_seed(0)
+    factory, make_input, expected = MODELS[request.param]
+    return request.param, factory(), make_input, expected
+
+
+@pytest.fixture(autouse=True)
+def _reset_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -1,0 +1,93 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+import cosmic_fx
+from cosmic_fx import CosmicConfig, QuantumClassicalInterface, transform, transform_info
+
+
+def qci_modules(model):
+    return [m for m in model.modules() if isinstance(m, QuantumClassicalInterface)]
+
+
+def test_one_qci_per_qualifying_site_and_identity_outputs(model_case):
+    name, model, make_input, expected = model_case
+    before = copy.deepcopy(model.state_dict())
+    x = make_input()
+    ref = model(x)
+    tm = transform(model, CosmicConfig(csc="none"))
+    info = transform_info(tm)
+    assert info.path == ("module_swap" if name == "untraceable" else "symbolic_trace")
+    assert sorted(info.rewritten) == sorted(expected)
+    assert len(qci_modules(tm)) == len(expected)
+    assert torch.equal(tm(x), ref)  # identity init: exactly the same outputs
+    # the original model is untouched, and the transformed one shares its weights
+    assert qci_modules(model) == []
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    shared = {id(p) for p in model.parameters()}
+    assert shared <= {id(p) for p in tm.parameters()}
+
+
+def test_qci_parameters_are_owned_and_trainable(model_case):
+    _, model, make_input, expected = model_case
+    tm = transform(model, CosmicConfig())
+    new = [n for n, p in tm.named_parameters() if id(p) not in {id(q) for q in model.parameters()}]
+    assert len(new) == 3 * len(expected)  # beta, weight, bias per QCI
+    assert all(k in tm.state_dict() for k in new)
+    opt = torch.optim.SGD(tm.parameters(), lr=0.1)
+    out = tm(make_input())
+    out.float().pow(2).mean().backward()
+    opt.step()
+    assert all(p.grad is not None for n, p in tm.named_parameters() if n in new and n.endswith("weight"))
+
+
+def test_csc_output_and_sites_change_outputs_as_the_formula_says():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 12))
+    x = torch.randn(3, 4)
+    tm = transform(model, CosmicConfig(csc="output", csc_alpha=50.0))
+    assert_close(tm(x), cosmic_fx.cosmic_state_compression(model(x), 50.0))
+    tm2 = transform(model, CosmicConfig(csc="sites", csc_alpha=50.0))
+    h = cosmic_fx.cosmic_state_compression(model[0](x), 50.0)
+    assert_close(tm2(x), cosmic_fx.cosmic_state_compression(model[2](model[1](h)), 50.0))
+
+
+def test_module_swap_path_matches_traced_path_numerically():
+    from .conftest import Untraceable
+
+    torch.manual_seed(0)
+    model = Untraceable()
+    tm = transform(model, CosmicConfig(qci_init="seed", csc="sites"))
+    info = transform_info(tm)
+    assert info.path == "module_swap" and info.trace_error
+    assert isinstance(tm.fc1, cosmic_fx.CosmicSite) and tm.fc1.base_layer.weight is model.fc1.weight
+    assert not isinstance(model.fc1, cosmic_fx.CosmicSite)
+    x = torch.rand(2, 8)
+    h = cosmic_fx.cosmic_state_compression(tm.fc1.qci(model.fc1(x)))
+    h = torch.relu(h)
+    h = h * 2 if h.sum() > 0 else h
+    h = cosmic_fx.cosmic_state_compression(tm.fc2.qci(model.fc2(h)))
+    assert_close(tm(x), model.head(torch.relu(h)))
+
+
+def test_training_mode_is_preserved():
+    model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5)).eval()
+    tm = transform(model)
+    assert not tm.training and not model.training
+    model.train()
+    assert transform(model).training
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="has no nn.Linear or nn.Conv2d layer"):
+        transform(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match=r"no Linear or Conv2d layer matched targets=\['fc.\*'\].*the model has: 0 \(16\), 2 \(3\)"):
+        transform(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)), CosmicConfig(targets=["fc.*"]))
+    with pytest.raises(TypeError, match="expects an nn.Module"):
+        transform(lambda x: x)
+    tm = transform(nn.Sequential(nn.Linear(4, 16)))
+    with pytest.raises(ValueError, match="already transformed"):
+        transform(tm)
