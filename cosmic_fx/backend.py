@@ -160,7 +160,8 @@ def cosmic_backend(
             f"inserted (sites {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}): a compiled "
             "graph cannot own new trainable parameters. Use cosmic_fx.compile(model) or "
             "torch.compile(cosmic_fx.transform(model), backend='cosmic'); CSC and the CDG/CCE hooks "
-            "still apply."
+            "still apply.",
+            key="untransformed",
         )
     csc_result = InsertCSC(config)(gm)
     csc_count = sum(1 for n in gm.graph.nodes if n.meta.get(META_KEY, {}).get("inserted_by") == "insert_csc")

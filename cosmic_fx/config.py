@@ -141,8 +141,8 @@ class CosmicConfig:
     eps: float = 1e-8
     cdg: CDGMode | str = CDGMode.CALIBRATED
     cdg_patience: int = 3
-    cdg_interval: int = 20
-    cdg_max_frozen: float = 0.25
+    cdg_interval: int = 50
+    cdg_max_frozen: float = 0.125
     cdg_max_sets: int = 4
     cdg_protect_output: bool = True
     cce: CCEMode | str = CCEMode.RELATIVE

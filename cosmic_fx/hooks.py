@@ -247,9 +247,11 @@ def _jaccard(a: frozenset[int], b: frozenset[int]) -> float:
 _WARNED: set[str] = set()
 
 
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
+def _warn_once(message: str, key: str | None = None) -> None:
+    """Warn once per process for each ``key`` (the message itself when no key is given)."""
+    key = key or message
+    if key not in _WARNED:
+        _WARNED.add(key)
         warnings.warn(message, stacklevel=3)
 
 
