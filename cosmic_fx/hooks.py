@@ -25,6 +25,7 @@ A parameter is hooked once, by one :class:`CosmicHooks`, however often dynamo ca
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 import weakref
 from collections.abc import Iterable
@@ -221,7 +222,8 @@ class CosmicHooks:
             and not (cfg.cdg_protect_output and pid in self._protected)
         ]
         candidates.sort(key=lambda pid: self._last_e.get(pid, 0.0))
-        limit = int(cfg.cdg_max_frozen * len(self._params))
+        # round up: on a small model a cap below one tensor would silently switch CDG off
+        limit = math.ceil(cfg.cdg_max_frozen * len(self._params))
         wanted = frozenset(candidates[:limit])
         if wanted not in self._sets_used:
             if len(self._sets_used) > cfg.cdg_max_sets:  # the empty set does not count

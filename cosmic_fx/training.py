@@ -32,6 +32,8 @@ class Arm:
             plain arm, ``torch.compile`` with Inductor).
         optimizer: ``"sgd"``, ``"momentum"`` (SGD, momentum 0.9) or ``"adamw"``.
         lr: learning rate.
+        lower: the lowering of a plain ``"compile"`` arm (``torch.compile(model, backend=lower)``);
+            cosmic arms take theirs from ``config.lower``.
     """
 
     name: str
@@ -39,6 +41,7 @@ class Arm:
     engine: str = "eager"
     optimizer: str = "sgd"
     lr: float = 0.1
+    lower: str = "inductor"
 
 
 @dataclasses.dataclass
@@ -78,7 +81,7 @@ def build(arm: Arm, model: nn.Module):
 
     if arm.config is None:
         if arm.engine == "compile":
-            return torch.compile(model), model, None
+            return torch.compile(model, backend=arm.lower), model, None
         return model, model, None
     if arm.engine == "compile":
         compiled = cosmic_fx.compile(model, arm.config)

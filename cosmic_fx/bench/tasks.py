@@ -1,0 +1,159 @@
+"""The benchmark tasks: real data that ships with installed packages, fixed splits, fixed budgets.
+
+* ``digits-mlp`` / ``digits-cnn``: scikit-learn's digits, test split as validation, metric = error %.
+* ``stdlib-lm``: a character-level transformer trained on the interpreter's own standard-library
+  sources (tests excluded); the last 10% of the corpus is held out; metric = bits per character.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..data import load_digits, load_stdlib_text
+from ..models import DigitsCNN, DigitsMLP, TinyTransformerLM
+
+__all__ = ["Task", "make_tasks"]
+
+
+@dataclasses.dataclass
+class Task:
+    """A training problem with its budget.
+
+    Attributes:
+        name: table label.
+        factory: builds a fresh model (after ``torch.manual_seed``).
+        batches: ``seed -> iterator of (x, y)``; the same sequence for every arm with that seed.
+        loss: ``(output, y) -> scalar``.
+        evaluate: ``model -> metric`` on the validation split (lower is better).
+        metric: its name (``"error %"`` or ``"bits/char"``).
+        target: the validation metric counted as "converged" for steps-to-target.
+        steps: training steps per run; eval_every: validation interval in steps.
+        optimizer / lr: the task's primary optimizer (used by the Inductor and cosmic arms).
+        adamw_lr: learning rate of the AdamW baseline.
+        tolerance: the issue's accuracy budget for the default preset (1 point / 0.05 bpc).
+    """
+
+    name: str
+    factory: Callable[[], nn.Module]
+    batches: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    evaluate: Callable[[nn.Module], float]
+    metric: str
+    target: float
+    steps: int
+    eval_every: int
+    optimizer: str
+    lr: float
+    adamw_lr: float
+    tolerance: float
+
+
+def _classification_batches(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int):
+    def make(seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        n, done = len(y), 0
+        while True:
+            perm = torch.randperm(n, generator=gen)
+            for i in range(0, n - batch + 1, batch):
+                if done == steps:
+                    return
+                idx = perm[i : i + batch]
+                yield x[idx], y[idx]
+                done += 1
+
+    return make
+
+
+@torch.no_grad()
+def _error_of(x: torch.Tensor, y: torch.Tensor) -> Callable[[nn.Module], float]:
+    def evaluate(model: nn.Module) -> float:
+        was = model.training
+        model.eval()
+        try:
+            return 100.0 * (model(x).argmax(-1) != y).float().mean().item()
+        finally:
+            model.train(was)
+
+    return evaluate
+
+
+def _digits_task(name: str, image: bool, steps: int) -> Task:
+    data = load_digits(image=image)
+    return Task(
+        name=name,
+        factory=DigitsCNN if image else DigitsMLP,
+        batches=_classification_batches(data.x_train, data.y_train, 32, steps),
+        loss=nn.functional.cross_entropy,
+        evaluate=_error_of(data.x_test, data.y_test),
+        metric="error %",
+        target=5.0 if image else 6.0,
+        steps=steps,
+        eval_every=max(steps // 30, 10),
+        optimizer="momentum",
+        lr=0.05,
+        adamw_lr=1e-3,
+        tolerance=1.0,
+    )
+
+
+_PRINTABLE = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+
+
+def _encode(text: str) -> torch.Tensor:
+    table = {c: i + 1 for i, c in enumerate(_PRINTABLE)}  # 0 = any other character
+    return torch.tensor([table.get(c, 0) for c in text], dtype=torch.long)
+
+
+def _lm_task(steps: int, context: int = 64, batch: int = 32, max_chars: int = 1_500_000) -> Task:
+    tokens = _encode(load_stdlib_text(max_chars))
+    split = int(0.9 * len(tokens))
+    train, held = tokens[:split], tokens[split:]
+    vocab = len(_PRINTABLE) + 1
+    starts = torch.linspace(0, len(held) - context - 2, 128).long()
+    vx = torch.stack([held[s : s + context] for s in starts])
+    vy = torch.stack([held[s + 1 : s + context + 1] for s in starts])
+
+    def batches(seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            s = torch.randint(0, len(train) - context - 1, (batch,), generator=gen)
+            idx = s[:, None] + torch.arange(context)
+            yield train[idx], train[idx + 1]
+
+    def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        was = model.training
+        model.eval()
+        try:
+            return loss(model(vx), vy).item() / math.log(2)
+        finally:
+            model.train(was)
+
+    return Task(
+        name="stdlib-lm",
+        factory=lambda: TinyTransformerLM(vocab, dim=64, heads=4, layers=2, context=context),
+        batches=batches, loss=loss, evaluate=evaluate, metric="bits/char",
+        target=3.0, steps=steps, eval_every=max(steps // 20, 10),
+        optimizer="adamw", lr=2e-3, adamw_lr=2e-3, tolerance=0.05,
+    )
+
+
+def make_tasks(names: list[str], quick: bool) -> list[Task]:
+    """The tasks by name (``digits-mlp``, ``digits-cnn``, ``stdlib-lm``), with quick or full budgets."""
+    builders = {
+        "digits-mlp": lambda: _digits_task("digits-mlp", False, 200 if quick else 900),
+        "digits-cnn": lambda: _digits_task("digits-cnn", True, 200 if quick else 900),
+        "stdlib-lm": lambda: _lm_task(60 if quick else 600, max_chars=300_000 if quick else 1_500_000),
+    }
+    unknown = [n for n in names if n not in builders]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; valid: {', '.join(builders)}")
+    return [builders[n]() for n in names]
