@@ -13,7 +13,9 @@ from torch import nn
 
 from .backend import backend_records, cosmic_backend
 from .config import CCEMode, CDGMode, CosmicConfig, CSCPlacement, Lowering, QCIInit
+from .export import export, load_adapter
 from .hooks import CosmicHooks, attach_hooks, detach_hooks, hooks_of
+from .inspect import Report, explain
 from .modules import CosmicSite, CosmicStateCompression, QuantumClassicalInterface, cosmic_state_compression
 from .quantities import efficiency, entropy, info
 from .tracer import Site, find_sites
@@ -54,6 +56,7 @@ __all__ = sorted([
     "Lowering",
     "QCIInit",
     "QuantumClassicalInterface",
+    "Report",
     "Site",
     "TransformInfo",
     "attach_hooks",
@@ -64,9 +67,12 @@ __all__ = sorted([
     "detach_hooks",
     "efficiency",
     "entropy",
+    "explain",
+    "export",
     "find_sites",
     "hooks_of",
     "info",
+    "load_adapter",
     "transform",
     "transform_info",
 ])
