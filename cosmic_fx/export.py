@@ -221,7 +221,9 @@ def _explain_export_failure(tm: nn.Module, err: BaseException, dynamic_batch: bo
                 "without a Python branch on tensor values (torch.where, or torch.cond for two different "
                 "computations), or export a submodule that has none.")
     elif dynamic_batch and ("Constraints violated" in text or "specializ" in text or "batch" in text and "Dim" in text):
-        what = (f"its forward fixes the batch size{at}, so the batch cannot be dynamic. Remove the batch-size "
+        const = re.search(r"specialized it to be a constant \((\d+)\)", text)
+        fixed = f" to {const.group(1)}" if const else ""
+        what = (f"its forward fixes the batch size{fixed}{at}, so the batch cannot be dynamic. Remove the batch-size "
                 "dependency (e.g. use x.shape[0] or -1 in reshape), or export with dynamic_batch=False.")
     else:
         what = (f"torch.export could not trace the forward{at}. Make that code traceable (see "
