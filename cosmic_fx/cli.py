@@ -37,7 +37,7 @@ def _cmd_bench_presets(args: argparse.Namespace) -> int:
     seeds = 1 if args.quick and args.seeds is None else (args.seeds or 3)
     epochs = args.epochs or (10 if args.quick else 30)
     out = presets.run(seeds=seeds, epochs=epochs, engine=args.engine, quick=args.quick, out_dir=args.out,
-                      show_progress=not args.no_progress)
+                      show_progress=not args.no_progress, search=args.search)
     print(f"digits, {epochs} epochs, plain SGD lr 0.1, batch 32, {seeds} seed(s), engine={args.engine}; "
           "test error mean ± std over seeds")
     print(out["markdown"])
@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     presets.add_argument("--engine", choices=["eager", "compile"], default="eager",
                          help="eager: transform + eager hooks; compile: cosmic_fx.compile with aot_eager lowering")
     presets.add_argument("--quick", action="store_true")
+    presets.add_argument("--search", action="store_true",
+                         help="run the calibrated CDG/CCE forms that were tried for the default, each alone")
     presets.add_argument("--out", default=None, help="folder for presets.md / presets.json")
     presets.add_argument("--no-progress", action="store_true")
     presets.set_defaults(func=_cmd_bench_presets)
