@@ -8,6 +8,10 @@ from torch import nn
 
 from cosmic_fx.models import DigitsCNN, DigitsMLP, TinyTransformerLM
 
+# The suite checks behaviour, never speed: one intra-op thread keeps it from stalling in OpenMP
+# barriers when the 2-core machine is busy with other work.
+torch.set_num_threads(1)
+
 
 class TiedLM(nn.Module):
     """Embedding and output head share one weight."""

@@ -158,7 +158,7 @@ TRAIN_WITHOUT_IMPORT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_backend_by_name_in_a_process_that_never_imports_cosmic_fx(tmp_path):
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", TRAIN_WITHOUT_IMPORT], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("OK")
