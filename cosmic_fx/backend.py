@@ -177,6 +177,7 @@ def cosmic_backend(
         hooks = runtime_for(config)
         protected = _output_layer(gm, sites, by_node) if not graph_break else []
         hooks.attach(named, protected=protected)
+        _check_recompile_budget(config)
 
     wants_e_out = hooks is not None and config.cdg is not CDGMode.OFF and not graph_break
     primary = _primary_output(gm) if wants_e_out else None
@@ -197,16 +198,37 @@ def cosmic_backend(
     del _RECORDS[:-_MAX_RECORDS]
 
     compiled = _lower(gm, example_inputs, config.lower)
-    if primary is None:
+    if hooks is None:
         return compiled
-    return _strip_efficiency(compiled, hooks)
+    return _report_to_hooks(compiled, hooks, strip_efficiency=primary is not None)
 
 
-def _strip_efficiency(compiled: Callable, hooks) -> Callable:
+def _check_recompile_budget(config: CosmicConfig) -> None:
+    """Warn when calibrated CDG's frozen sets alone could exhaust dynamo's recompile limit."""
+    limit = torch._dynamo.config.recompile_limit
+    # each distinct frozen set, and the empty one, is a compiled graph; keep one more for eval mode
+    if config.cdg is CDGMode.CALIBRATED and config.cdg_max_sets + 2 > limit:
+        _warn_once(
+            f"cosmic backend: cdg_max_sets={config.cdg_max_sets} frozen sets plus the unfrozen model "
+            f"need {config.cdg_max_sets + 1} compiled graphs, and torch._dynamo.config.recompile_limit "
+            f"is {limit}: leave room for an eval-mode graph by lowering cdg_max_sets to at most "
+            f"{max(limit - 2, 1)} or raising the limit. Steps that fall back to eager are reported in "
+            "CosmicHooks.uncompiled_steps.",
+            key=f"recompile_budget:{config.cdg_max_sets}:{limit}",
+        )
+
+
+def _report_to_hooks(compiled: Callable, hooks, strip_efficiency: bool) -> Callable:
+    """Tell the hooks that a compiled graph ran (and give them E_out, which it returns last)."""
+
     def run(*args):
         outs = compiled(*args)
         if torch.is_grad_enabled():
-            hooks.set_output_efficiency(outs[-1])
-        return type(outs)(outs[:-1]) if isinstance(outs, (tuple, list)) else outs
+            hooks.note_compiled_forward()
+            if strip_efficiency:
+                hooks.set_output_efficiency(outs[-1])
+        if strip_efficiency and isinstance(outs, (tuple, list)):
+            return type(outs)(outs[:-1])
+        return outs
 
     return run

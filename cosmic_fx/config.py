@@ -119,6 +119,12 @@ class CosmicConfig:
         cce: ``"off"``, ``"seed"`` (literal) or ``"relative"``.
         cce_gamma, cce_min, cce_max: the relative CCE multiplier
             ``clamp(1 + gamma * (E(p) - mean E), cce_min, cce_max)``.
+        cce_fused_lr: ``None`` (default: the hooks only scale ``p.grad`` and your optimizer steps)
+            or a learning rate > 0: the update ``p <- p - lr * m(p) * grad`` (plain SGD; ``m`` the
+            CCE factor, 1 with ``cce="off"``) happens inside each parameter's
+            post-accumulate-grad hook and ``p.grad`` is freed at once, so gradients never all exist
+            together (lower peak memory; see docs/perf.md). Do not step another optimizer over
+            these parameters; every backward updates (no gradient accumulation).
         lower: ``"inductor"``, ``"aot_eager"`` or ``"eager"``.
 
     Example:
@@ -149,6 +155,7 @@ class CosmicConfig:
     cce_gamma: float = 1.0
     cce_min: float = 0.5
     cce_max: float = 2.0
+    cce_fused_lr: float | None = None
     lower: Lowering | str = Lowering.INDUCTOR
 
     # ------------------------------------------------------------------ validation
@@ -182,6 +189,11 @@ class CosmicConfig:
             if not math.isfinite(value) or not low <= value <= high:
                 raise ValueError(f"CosmicConfig.{name} must be finite and in [{low}, {high}]; got {value!r}")
             set_(name, value)
+        if self.cce_fused_lr is not None:
+            lr = self.cce_fused_lr
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+                raise ValueError(f"CosmicConfig.cce_fused_lr must be None or a finite learning rate > 0; got {lr!r}")
+            set_("cce_fused_lr", float(lr))
         if self.eps == 0.0:
             raise ValueError("CosmicConfig.eps must be > 0 (it keeps the efficiency's denominator away from 0)")
         if self.cce_min == 0.0 or self.cce_min > 1.0 or self.cce_max < 1.0 or self.cce_min > self.cce_max:
@@ -269,7 +281,7 @@ class CosmicConfig:
 
     @property
     def hooks_enabled(self) -> bool:
-        return self.cdg is not CDGMode.OFF or self.cce is not CCEMode.OFF
+        return self.cdg is not CDGMode.OFF or self.cce is not CCEMode.OFF or self.cce_fused_lr is not None
 
 
 def _regex_tuple(value: Any, field: str) -> tuple[str, ...]:

@@ -18,6 +18,12 @@ per-parameter readings. Each parameter's hook runs as soon as its gradient is ac
 * **CCE, relative** (the default): ``grad <- m(p) * grad`` with
   ``m(p) = clamp(1 + gamma * (E(p) - mean E), cce_min, cce_max)``, a positive learning-rate
   multiplier relative to the mean efficiency over all hooked parameters (of the previous step).
+* **CCE fused into backward** (``cce_fused_lr`` set): after the above, the hook itself applies
+  ``p <- p - lr * grad`` and frees ``p.grad`` at once, so no two gradients need to exist together.
+
+Under ``torch.compile`` each distinct frozen set is one compiled graph. If a training step runs
+without the compiled graph (dynamo's ``recompile_limit`` hit, then eager fallback) the hooks say so:
+a warning, and :attr:`CosmicHooks.uncompiled_steps` / :attr:`CosmicHooks.recompile_limit_hit`.
 
 A parameter is hooked once, by one :class:`CosmicHooks`, however often dynamo calls the backend.
 """
@@ -87,6 +93,11 @@ class CosmicHooks:
         self._since_decision = 0
         self.freeze_events: list[tuple[int, tuple[str, ...]]] = []  # (step, names frozen)
         self._tracker: _OutputTracker | None = None  # eager mode only
+        # torch.compile: the backend's graphs report each training forward (note_compiled_forward)
+        self.compiled = False
+        self._compiled_forwards = 0
+        self.uncompiled_steps = 0  # backward passes with no compiled forward before them
+        self.recompile_limit_hit = False  # dynamo reported its recompile limit during this run
 
     # ------------------------------------------------------------------ attaching
     def attach(self, params: Iterable[tuple[str, torch.Tensor]], protected: Iterable[torch.Tensor] = ()) -> int:
@@ -155,6 +166,11 @@ class CosmicHooks:
         """Record ``E_out`` computed elsewhere (inside a compiled graph)."""
         self.e_out = e_out.detach()
 
+    def note_compiled_forward(self) -> None:
+        """Called by the backend each time one of its compiled graphs runs with grad enabled."""
+        self.compiled = True
+        self._compiled_forwards += 1
+
     def _on_grad(self, p: torch.Tensor) -> None:
         cfg = self.config
         pid = id(p)
@@ -183,6 +199,10 @@ class CosmicHooks:
             if scale != 1.0:
                 p.grad.mul_(scale)
             self._step_scale[pid] = scale
+        if cfg.cce_fused_lr is not None:
+            with torch.no_grad():
+                p.add_(p.grad, alpha=-cfg.cce_fused_lr)
+            p.grad = None  # freed now: the next layer's gradient can reuse the memory
 
     def _relative_scale(self, e_val: float) -> float:
         cfg = self.config
@@ -208,11 +228,35 @@ class CosmicHooks:
             "frozen": self.frozen,
         }
         self._step_e, self._step_skipped, self._step_scale = {}, [], {}
+        if self.compiled and self._compiled_forwards == 0:
+            self._report_uncompiled_step()
+        self._compiled_forwards = 0
         if self.config.cdg is CDGMode.CALIBRATED:
             self._since_decision += 1
             if self._since_decision >= self.config.cdg_interval:
                 self._since_decision = 0
                 self._decide_frozen_set()
+
+    def _report_uncompiled_step(self) -> None:
+        self.uncompiled_steps += 1
+        limit = torch._dynamo.config.recompile_limit
+        hit = _dynamo_hit_recompile_limit()
+        self.recompile_limit_hit = self.recompile_limit_hit or hit
+        if self.uncompiled_steps > 1:
+            return
+        why = (
+            f"dynamo hit torch._dynamo.config.recompile_limit ({limit}) and ran the model eagerly"
+            if hit else "the model ran outside its compiled graph"
+        )
+        warnings.warn(
+            f"cosmic_fx: training step {self.steps} ran without the compiled cosmic graph: {why}. "
+            f"This run has used {len(self._sets_used)} distinct frozen sets (counting none; "
+            f"cdg_max_sets={self.config.cdg_max_sets}), and each one is a compiled graph. Raise "
+            "torch._dynamo.config.recompile_limit or lower cdg_max_sets; TORCH_LOGS=recompiles lists "
+            "every recompilation. CosmicHooks.uncompiled_steps counts the steps affected.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def _decide_frozen_set(self) -> None:
         cfg = self.config
@@ -239,6 +283,13 @@ class CosmicHooks:
             log.debug("cosmic CDG step %d: frozen %s", self.steps, [self._names[p] for p in wanted])
             self.freeze_events.append((self.steps, tuple(sorted(self._names[p] for p in wanted))))
         self._frozen = wanted
+
+
+def _dynamo_hit_recompile_limit() -> bool:
+    """Whether dynamo has recorded a recompile-limit hit in this process (since its last reset)."""
+    from torch._dynamo.utils import counters
+
+    return any(str(k).startswith("Dynamo recompile limit exceeded") for k in counters.get("unimplemented", {}))
 
 
 def _jaccard(a: frozenset[int], b: frozenset[int]) -> float:

@@ -1,5 +1,7 @@
 """Every fast path equals the literal formula or the unfused module: forward and gradients."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -129,3 +131,144 @@ def test_csc_exports_to_plain_aten_and_round_trips(tmp_path):
     path = tmp_path / "csc.pt2"
     torch.export.save(ep, path)
     assert_close(torch.export.load(path).module()(x), model(x))
+
+
+# ---------------------------------------------------------------- CCE fused into backward
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 5))
+
+
+def _batches(n):
+    g = torch.Generator().manual_seed(1)
+    # scale 3: the literal CDG skips some parameters (4 of 6) and updates the others
+    return [(3 * torch.randn(8, 6, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(n)]
+
+
+def _train(cfg, engine, steps=4, lr=0.1):
+    from cosmic_fx import attach_hooks, hooks_of
+
+    model = _mlp()
+    run = model if engine == "eager" else torch.compile(model, backend="cosmic", options={"config": cfg})
+    hooks = attach_hooks(model, cfg) if engine == "eager" else None
+    opt = None if cfg.cce_fused_lr is not None else torch.optim.SGD(model.parameters(), lr=lr)
+    grads_left = []
+    for x, y in _batches(steps):
+        loss = nn.functional.cross_entropy(run(x), y)
+        loss.backward()
+        grads_left.append([n for n, p in model.named_parameters() if p.grad is not None])
+        if opt is not None:
+            opt.step()
+            opt.zero_grad()
+    hooks = hooks or hooks_of(model)
+    hooks.remove()
+    return model, grads_left
+
+
+@pytest.mark.parametrize("engine", ["eager", "compile"])
+@pytest.mark.parametrize("preset", ["seed", "relative"])
+def test_fused_cce_update_equals_scaled_grad_then_separate_sgd_step(engine, preset):
+    from cosmic_fx import CosmicConfig
+
+    base = CosmicConfig.seed(lower="aot_eager") if preset == "seed" else CosmicConfig.off(cce="relative", lower="aot_eager")
+    ref, ref_left = _train(base, engine)
+    fused, fused_left = _train(base.replace(cce_fused_lr=0.1), engine)
+    assert all(ref_left) and not any(fused_left)  # fused: every gradient freed inside backward
+    for (name, p), (_, q) in zip(fused.named_parameters(), ref.named_parameters()):
+        assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.equal(p, q) for p, q in zip(fused.parameters(), _mlp().parameters()))
+
+
+@pytest.mark.parametrize("lr", [0, -0.1, float("nan"), True, "0.1"])
+def test_fused_cce_lr_is_validated(lr):
+    from cosmic_fx import CosmicConfig
+
+    with pytest.raises(ValueError, match="cce_fused_lr must be None or a finite learning rate > 0"):
+        CosmicConfig(cce_fused_lr=lr)
+    assert CosmicConfig.off(cce_fused_lr=1).hooks_enabled  # plain SGD in backward: hooks needed
+    assert CosmicConfig.from_options({"cce_fused_lr": 0.5}).cce_fused_lr == 0.5
+
+
+# ---------------------------------------------------------------- CDG removes work
+def _count_backward_mms(model, x):
+    from torch.profiler import ProfilerActivity, profile
+
+    loss = model(x).pow(2).mean()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+
+
+def test_calibrated_cdg_freezing_skips_the_weight_gradient_gemm():
+    from cosmic_fx import CosmicConfig, attach_hooks
+
+    model = _mlp()
+    x = torch.randn(8, 6)
+    before = _count_backward_mms(model, x)
+    model.zero_grad()
+    cfg = CosmicConfig.off(cdg="calibrated", cdg_patience=1, cdg_interval=1, cdg_max_frozen=0.5)
+    hooks = attach_hooks(model, cfg)
+    for bx, by in _batches(3):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(bx), by).backward()
+    frozen_weights = [n for n in hooks.frozen if n.endswith("weight")]
+    assert frozen_weights, hooks.frozen
+    model.zero_grad()
+    after = _count_backward_mms(model, x)
+    assert after <= before - len(frozen_weights)
+    hooks.remove()
+
+
+# ---------------------------------------------------------------- recompile limit
+def test_hitting_the_recompile_limit_is_reported_not_silent():
+    from cosmic_fx import CosmicConfig, hooks_of
+
+    cfg = CosmicConfig.off(cce="relative", lower="aot_eager")
+    model = _mlp()
+    compiled = torch.compile(model, backend="cosmic", options={"config": cfg})
+    params = list(model.parameters())
+    x = torch.randn(4, 6)
+    with torch._dynamo.config.patch(recompile_limit=2), pytest.warns(RuntimeWarning, match=r"recompile_limit \(2\)"):
+        for i in range(4):  # four distinct frozen sets, two compiled graphs allowed
+            for j, p in enumerate(params):
+                p.requires_grad_(j != i)
+            compiled(x).sum().backward()
+    hooks = hooks_of(model)
+    assert hooks.compiled and hooks.recompile_limit_hit
+    assert hooks.uncompiled_steps == 2
+    for p in params:
+        p.requires_grad_(True)
+    hooks.remove()
+
+
+def test_no_uncompiled_steps_within_the_limit():
+    from cosmic_fx import CosmicConfig, hooks_of
+
+    cfg = CosmicConfig.off(cce="relative", lower="aot_eager")
+    model = _mlp()
+    compiled = torch.compile(model, backend="cosmic", options={"config": cfg})
+    for _ in range(3):
+        compiled(torch.randn(4, 6)).sum().backward()
+    hooks = hooks_of(model)
+    assert hooks.compiled and hooks.uncompiled_steps == 0 and not hooks.recompile_limit_hit
+    hooks.remove()
+
+
+def test_frozen_set_bound_that_would_exhaust_the_recompile_limit_warns():
+    from cosmic_fx import CosmicConfig
+    from cosmic_fx.hooks import _WARNED, detach_hooks
+
+    _WARNED.clear()
+    model = _mlp()
+    cfg = CosmicConfig.off(cdg="calibrated", cdg_max_sets=7, lower="aot_eager")
+    compiled = torch.compile(model, backend="cosmic", options={"config": cfg})
+    with pytest.warns(UserWarning, match=r"cdg_max_sets=7 frozen sets .* need 8 compiled graphs"):
+        compiled(torch.randn(4, 6))
+    detach_hooks(model)
+    _WARNED.clear()
+    ok = CosmicConfig.off(cdg="calibrated", lower="aot_eager")  # default bound: 4 sets + none + eval
+    model = _mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.compile(model, backend="cosmic", options={"config": ok})(torch.randn(4, 6))
+    detach_hooks(model)
