@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import html
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -645,7 +646,7 @@ def _param_rows(original: nn.Module, tm: nn.Module, config: CosmicConfig, e_out:
         by_name = dict(named)
         guarded = {n for n in low if config.cdg_protect_output and id(by_name[n]) in protected_ids}
         candidates = sorted(low - guarded, key=lambda n: effs[n])
-        limit = int(config.cdg_max_frozen * len(hooked))
+        limit = math.ceil(config.cdg_max_frozen * len(hooked))  # as CosmicHooks rounds its cap
         verdict = {n: "low (output layer, protected)" for n in guarded}
         verdict.update({n: "freeze" for n in candidates[:limit]})
         verdict.update({n: "low (over the cap)" for n in candidates[limit:]})

@@ -191,7 +191,7 @@ def test_efficiencies_and_cdg_prediction(preset):
     else:
         frozen = set(report.cdg_would_freeze)
         assert frozen <= low
-        assert len(frozen) <= int(config.cdg_max_frozen * len(report.params))
+        assert len(frozen) <= math.ceil(config.cdg_max_frozen * len(report.params))
         assert not any(n.startswith(("head.", "cosmic_qci.head.")) for n in frozen)  # output layer protected
         unprotected = [r for r in report.params if r.name in low and "protected" not in r.cdg]
         lowest = sorted(unprotected, key=lambda r: r.efficiency)[: len(frozen)]
@@ -310,3 +310,25 @@ def test_watch_backend_counts_graph_breaks():
     assert any("conftest.py:" in r and "ata-dependent" in r for r in report.break_reasons)
     assert report.to_dict()["graph_breaks"] == 1
     assert "graph break reasons:" in str(report) and "<table>" in report._repr_html_()
+
+
+@pytest.mark.parametrize("name, preset", [("transformer", "seed"), ("cnn", "default")])
+def test_cdg_prediction_agrees_with_the_hooks(name, preset):
+    """What explain says CDG would do now is what CosmicHooks does on a step with the same weights."""
+    model, make_input = build(name)  # no dropout / batch norm: train and eval outputs agree
+    x = make_input(8)
+    config = CosmicConfig.preset(preset, cdg_patience=1, cdg_interval=1)
+    tm = cosmic_fx.transform(model, config)
+    report = cosmic_fx.explain(tm, x)
+    hooks = cosmic_fx.attach_hooks(tm, config)
+    try:
+        tm(x).logsumexp(-1).mean().backward()
+        step = hooks.last_step
+        assert step["e_out"] == pytest.approx(report.e_out, abs=1e-6)
+        assert step["efficiency"] == pytest.approx({p.name: p.efficiency for p in report.params}, abs=1e-6)
+        acted = step["skipped"] if preset == "seed" else hooks.frozen
+        assert sorted(acted) == sorted(report.cdg_would_freeze) and acted
+        if preset == "seed":
+            assert step["scale"] == pytest.approx({p.name: p.cce_scale for p in report.params if p.cdg != "skip"})
+    finally:
+        hooks.remove()
