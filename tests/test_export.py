@@ -88,6 +88,7 @@ def test_pt2_runs_without_cosmic_fx_at_other_batch_sizes(tmp_path):
     script = tmp_path / "load.py"
     script.write_text(BLOCKED_LOADER)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"  # as in the rest of the suite (conftest)
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=180,
                           cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

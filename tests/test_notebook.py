@@ -28,6 +28,7 @@ def test_notebook_runs(tmp_path, monkeypatch):
         "display_name": "cosmic_fx tests", "language": "python",
     }))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one intra-op thread, as in the rest of the suite (conftest)
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
