@@ -29,7 +29,7 @@ from torch import fx, nn
 from .config import CCEMode, CDGMode, CosmicConfig, CSCPlacement
 from .quantities import efficiency
 
-__all__ = ["BackendReport", "BackendWatch", "Report", "SiteRow", "ParamRow", "explain", "watch_backend"]
+__all__ = ["BackendReport", "BackendWatch", "ParamRow", "Report", "SiteRow", "explain", "watch_backend"]
 
 _FREEING = re.compile(r";\s+(?:\w+ = )+None\s*$")  # fx's `;  x = None` clauses: noise in a diff
 _COLORS = {"qci": "#ffd54f", "csc": "#81d4fa", "io": "#e0e0e0", "op": "#ffffff"}
