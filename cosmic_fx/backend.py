@@ -27,6 +27,7 @@ from .config import CDGMode, CosmicConfig, Lowering
 from .hooks import _warn_once, runtime_for
 from .quantities import efficiency
 from .tracer import META_KEY, find_sites, placeholder_fqn, site_has_qci
+from .transform import is_transformed_parameter
 
 __all__ = ["BackendRecord", "backend_records", "cosmic_backend"]
 
@@ -153,7 +154,10 @@ def cosmic_backend(
     reason = getattr(gm, "compile_subgraph_reason", None)
     graph_break = bool(getattr(reason, "graph_break", False))
 
-    missing = [s.name for s in sites if s.qualifies and not site_has_qci(gm, s)] if config.qci else []
+    named, by_node = _real_params(gm, example_inputs)
+    # a transformed model carries its own QCI and CSC, placed by `transform` with the model in view
+    transformed = any(is_transformed_parameter(p) for _, p in named)
+    missing = [s.name for s in sites if s.qualifies and not site_has_qci(gm, s)] if config.qci and not transformed else []
     if missing:
         _warn_once(
             "cosmic backend: this model was not transformed, so no QuantumClassicalInterface can be "
@@ -163,10 +167,9 @@ def cosmic_backend(
             "still apply.",
             key="untransformed",
         )
-    csc_result = InsertCSC(config)(gm)
-    csc_count = sum(1 for n in gm.graph.nodes if n.meta.get(META_KEY, {}).get("inserted_by") == "insert_csc")
-
-    named, by_node = _real_params(gm, example_inputs)
+    csc_count = 0
+    if not transformed and InsertCSC(config)(gm).modified:
+        csc_count = sum(1 for n in gm.graph.nodes if n.meta.get(META_KEY, {}).get("inserted_by") == "insert_csc")
     if config.hooks_enabled and not named and any(isinstance(t, torch._subclasses.FakeTensor) for t in example_inputs):
         _warn_once(
             "cosmic backend: received fake parameters (DDP / export tracing); CDG/CCE hooks are not "
@@ -190,7 +193,7 @@ def cosmic_backend(
         graph_after=gm.code,
         sites=[(s.name, s.kind.value, s.width, s.qualifies, s.reason) for s in sites],
         missing_qci=missing,
-        csc_inserted=csc_count if csc_result.modified else 0,
+        csc_inserted=csc_count,
         hooked_params=len(named) if hooks is not None else 0,
         lowering=config.lower.value,
         graph_break=graph_break,

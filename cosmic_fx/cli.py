@@ -117,4 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m cosmic_fx.cli` runs this file as __main__: call the package's own module so that the
+    # CLIError plugins raise is the class `main` catches
+    from cosmic_fx.cli import main as _main
+
+    sys.exit(_main())

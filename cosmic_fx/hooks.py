@@ -332,10 +332,12 @@ class _OutputTracker:
     def __init__(self, model: nn.Module, hooks: CosmicHooks) -> None:
         self.hooks = hooks
         self._order: list[nn.Module] = []
+        # the root's own hook fires after every child's, so its direct parameters (a positional
+        # embedding, say) would look like the output layer: leave the root out, as the backend does
         self._probe = [
             m.register_forward_hook(self._record)
             for m in model.modules()
-            if any(True for _ in m.parameters(recurse=False))
+            if m is not model and any(True for _ in m.parameters(recurse=False))
         ]
         self.handle = model.register_forward_hook(self._on_output)
 

@@ -21,6 +21,7 @@ import logging
 
 import torch
 from torch import fx, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import CosmicConfig, CSCPlacement
 from .modules import CosmicSite, make_csc, make_qci
@@ -31,6 +32,23 @@ __all__ = ["TransformInfo", "transform", "transform_info"]
 log = logging.getLogger(__name__)
 
 INFO_ATTR = "cosmic_transform"
+
+# Parameters of every model `transform` returned. The backend checks its graph's parameters against
+# this: a transformed model already carries its QCI and CSC (placed with the full model in view), so
+# the backend must not add CSC again — a dynamo graph that returns from a nested frame after a graph
+# break cannot tell whether its output is the model's output.
+_TRANSFORMED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def is_transformed_parameter(p: torch.Tensor) -> bool:
+    """Whether ``p`` belongs to a model returned by :func:`transform`."""
+    return p in _TRANSFORMED
+
+
+def _mark(result: nn.Module) -> nn.Module:
+    for p in result.parameters():
+        _TRANSFORMED[p] = True
+    return result
 
 
 @dataclasses.dataclass
@@ -131,7 +149,7 @@ def _rewrite_traced(model: nn.Module, gm: fx.GraphModule, config: CosmicConfig) 
         sites=_site_summary(sites),
         rewritten=[s.name for s in sites if s.qualifies and (config.qci or config.csc is CSCPlacement.SITES)],
     ))
-    return gm
+    return _mark(gm)
 
 
 def _structural_copy(model: nn.Module) -> nn.Module:
@@ -168,7 +186,7 @@ def _module_swap(model: nn.Module, config: CosmicConfig, trace_error: str) -> nn
         csc = make_csc(config, passthrough=True)
         out.register_forward_hook(lambda m, a, o: _map_output(o, csc))
     setattr(out, INFO_ATTR, TransformInfo("module_swap", config, _site_summary(sites), rewritten, trace_error))
-    return out
+    return _mark(out)
 
 
 def _map_output(out, csc: nn.Module):

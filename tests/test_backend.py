@@ -63,9 +63,10 @@ def test_all_off_equals_inductor_alone():
         assert_close(grads_a[k], grads_b[k])
 
 
-def test_transformed_model_compiles_to_the_same_function(model_case):
+@pytest.mark.parametrize("csc", ["sites", "output"])
+def test_transformed_model_compiles_to_the_same_function(model_case, csc):
     name, model, make_input, _ = model_case
-    cfg = CosmicConfig(qci_init="seed", csc="sites", lower="aot_eager")
+    cfg = CosmicConfig(qci_init="seed", csc=csc, lower="aot_eager")
     tm = cosmic_fx.transform(model, cfg)
     x = make_input()
     compiled = torch.compile(tm, backend="cosmic", options={"config": cfg})

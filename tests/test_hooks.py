@@ -159,3 +159,21 @@ def test_hooks_attach_once_and_detach():
         assert other.attach(model.named_parameters()) == 0
     assert cosmic_fx.detach_hooks(model) == 1
     assert cosmic_fx.hooks_of(model) is None
+
+
+def test_eager_and_backend_protect_the_same_output_layer():
+    from cosmic_fx.models import TinyTransformerLM
+
+    torch.manual_seed(0)
+    model = TinyTransformerLM(vocab=24, dim=16, heads=2, layers=1, context=8)
+    x = torch.randint(0, 24, (2, 8))
+    names = {id(p): n for n, p in model.named_parameters()}
+    eager = attach_hooks(model, CosmicConfig())
+    model(x)
+    eager_protected = sorted(names[i] for i in eager._protected)
+    eager.remove()
+    torch.compile(model, backend="cosmic", options={"lower": "aot_eager", "qci": False})(x)
+    compiled_protected = sorted(names[i] for i in cosmic_fx.hooks_of(model)._protected)
+    cosmic_fx.detach_hooks(model)
+    # the head and what runs after it; not the root's own `pos`, though the root's hook fires last
+    assert eager_protected == compiled_protected == ["head.bias", "head.weight"]
