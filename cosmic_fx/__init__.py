@@ -11,13 +11,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapter import load_adapter
 from .backend import backend_records, cosmic_backend
 from .config import CCEMode, CDGMode, CosmicConfig, CSCPlacement, Lowering, QCIInit
-from .export import export, load_adapter
+from .export import export
 from .hooks import CosmicHooks, attach_hooks, detach_hooks, hooks_of
-from .inspect import Report, explain
+from .inspect import explain
 from .modules import CosmicSite, CosmicStateCompression, QuantumClassicalInterface, cosmic_state_compression
 from .quantities import efficiency, entropy, info
+from .report import Report
 from .tracer import Site, find_sites
 from .transform import TransformInfo, transform, transform_info
 

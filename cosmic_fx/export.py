@@ -8,30 +8,32 @@
 * Adapter files are a directory with ``adapter_model.safetensors`` (the QCI parameters, no pickle)
   and ``adapter_config.json`` (the config and what the adapter fits); :func:`load_adapter` rebuilds
   the transformed model from a fresh copy of the base model.
+
+The loaders live in :mod:`cosmic_fx.loading` and :mod:`cosmic_fx.adapter` and are importable from
+here too. ``cosmic-fx export`` is the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
-import json
-import logging
 import os
 import re
 import sys
 import traceback
 import warnings
-import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _save_adapter, load_adapter
+from .cli_args import add_model_command, make_inputs, model_and_inputs
 from .config import CosmicConfig
+from .loading import CorruptFileError, load_onnx, load_program
+from .scoped import eval_no_grad, quiet_torch_logs
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -44,10 +46,6 @@ __all__ = [
     "load_program",
 ]
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_FORMAT = "cosmic_fx.adapter"
-ADAPTER_VERSION = 1
 FORMATS = ("pt2", "onnx", "adapter")
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -61,11 +59,6 @@ class ExportError(RuntimeError):
     torch_output: str = ""
 
 
-class CorruptFileError(ValueError):
-    """A file to load is truncated, corrupt, of the wrong kind, or would need unsafe unpickling."""
-
-
-# ----------------------------------------------------------------------------- export
 def export(
     model: nn.Module,
     example_inputs: Any,
@@ -152,38 +145,19 @@ def _dynamic_shapes(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple({0: dims[x.shape[0]]} if isinstance(x, torch.Tensor) and x.dim() >= 1 else None for x in inputs)
 
 
-@contextlib.contextmanager
-def _quiet_torch_logs(*names: str) -> Iterator[None]:
-    """Silence torch's own warnings (graph dumps, optional-package notes) that our error replaces."""
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 def _export_program(tm: nn.Module, inputs: tuple[Any, ...], dynamic_batch: bool):
     dynamic_shapes = _dynamic_shapes(inputs) if dynamic_batch else None
-    modes = [(m, m.training) for m in tm.modules()]
-    tm.eval()
     # torch prints the partial graph of a failed export straight to stderr: hold stderr back, and
     # pass it on only when the export succeeds (on failure our error says what matters)
     held = io.StringIO()
     try:
-        with torch.no_grad(), contextlib.redirect_stderr(held), \
-                _quiet_torch_logs("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export"):
+        with eval_no_grad(tm), contextlib.redirect_stderr(held), \
+                quiet_torch_logs("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export"):
             program = torch.export.export(tm, inputs, dynamic_shapes=dynamic_shapes)
     except Exception as err:
         failure = ExportError(_explain_export_failure(tm, err, dynamic_batch))
         failure.torch_output = held.getvalue()
         raise failure from err
-    finally:
-        for m, training in modes:
-            m.training = training
     sys.stderr.write(held.getvalue())
     return program
 
@@ -247,7 +221,7 @@ def _save_onnx(program, inputs: tuple[Any, ...], path: Path) -> Path:
         )
     large = sum(t.numel() * t.element_size() for t in program.state_dict.values()) > 1_500_000_000
     try:
-        with warnings.catch_warnings(), _quiet_torch_logs("torch.onnx"):
+        with warnings.catch_warnings(), quiet_torch_logs("torch.onnx"):
             warnings.simplefilter("ignore", FutureWarning)
             onnx_program = torch.onnx.export(program, inputs, dynamo=True, verbose=False, external_data=large)
         onnx_program.save(str(path), external_data=large)
@@ -256,273 +230,6 @@ def _save_onnx(program, inputs: tuple[Any, ...], path: Path) -> Path:
         raise ExportError(f"cannot convert {type(program.module()).__name__} to ONNX: {type(err).__name__}: {first}. "
                           "The .pt2 format (format='pt2') supports every op torch.export does.") from err
     return path
-
-
-# ----------------------------------------------------------------------------- loading exported files
-def load_program(path: str | os.PathLike):
-    """Load a ``.pt2`` file with ``torch.export.load``, refusing anything that needs unpickling.
-
-    ``torch.export.load`` may unpickle some entries with ``weights_only=False``; this function first
-    checks every pickled entry of the archive with ``torch.load(weights_only=True)`` (plain tensors
-    only) and refuses Python objects, so a crafted file cannot run code.
-
-    Args:
-        path: a ``.pt2`` file written by :func:`export` or ``torch.export.save``.
-
-    Returns:
-        the ``torch.export.ExportedProgram`` (call ``.module()`` to run it).
-
-    Raises:
-        CorruptFileError: the file is missing, truncated, corrupt, not a ``.pt2`` archive, or unsafe.
-
-    Example:
-        >>> from cosmic_fx.export import load_program
-        >>> program = load_program("model.pt2")   # doctest: +SKIP
-        >>> program.module()(torch.randn(3, 8))   # doctest: +SKIP
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CorruptFileError(f"{path}: no such file")
-    if not zipfile.is_zipfile(path):
-        raise CorruptFileError(f"{path} is not a .pt2 archive (not a zip file): it may be truncated or corrupt; "
-                               "export it again")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-            if bad is not None:
-                raise CorruptFileError(f"{path} is corrupt: the entry {bad} fails its checksum; export it again")
-            _check_no_unsafe_pickles(archive, path)
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise CorruptFileError(f"{path} is a damaged .pt2 archive ({err}); export it again") from None
-    try:
-        with warnings.catch_warnings(), _quiet_torch_logs("torch.export", "torch._export"):
-            warnings.simplefilter("ignore")
-            return torch.export.load(path)
-    except Exception as err:
-        raise CorruptFileError(f"{path} could not be loaded as an exported program ({type(err).__name__}: "
-                               f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); it may be corrupt "
-                               "or written by an incompatible torch version") from None
-
-
-def _check_no_unsafe_pickles(archive: zipfile.ZipFile, path: Path) -> None:
-    names = archive.namelist()
-    pickled: list[str] = []
-    for name in names:
-        if name.endswith((".pt", ".pkl", ".pickle")) or "/data.pkl" in name:
-            pickled.append(name)
-        if name.endswith("_config.json") and ("/data/weights/" in name or "/data/constants/" in name):
-            folder = name.rsplit("/", 1)[0]
-            try:
-                config = json.loads(archive.read(name)).get("config", {})
-            except (ValueError, AttributeError):
-                raise CorruptFileError(f"{path}: {name} is not valid JSON; the archive is corrupt") from None
-            for fqn, meta in config.items():
-                file = meta.get("path_name", "")
-                if file.startswith(("custom_obj", "opaque_obj")):
-                    raise CorruptFileError(f"{path} holds a pickled Python object ({fqn}); cosmic_fx refuses to "
-                                           "unpickle it. Load it with torch.export.load only if you trust its source.")
-                if meta.get("use_pickle"):
-                    pickled.append(f"{folder}/{file}")
-    for name in pickled:
-        if name not in names:
-            raise CorruptFileError(f"{path}: the entry {name} is missing; the archive is incomplete")
-        try:
-            torch.load(io.BytesIO(archive.read(name)), weights_only=True)
-        except Exception as err:
-            raise CorruptFileError(f"{path}: the entry {name} is not plain tensor data ({type(err).__name__}); "
-                                   "cosmic_fx refuses to unpickle it") from None
-
-
-def load_onnx(path: str | os.PathLike):
-    """Open an ONNX file in an onnxruntime ``InferenceSession`` (CPU), with clear errors.
-
-    Args:
-        path: a ``.onnx`` file written by :func:`export`.
-
-    Raises:
-        CorruptFileError: the file is missing, truncated or not an ONNX model.
-
-    Example:
-        >>> from cosmic_fx.export import load_onnx
-        >>> session = load_onnx("model.onnx")   # doctest: +SKIP
-        >>> session.run(None, {session.get_inputs()[0].name: x.numpy()})   # doctest: +SKIP
-    """
-    try:
-        import onnxruntime
-    except ImportError:
-        raise ModuleNotFoundError("running ONNX files needs onnxruntime: pip install 'cosmic-fx[export]'") from None
-    path = Path(path)
-    if not path.is_file():
-        raise CorruptFileError(f"{path}: no such file")
-    try:
-        return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CorruptFileError(f"{path} is not a loadable ONNX model ({first}); it may be truncated or corrupt, "
-                               "export it again") from None
-
-
-# ----------------------------------------------------------------------------- adapters
-def _adapter_tensors(tm: nn.Module) -> dict[str, torch.Tensor]:
-    from .modules import QuantumClassicalInterface
-
-    out = {}
-    for mname, module in tm.named_modules():
-        if isinstance(module, QuantumClassicalInterface):
-            for pname, p in module.named_parameters():
-                out[f"{mname}.{pname}"] = p
-    return out
-
-
-def _base_fingerprint(tm: nn.Module) -> str:
-    """sha256 of the base model's weights and buffers (everything but the adapter), in a fixed order."""
-    adapter = set(_adapter_tensors(tm))
-    h = hashlib.sha256()
-    for name, t in tm.state_dict().items():
-        if name in adapter:
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return "sha256:" + h.hexdigest()
-
-
-def _save_adapter(tm: nn.Module, path: Path) -> Path:
-    from safetensors.torch import save_file
-
-    from . import __version__
-    from .transform import transform_info
-
-    info = transform_info(tm)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in _adapter_tensors(tm).items()}
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a directory; adapter files go into a directory")
-    path.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "format": ADAPTER_FORMAT,
-        "format_version": ADAPTER_VERSION,
-        "cosmic_fx_version": __version__,
-        "torch_version": torch.__version__.split("+")[0],
-        "base_model_class": type(tm).__name__,
-        "transform_path": info.path,
-        "config": info.config.to_options(),
-        "rewritten": list(info.rewritten),
-        "sites": [[name, kind, width] for name, kind, width, _, _ in info.sites],
-        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()},
-        "base_fingerprint": _base_fingerprint(tm),
-    }
-    save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt", "cosmic_fx": f"{ADAPTER_FORMAT} v{ADAPTER_VERSION}"})
-    (path / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return path
-
-
-def _read_adapter_config(folder: Path) -> dict[str, Any]:
-    file = folder / ADAPTER_CONFIG
-    if not file.is_file():
-        raise CorruptFileError(f"{folder}: no {ADAPTER_CONFIG} there; pass the directory written by "
-                               "cosmic_fx.export(..., format='adapter')")
-    try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise CorruptFileError(f"{file} is not valid JSON ({err}); it may be truncated or corrupt, export the "
-                               "adapter again") from None
-    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
-        raise CorruptFileError(f"{file} is not a cosmic_fx adapter config (expected \"format\": \"{ADAPTER_FORMAT}\")")
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > ADAPTER_VERSION:
-        raise CorruptFileError(f"{file} has adapter format version {version!r}; this cosmic_fx reads version "
-                               f"{ADAPTER_VERSION} (upgrade cosmic_fx to load it)")
-    for key in ("config", "transform_path", "rewritten", "tensors"):
-        if key not in meta:
-            raise CorruptFileError(f"{file} lacks the {key!r} entry; it is incomplete, export the adapter again")
-    return meta
-
-
-def _read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    file = folder / ADAPTER_WEIGHTS
-    if not file.is_file():
-        raise CorruptFileError(f"{folder}: no {ADAPTER_WEIGHTS} there; the adapter is incomplete")
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CorruptFileError(f"{file} is not a valid safetensors file ({err}); it may be truncated or corrupt, "
-                               "export the adapter again") from None
-
-
-def load_adapter(base_model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) -> nn.Module:
-    """Rebuild a transformed model from a fresh base model and adapter files.
-
-    The base model is transformed with the adapter's config (it stays untouched; the result shares its
-    weights) and the QCI parameters are loaded from the safetensors file (no pickle).
-
-    Args:
-        base_model: a model built by the same code as the one the adapter was exported from.
-        path: the adapter directory (or either of its two files).
-        check_base: warn when the base weights differ from those the adapter was exported with
-            (then outputs differ from the exported model's).
-
-    Returns:
-        the transformed model, as :func:`cosmic_fx.transform` returns it.
-
-    Raises:
-        CorruptFileError: the files are missing, truncated, corrupt or not an adapter.
-        ValueError: the adapter does not fit ``base_model`` (other sites, shapes or parameter names).
-
-    Example:
-        >>> cosmic_fx.export(tm, x, "adapter_dir", format="adapter")   # doctest: +SKIP
-        >>> tm2 = cosmic_fx.load_adapter(DigitsCNN(), "adapter_dir")   # doctest: +SKIP
-    """
-    from .transform import transform, transform_info
-
-    folder = Path(path)
-    if folder.is_file():
-        folder = folder.parent
-    elif not folder.exists():
-        raise CorruptFileError(f"{folder}: no such adapter directory")
-    if not isinstance(base_model, nn.Module):
-        raise TypeError(f"cosmic_fx.load_adapter expects an nn.Module; got {type(base_model).__name__}")
-    if transform_info(base_model) is not None:
-        raise ValueError("load_adapter needs the base model, not a transformed one (it would get two QCIs per site)")
-    meta = _read_adapter_config(folder)
-    try:
-        config = CosmicConfig.from_options(meta["config"])
-    except (ValueError, TypeError) as err:
-        raise CorruptFileError(f"{folder / ADAPTER_CONFIG} holds an invalid config: {err}") from None
-    tensors = _read_adapter_weights(folder)
-    with torch.random.fork_rng(devices=[]):
-        tm = transform(base_model, config)
-    info = transform_info(tm)
-    if info.path != meta["transform_path"] or list(info.rewritten) != list(meta["rewritten"]):
-        raise ValueError(
-            f"this adapter does not fit {type(base_model).__name__}: it was exported for a "
-            f"{meta.get('base_model_class', '?')} whose rewritten sites are {meta['rewritten']} "
-            f"({meta['transform_path']}), this model's are {info.rewritten} ({info.path}). Pass a model built by "
-            "the same code."
-        )
-    params = _adapter_tensors(tm)
-    if set(params) != set(tensors):
-        missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-        raise ValueError(f"the adapter's tensors do not match the model's QCI parameters (missing: {missing}, "
-                         f"unexpected: {extra})")
-    with torch.no_grad():
-        for name, p in params.items():
-            t = tensors[name]
-            if t.shape != p.shape:
-                raise ValueError(f"adapter tensor {name} has shape {tuple(t.shape)}; the model's parameter has "
-                                 f"{tuple(p.shape)} (was the base model built with other sizes?)")
-            p.copy_(t)
-    if check_base and meta.get("base_fingerprint") and meta["base_fingerprint"] != _base_fingerprint(tm):
-        warnings.warn(
-            f"the base model's weights differ from those the adapter at {folder} was exported with, so outputs "
-            "differ from the exported model's. That is expected when the base is a different checkpoint; if the "
-            "base weights were trained together with the adapter, load those weights first.",
-            stacklevel=2,
-        )
-    return tm
-
 
 # ----------------------------------------------------------------------------- CLI
 _EXPORT_EPILOG = """\
@@ -537,7 +244,6 @@ After writing, the file is loaded back and checked against the in-memory model a
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from .cli import CLIError
-    from .inspect import model_and_inputs
     from .transform import transform, transform_info
 
     model, inputs, config = model_and_inputs(args)
@@ -563,12 +269,9 @@ def _verify(tm: nn.Module, model: nn.Module, inputs: tuple, written: Path, args:
     batch = inputs[0].shape[0] + 3 if inputs and inputs[0].dim() >= 1 and not args.static_batch else None
     if batch is not None:
         torch.manual_seed(args.seed + 1)
-        inputs = tuple(torch.randint(0, max(args.int_high, 1), (batch, *x.shape[1:])) if args.input_dtype == "int64"
-                       else torch.rand((batch, *x.shape[1:]), dtype=x.dtype) for x in inputs)
-    modes = [(m, m.training) for m in tm.modules()]
-    tm.eval()
+        inputs = make_inputs(args, [(batch, *x.shape[1:]) for x in inputs])
     try:
-        with torch.no_grad():
+        with eval_no_grad(tm):
             expected = tm(*inputs)
             if args.format == "pt2":
                 got, how = load_program(written).module()(*inputs), "torch.export.load"
@@ -586,9 +289,6 @@ def _verify(tm: nn.Module, model: nn.Module, inputs: tuple, written: Path, args:
                 got, how = reloaded(*inputs), "load_adapter on the base model"
     except CorruptFileError as err:
         raise CLIError(f"the written file does not load back: {err}") from None
-    finally:
-        for m, training in modes:
-            m.training = training
     expected = expected[0] if isinstance(expected, (tuple, list)) else expected
     got = got[0] if isinstance(got, (tuple, list)) else got
     diff = (got.float() - expected.float()).abs().max().item()
@@ -600,14 +300,11 @@ def _verify(tm: nn.Module, model: nn.Module, inputs: tuple, written: Path, args:
 
 def register_cli(subparsers) -> None:
     """Add ``cosmic-fx export``."""
-    from .inspect import add_model_arguments
-
-    p = subparsers.add_parser(
-        "export", help="export the transformed model: .pt2, ONNX, or adapter files",
+    p = add_model_command(
+        subparsers, "export", help="export the transformed model: .pt2, ONNX, or adapter files",
         description="Transform a model with cosmic_fx and export it (cosmic_fx.export).",
-        epilog=_EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EXPORT_EPILOG,
     )
-    add_model_arguments(p)
     p.add_argument("--format", choices=FORMATS, required=True, help="pt2 (torch.export), onnx, or adapter (directory)")
     p.add_argument("-o", "--output", required=True, help="the file (pt2, onnx) or directory (adapter) to write")
     p.add_argument("--static-batch", action="store_true", help="keep the example's batch size fixed")

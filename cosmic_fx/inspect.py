@@ -1,304 +1,38 @@
-"""See exactly what cosmic does to a model: :func:`explain` (before any compilation) and
-:func:`watch_backend` (what the ``cosmic`` backend did to the graphs ``torch.compile`` handed it).
+"""See exactly what cosmic does to a model, before any compilation: :func:`explain`.
 
 :func:`explain` transforms the model the way :func:`cosmic_fx.transform` would and reports, in one
-:class:`Report`: every Linear/Conv2d site (shapes, whether it qualified and why not, the nodes,
-parameters and FLOPs the rewrite added), the efficiency ``E(p)`` of every parameter against the
-output's ``E_out`` (and what CDG would do with it now), the graph before and after as code, their
-unified diff, and a DOT diagram with the inserted nodes highlighted.
+:class:`~cosmic_fx.report.Report`: every Linear/Conv2d site (shapes, whether it qualified and why not,
+the nodes, parameters and FLOPs the rewrite added), the efficiency ``E(p)`` of every parameter against
+the output's ``E_out`` (and what CDG would do with it now), the graph before and after as code, their
+unified diff, and a DOT diagram with the inserted nodes highlighted. ``cosmic-fx inspect`` is its
+command line.
+
+What the ``cosmic`` backend did to the graphs ``torch.compile`` handed it is :func:`watch_backend`
+(in :mod:`cosmic_fx.watch`, importable from here too).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
-import difflib
-import html
-import json
 import math
 import re
-import shutil
-import subprocess
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from .cli_args import add_model_command, model_and_inputs
 from .config import CCEMode, CDGMode, CosmicConfig, CSCPlacement
 from .quantities import efficiency
+from .report import ParamRow, Report, SiteRow, _Node, _shape
+from .scoped import eval_no_grad
+from .watch import BackendReport, BackendWatch, watch_backend
 
 __all__ = ["BackendReport", "BackendWatch", "ParamRow", "Report", "SiteRow", "explain", "watch_backend"]
 
 _FREEING = re.compile(r";\s+(?:\w+ = )+None\s*$")  # fx's `;  x = None` clauses: noise in a diff
-_COLORS = {"qci": "#ffd54f", "csc": "#81d4fa", "io": "#e0e0e0", "op": "#ffffff"}
 
 
-# ----------------------------------------------------------------------------- report data
-@dataclasses.dataclass
-class SiteRow:
-    """One Linear/Conv2d site of the model and what the rewrite added after it."""
-
-    name: str
-    kind: str
-    input_shape: tuple[int, ...] | None
-    output_shape: tuple[int, ...] | None
-    qualifies: bool
-    reason: str
-    inserted: list[str]  # targets of the inserted modules, in order (cosmic_qci.<site>, cosmic_csc.<site>)
-    params_added: int
-    flops_added: int
-
-
-@dataclasses.dataclass
-class ParamRow:
-    """One parameter tensor of the transformed model."""
-
-    name: str
-    shape: tuple[int, ...]
-    efficiency: float  # E(p) along dim 0
-    added: bool  # created by the transform (QCI)
-    cdg: str  # what CDG would do now: "" (nothing), "skip", "freeze", "low (...)"
-    cce_scale: float  # the factor CCE would apply to its gradient now
-
-
-@dataclasses.dataclass
-class _Node:
-    name: str
-    label: str
-    inputs: list[str]
-    kind: str  # "io", "op", "qci", "csc"
-    guessed_input: bool = False  # module-call view: the input came through non-module ops
-
-
-class Report:
-    """What :func:`explain` found. Print it for a terminal, display it in a notebook, or
-    :meth:`to_json` it for tools.
-
-    Attributes:
-        model_name: the model's class name.
-        path: ``"symbolic_trace"`` or ``"module_swap"`` (see :func:`cosmic_fx.transform`).
-        config: the :class:`CosmicConfig` used.
-        input_shapes: shapes of the example inputs.
-        sites: one :class:`SiteRow` per Linear/Conv2d application, in execution order.
-        params: one :class:`ParamRow` per parameter tensor of the transformed model.
-        e_out: the efficiency of the transformed model's output (last dim).
-        graph_before, graph_after: the graph as code (``forward`` of the traced ``GraphModule``; for
-            a model that does not trace, the module calls of one forward).
-        inserted_nodes: names of the nodes the passes inserted into ``graph_after``.
-        totals: sites found/rewritten, parameters and FLOPs before/after.
-        note: why the model was not traced (module_swap path), else ``""``.
-    """
-
-    def __init__(self, **fields: Any) -> None:
-        self.model_name: str = fields["model_name"]
-        self.path: str = fields["path"]
-        self.config: CosmicConfig = fields["config"]
-        self.input_shapes: list[tuple[int, ...]] = fields["input_shapes"]
-        self.sites: list[SiteRow] = fields["sites"]
-        self.params: list[ParamRow] = fields["params"]
-        self.e_out: float | None = fields["e_out"]
-        self.graph_before: str = fields["graph_before"]
-        self.graph_after: str = fields["graph_after"]
-        self.inserted_nodes: list[str] = fields["inserted_nodes"]
-        self.totals: dict[str, int] = fields["totals"]
-        self.note: str = fields.get("note", "")
-        self._nodes: list[_Node] = fields["nodes"]
-
-    # ------------------------------------------------------------------ derived views
-    @property
-    def diff(self) -> str:
-        """Unified diff of :attr:`graph_before` and :attr:`graph_after`."""
-        lines = difflib.unified_diff(
-            self.graph_before.splitlines(), self.graph_after.splitlines(),
-            fromfile=f"{self.model_name} (before)", tofile=f"{self.model_name} (cosmic)", lineterm="",
-        )
-        return "\n".join(lines) + "\n"
-
-    @property
-    def cdg_would_freeze(self) -> list[str]:
-        """Parameters CDG would stop updating now (seed: skipped this step; calibrated: frozen once the
-        reading persists for ``cdg_patience`` steps)."""
-        return [p.name for p in self.params if p.cdg in ("skip", "freeze")]
-
-    @property
-    def dot(self) -> str:
-        """Graphviz DOT text of the rewritten graph; inserted QCI/CSC nodes are filled."""
-        out = [f'digraph "{self.model_name}" {{', "  rankdir=TB;",
-               '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10];']
-        for node in self._nodes:
-            label = node.label.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-            shape = ", shape=ellipse" if node.kind == "io" else ""
-            pen = ", penwidth=2" if node.kind in ("qci", "csc") else ""
-            out.append(f'  "{node.name}" [label="{label}", fillcolor="{_COLORS[node.kind]}"{shape}{pen}];')
-        for node in self._nodes:
-            style = ' [style=dashed, tooltip="through non-module operations"]' if node.guessed_input else ""
-            out.extend(f'  "{src}" -> "{node.name}"{style};' for src in node.inputs)
-        out.append("}")
-        return "\n".join(out) + "\n"
-
-    def svg(self) -> str:
-        """The diagram as SVG, rendered by Graphviz's ``dot``.
-
-        Raises:
-            RuntimeError: Graphviz is not installed (the message says how to get it, and that
-                :attr:`dot` holds the text to render elsewhere).
-        """
-        exe = shutil.which("dot")
-        if exe is None:
-            raise RuntimeError(
-                "Graphviz's `dot` program was not found on PATH, so no SVG can be rendered. Install "
-                "Graphviz (apt install graphviz, brew install graphviz or conda install graphviz), or "
-                "render the DOT text of report.dot elsewhere (e.g. https://viz-js.com)."
-            )
-        done = subprocess.run([exe, "-Tsvg"], input=self.dot, capture_output=True, text=True, timeout=60)
-        if done.returncode != 0:
-            raise RuntimeError(f"Graphviz failed to render the diagram: {done.stderr.strip()}")
-        return done.stdout
-
-    def plot(self, ax=None):
-        """Draw the rewritten graph with matplotlib (no Graphviz needed); inserted nodes are coloured.
-
-        Args:
-            ax: a matplotlib ``Axes`` (a new figure when omitted).
-
-        Returns:
-            the ``Axes``.
-        """
-        import matplotlib.pyplot as plt
-
-        depth: dict[str, int] = {}
-        for node in self._nodes:
-            depth[node.name] = 1 + max((depth[i] for i in node.inputs if i in depth), default=-1)
-        layers: dict[int, list[str]] = {}
-        for node in self._nodes:
-            layers.setdefault(depth[node.name], []).append(node.name)
-        pos = {n: (i - (len(names) - 1) / 2, -d) for d, names in layers.items() for i, n in enumerate(names)}
-        if ax is None:
-            width = max(len(v) for v in layers.values())
-            _, ax = plt.subplots(figsize=(max(4.0, 2.6 * width), max(3.0, 0.5 * len(layers))))
-        for node in self._nodes:
-            for src in node.inputs:
-                ax.annotate("", xy=pos[node.name], xytext=pos[src], arrowprops=dict(
-                    arrowstyle="->", color="#777777", linestyle="--" if node.guessed_input else "-", shrinkA=9, shrinkB=9))
-        for node in self._nodes:
-            x, y = pos[node.name]
-            ax.text(x, y, node.label.split("\n")[0], ha="center", va="center", fontsize=7,
-                    bbox=dict(boxstyle="round", fc=_COLORS[node.kind], ec="#333333"))
-        ax.set_xlim(min(p[0] for p in pos.values()) - 0.8, max(p[0] for p in pos.values()) + 0.8)
-        ax.set_ylim(min(p[1] for p in pos.values()) - 0.7, 0.7)
-        ax.set_axis_off()
-        ax.set_title(f"{self.model_name} after cosmic_fx (yellow: QCI, blue: CSC)", fontsize=9)
-        return ax
-
-    # ------------------------------------------------------------------ tables
-    def site_table(self, tablefmt: str = "github") -> str:
-        """The sites as a table (tabulate format ``tablefmt``)."""
-        from tabulate import tabulate
-
-        rows = [(s.name, s.kind, _shape(s.input_shape), _shape(s.output_shape),
-                 "yes" if s.qualifies else f"no: {s.reason}", len(s.inserted), f"{s.params_added:,}",
-                 f"{s.flops_added:,}") for s in self.sites]
-        headers = ["site", "kind", "input", "output", "qualifies", "nodes added", "params added",
-                   "FLOPs added"]
-        return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
-
-    def param_table(self, tablefmt: str = "github") -> str:
-        """Per-parameter efficiency and what CDG/CCE would do with it now."""
-        from tabulate import tabulate
-
-        rows = [(p.name + (" (new)" if p.added else ""), _shape(p.shape), f"{p.efficiency:+.4f}",
-                 p.cdg or "-", f"{p.cce_scale:.3f}") for p in self.params]
-        headers = ["parameter", "shape", "E(p)", f"CDG ({self.config.cdg.value})", f"CCE x ({self.config.cce.value})"]
-        return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
-
-    def _summary_lines(self) -> list[str]:
-        t = self.totals
-        lines = [
-            f"cosmic_fx.explain: {self.model_name}, input {', '.join(_shape(s) for s in self.input_shapes)}, "
-            f"path {self.path}, config {_config_brief(self.config)}",
-            f"sites: {t['sites_found']} found, {t['sites_rewritten']} rewritten | parameters: "
-            f"{t['params_before']:,} -> {t['params_after']:,} | FLOPs per forward: {t['flops_before']:,} -> "
-            f"{t['flops_after']:,} (matmul/conv, torch.utils.flop_counter)",
-        ]
-        if self.note:
-            lines.append(f"note: {self.note}")
-        return lines
-
-    def __str__(self) -> str:
-        out = self._summary_lines() + ["", self.site_table(), ""]
-        extra = [n for n in self.inserted_nodes if not any(n in _node_names(s.inserted) for s in self.sites)]
-        if extra:
-            out += [f"also inserted: {', '.join(extra)}", ""]
-        e_out = "n/a" if self.e_out is None else f"{self.e_out:+.4f}"
-        freeze = self.cdg_would_freeze
-        out += [f"E_out = {e_out}; CDG ({self.config.cdg.value}) would stop updating now: "
-                f"{', '.join(freeze) if freeze else 'nothing'}", "", self.param_table()]
-        return "\n".join(out) + "\n"
-
-    def __repr__(self) -> str:
-        t = self.totals
-        return (f"<cosmic_fx.Report {self.model_name}: {t['sites_rewritten']}/{t['sites_found']} sites rewritten, "
-                f"{t['params_after'] - t['params_before']:+,} params>")
-
-    def _repr_html_(self) -> str:
-        parts = [f"<p>{'<br>'.join(html.escape(s) for s in self._summary_lines())}</p>",
-                 self.site_table("html")]
-        try:
-            parts.append(f"<div>{self.svg()}</div>")
-        except RuntimeError as err:
-            parts.append(f"<p><i>Diagram: {html.escape(str(err))} report.plot() draws it with matplotlib.</i></p>")
-        e_out = "n/a" if self.e_out is None else f"{self.e_out:+.4f}"
-        parts += [f"<p>E_out = {e_out}</p>", self.param_table("html"),
-                  "<details><summary>graph diff</summary><pre>" + html.escape(self.diff) + "</pre></details>"]
-        return "\n".join(parts)
-
-    # ------------------------------------------------------------------ machine-readable
-    def to_dict(self) -> dict[str, Any]:
-        """Everything in the report as JSON-friendly Python objects."""
-        return {
-            "model": self.model_name,
-            "path": self.path,
-            "note": self.note,
-            "config": self.config.to_options(),
-            "input_shapes": [list(s) for s in self.input_shapes],
-            "totals": dict(self.totals),
-            "sites": [_jsonable(dataclasses.asdict(s)) for s in self.sites],
-            "parameters": [_jsonable(dataclasses.asdict(p)) for p in self.params],
-            "e_out": self.e_out,
-            "cdg_would_freeze": self.cdg_would_freeze,
-            "inserted_nodes": list(self.inserted_nodes),
-            "graph_before": self.graph_before,
-            "graph_after": self.graph_after,
-            "diff": self.diff,
-            "dot": self.dot,
-        }
-
-    def to_json(self, indent: int | None = 2) -> str:
-        """:meth:`to_dict` as a JSON string."""
-        return json.dumps(self.to_dict(), indent=indent)
-
-
-def _shape(shape: Sequence[int] | None) -> str:
-    return "?" if shape is None else "(" + ", ".join(str(s) for s in shape) + ")"
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def _node_names(targets: list[str]) -> list[str]:
-    return [t.replace(".", "_") for t in targets]
-
-
-def _config_brief(config: CosmicConfig) -> str:
-    default = CosmicConfig().to_options()
-    changed = {k: v for k, v in config.to_options().items() if default[k] != v}
-    return "default" if not changed else ", ".join(f"{k}={v}" for k, v in changed.items())
-
-
-# ----------------------------------------------------------------------------- explain
 def explain(model: nn.Module, example_inputs: Any, config: CosmicConfig | None = None) -> Report:
     """Transform ``model`` as :func:`cosmic_fx.transform` would and report every change.
 
@@ -350,7 +84,7 @@ def explain(model: nn.Module, example_inputs: Any, config: CosmicConfig | None =
         before_gm = symbolic_trace(model) if info.path == "symbolic_trace" else None
     name = type(model).__name__
 
-    with _eval_no_grad(original, tm):
+    with eval_no_grad(original, tm):
         shapes = _site_shapes(original, inputs)
         flops_before = _flops(original, inputs)
         flops_after = _flops(tm, inputs)
@@ -398,20 +132,6 @@ def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
 
 def _shape_of(x: Any) -> tuple[int, ...]:
     return tuple(x.shape) if isinstance(x, torch.Tensor) else ()
-
-
-@contextlib.contextmanager
-def _eval_no_grad(*models: nn.Module) -> Iterator[None]:
-    """Eval mode (no BatchNorm statistics update, no dropout) and no grad; every module's mode restored."""
-    modes = {id(m): (m, m.training) for model in models for m in model.modules()}
-    try:
-        for model in models:
-            model.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, training in modes.values():
-            m.training = training
 
 
 def _strip_inserted(tm: fx.GraphModule) -> fx.GraphModule:
@@ -662,126 +382,6 @@ def _param_rows(original: nn.Module, tm: nn.Module, config: CosmicConfig, e_out:
     return rows
 
 
-# ----------------------------------------------------------------------------- the backend's view
-@dataclasses.dataclass
-class BackendReport:
-    """What the ``cosmic`` backend did while a :func:`watch_backend` block ran.
-
-    Attributes:
-        graphs: one :class:`cosmic_fx.backend.BackendRecord` per graph dynamo handed to the backend
-            (``graph_before`` / ``graph_after`` are its code before and after the cosmic passes).
-        graph_breaks: graphs that ended in a graph break.
-        recompiles: graphs compiled again for a frame already compiled once (guards failed: new
-            shapes, a ``requires_grad`` change from CDG freezing, ...).
-        break_reasons: dynamo's reasons for the graph breaks seen (first line of each).
-        hooked_params: parameters with CDG/CCE hooks (from the model's :class:`CosmicHooks`).
-        frozen: parameters calibrated CDG holds frozen now.
-        freeze_events: ``(step, names)`` for every change of the frozen set.
-        last_step: what CDG/CCE did in the latest backward (see :class:`cosmic_fx.CosmicHooks`).
-    """
-
-    graphs: list
-    graph_breaks: int
-    recompiles: int
-    break_reasons: list[str]
-    hooked_params: int = 0
-    frozen: list[str] = dataclasses.field(default_factory=list)
-    freeze_events: list = dataclasses.field(default_factory=list)
-    last_step: dict = dataclasses.field(default_factory=dict)
-
-    def table(self, tablefmt: str = "github") -> str:
-        from tabulate import tabulate
-
-        rows = []
-        for r in self.graphs:
-            qualifying = [s for s in r.sites if s[3]]
-            rows.append((r.compile_id, len(r.sites), len(qualifying) - len(r.missing_qci),
-                         ", ".join(r.missing_qci) or "-", r.csc_inserted, r.hooked_params, r.lowering,
-                         "yes" if r.graph_break else "no"))
-        return tabulate(rows, headers=["compile id", "sites", "with QCI", "missing QCI", "CSC inserted",
-                                       "params hooked", "lowering", "ends in graph break"],
-                        tablefmt=tablefmt, disable_numparse=True)
-
-    def __str__(self) -> str:
-        lines = [f"cosmic backend: {len(self.graphs)} graph(s), {self.graph_breaks} graph break(s), "
-                 f"{self.recompiles} recompile(s); {self.hooked_params} parameter(s) hooked, "
-                 f"{len(self.frozen)} frozen now", "", self.table()]
-        if self.break_reasons:
-            lines += ["", "graph break reasons:"] + [f"  - {r}" for r in self.break_reasons]
-        if self.freeze_events:
-            lines += ["", "CDG freeze events (step: frozen set):"]
-            lines += [f"  {step}: {', '.join(names) or '(none)'}" for step, names in self.freeze_events]
-        return "\n".join(lines) + "\n"
-
-    def _repr_html_(self) -> str:
-        return f"<pre>{html.escape(str(self).split(chr(10))[0])}</pre>" + self.table("html")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["freeze_events"] = [[step, list(names)] for step, names in self.freeze_events]
-        return d
-
-
-class BackendWatch:
-    """Context manager returned by :func:`watch_backend`; its :attr:`report` is ready after the block."""
-
-    def __init__(self, model: nn.Module | None) -> None:
-        self.model = model
-        self.report: BackendReport | None = None
-
-    def __enter__(self) -> BackendWatch:
-        from torch._dynamo.utils import counters
-
-        from .backend import backend_records
-
-        self._seen = {id(r) for r in backend_records()}
-        self._reasons = {k: dict(counters[k]) for k in ("graph_break", "unimplemented")}
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        from torch._dynamo.utils import counters
-
-        from .backend import backend_records
-        from .hooks import hooks_of
-
-        graphs = [r for r in backend_records() if id(r) not in self._seen]
-        reasons = []
-        for key, before in self._reasons.items():
-            for reason, count in counters[key].items():
-                if count > before.get(reason, 0):
-                    first = str(reason).strip().splitlines()[0]
-                    where = re.search(r'File "([^"]+)", line (\d+)', str(reason))
-                    reasons.append(first + (f" ({where.group(1)}:{where.group(2)})" if where else ""))
-        recompiles = sum(1 for r in graphs if (m := re.match(r"\d+/(\d+)", r.compile_id)) and int(m.group(1)) > 0)
-        hooks = hooks_of(self.model) if self.model is not None else None
-        self.report = BackendReport(
-            graphs=graphs, graph_breaks=sum(r.graph_break for r in graphs), recompiles=recompiles,
-            break_reasons=list(dict.fromkeys(reasons)),
-            hooked_params=hooks.num_hooked if hooks else 0, frozen=hooks.frozen if hooks else [],
-            freeze_events=list(hooks.freeze_events) if hooks else [], last_step=dict(hooks.last_step) if hooks else {},
-        )
-
-
-def watch_backend(model: nn.Module | None = None) -> BackendWatch:
-    """Record what the ``cosmic`` backend does during a ``with`` block.
-
-    Graphs are compiled on the first calls of a compiled model (and again on recompiles), so put
-    those calls inside the block.
-
-    Args:
-        model: the model whose CDG/CCE hooks to report (the compiled module, its ``_orig_mod`` or the
-            transformed model: any of them holds the hooked parameters).
-
-    Example:
-        >>> tm = cosmic_fx.transform(model)   # doctest: +SKIP
-        >>> compiled = torch.compile(tm, backend="cosmic", options={"lower": "aot_eager"})   # doctest: +SKIP
-        >>> with cosmic_fx.inspect.watch_backend(tm) as watch:   # doctest: +SKIP
-        ...     compiled(x).sum().backward()
-        >>> print(watch.report)   # graphs, graph breaks, recompiles, hooks   # doctest: +SKIP
-    """
-    return BackendWatch(model)
-
-
 # ----------------------------------------------------------------------------- CLI
 _INSPECT_EPILOG = """\
 examples:
@@ -790,130 +390,6 @@ examples:
   cosmic-fx inspect my_model.py:build --input-shape 4,64 --format dot | dot -Tsvg > graph.svg
   cosmic-fx inspect lm.py:build --input-shape 2,16 --input-dtype int64 --int-high 100 --preset seed
 """
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model/input arguments shared by ``inspect`` and ``export``."""
-    parser.add_argument("model", metavar="FILE.py:FACTORY",
-                        help="a Python file (or an importable module) and a function or class in it that "
-                             "returns the nn.Module, called without arguments")
-    parser.add_argument("--input-shape", dest="input_shapes", action="append", type=parse_shape, required=True,
-                        metavar="N,C,...", help="shape of an example input (repeat for several inputs)")
-    parser.add_argument("--input-dtype", choices=["float32", "float64", "int64"], default="float32",
-                        help="dtype of the example inputs (int64: random token ids in [0, --int-high))")
-    parser.add_argument("--int-high", type=int, default=2, help="upper bound (exclusive) of int64 inputs (default 2)")
-    parser.add_argument("--preset", choices=["default", "seed", "off"], default="default",
-                        help="cosmic config preset (default: the measured default)")
-    parser.add_argument("--csc", choices=["output", "sites", "none"], default=None, help="override the CSC placement")
-    parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed before building the model")
-    parser.add_argument("--weights", default=None, metavar="FILE",
-                        help="a state_dict for the model the factory builds (.safetensors, or a torch.save file "
-                             "loaded with weights_only=True)")
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``"8,1,8,8"`` -> ``(8, 1, 8, 8)``; an ``argparse`` type (bad input is a usage error)."""
-    try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a shape; expected comma-separated sizes like 8,1,8,8") from None
-    if not shape or any(s < 1 for s in shape):
-        raise argparse.ArgumentTypeError(f"{text!r}: every size must be a positive integer")
-    return shape
-
-
-def model_and_inputs(args: argparse.Namespace) -> tuple[nn.Module, tuple[torch.Tensor, ...], CosmicConfig]:
-    """Build the model, example inputs and config from the shared arguments (errors as ``CLIError``)."""
-    from .cli import CLIError
-
-    torch.manual_seed(args.seed)
-    model = load_factory(args.model)()
-    if not isinstance(model, nn.Module):
-        raise CLIError(f"{args.model} returned {type(model).__name__}, not an nn.Module")
-    if args.weights:
-        load_weights(model, args.weights)
-    if args.input_dtype == "int64":
-        inputs = tuple(torch.randint(0, max(args.int_high, 1), s) for s in args.input_shapes)
-    else:
-        inputs = tuple(torch.rand(s, dtype=getattr(torch, args.input_dtype)) for s in args.input_shapes)
-    overrides = {} if args.csc is None else {"csc": args.csc}
-    config = CosmicConfig.preset(args.preset, **overrides)
-    shapes = " ".join(f"--input-shape {','.join(map(str, s))}" for s in args.input_shapes)
-    with _eval_no_grad(model):
-        try:
-            model(*inputs)
-        except Exception as err:
-            raise CLIError(f"{shapes} does not fit {type(model).__name__}: {type(err).__name__}: "
-                           f"{str(err).splitlines()[0] if str(err) else ''}{_first_layer_hint(model)}") from None
-    return model, inputs, config
-
-
-def load_weights(model: nn.Module, file: str) -> None:
-    """Load a state_dict file into ``model`` without unpickling objects (errors as ``CLIError``)."""
-    from .cli import CLIError
-
-    try:
-        if file.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(file)
-        else:
-            state = torch.load(file, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CLIError(f"--weights {file}: no such file") from None
-    except Exception as err:
-        raise CLIError(f"--weights {file} is not a readable state_dict ({type(err).__name__}: "
-                       f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); it may be corrupt") from None
-    if not isinstance(state, dict):
-        raise CLIError(f"--weights {file} holds a {type(state).__name__}, not a state_dict")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise CLIError(f"--weights {file} does not fit {type(model).__name__}: {err}") from None
-
-
-def load_factory(spec: str):
-    """``"path/to/file.py:make"`` or ``"package.module:make"`` -> the callable (errors as ``CLIError``)."""
-    import importlib
-    import importlib.util
-    import os
-    import sys
-
-    from .cli import CLIError
-
-    where, sep, attr = spec.rpartition(":")
-    if not sep or not where or not attr:
-        raise CLIError(f"{spec!r}: expected FILE.py:FACTORY (e.g. model.py:build) or package.module:FACTORY")
-    if where.endswith(".py") or os.sep in where or os.path.exists(where):
-        if not os.path.isfile(where):
-            raise CLIError(f"{where}: no such file")
-        name = f"_cosmic_user_{abs(hash(os.path.abspath(where)))}"
-        module_spec = importlib.util.spec_from_file_location(name, where)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module  # dataclasses and pickling look modules up here
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as err:
-            sys.modules.pop(name, None)
-            raise CLIError(f"{where} failed to import: {type(err).__name__}: {err}") from None
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ImportError as err:
-            raise CLIError(f"cannot import {where!r}: {err}") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        available = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
-                           and getattr(v, "__module__", None) == module.__name__)
-        raise CLIError(f"{where} has no callable {attr!r}; it defines: {', '.join(available) or 'nothing callable'}")
-
-    def build():
-        try:
-            return factory()
-        except Exception as err:
-            raise CLIError(f"{spec}() failed: {type(err).__name__}: {err}") from None
-
-    return build
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -942,12 +418,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers) -> None:
     """Add ``cosmic-fx inspect``."""
-    p = subparsers.add_parser(
-        "inspect", help="show what cosmic does to a model: sites, parameters, graph diff, diagram",
+    p = add_model_command(
+        subparsers, "inspect", help="show what cosmic does to a model: sites, parameters, graph diff, diagram",
         description="Transform a model with cosmic_fx and report every change (cosmic_fx.explain).",
-        epilog=_INSPECT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_INSPECT_EPILOG,
     )
-    add_model_arguments(p)
     p.add_argument("--format", choices=["table", "code", "diff", "dot", "svg", "json"], default="table",
                    help="table: sites and parameters; code: the rewritten graph; diff: before vs after; "
                         "dot: Graphviz text; svg: rendered by Graphviz (needs `dot`); json: everything")

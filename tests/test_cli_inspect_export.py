@@ -104,9 +104,9 @@ def test_inspect_module_factory_and_int_inputs(model_file, capsys):
 
 
 def test_inspect_svg_without_graphviz_fails_cleanly(model_file, capsys, monkeypatch):
-    import cosmic_fx.inspect as inspect_mod
+    import cosmic_fx.report as report_mod
 
-    monkeypatch.setattr(inspect_mod.shutil, "which", lambda name: None)
+    monkeypatch.setattr(report_mod.shutil, "which", lambda name: None)
     code, out, err = run(capsys, "inspect", f"{model_file}:build", "--input-shape", "4,8", "--format", "svg")
     assert code == 1 and out == ""
     assert err.startswith("cosmic-fx: error: Graphviz's `dot` program was not found")

@@ -133,11 +133,11 @@ def test_dot_highlights_exactly_the_inserted_nodes():
 
 
 def test_svg_needs_graphviz_and_says_so(monkeypatch):
-    import cosmic_fx.inspect as inspect_mod
+    import cosmic_fx.report as report_mod
 
     model, make_input = build("mlp")
     report = cosmic_fx.explain(model, make_input(2))
-    monkeypatch.setattr(inspect_mod.shutil, "which", lambda name: None)
+    monkeypatch.setattr(report_mod.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match=r"Graphviz's `dot` program was not found on PATH.*report\.dot"):
         report.svg()
     html = report._repr_html_()
