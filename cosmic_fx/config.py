@@ -125,6 +125,10 @@ class CosmicConfig:
             post-accumulate-grad hook and ``p.grad`` is freed at once, so gradients never all exist
             together (lower peak memory; see docs/perf.md). Do not step another optimizer over
             these parameters; every backward updates (no gradient accumulation).
+        efficiency_every: the hooks measure each parameter's ``E(p)`` every this many steps and
+            reuse the reading (CDG's low/high verdict, CCE's multiplier) in between. ``E(p)`` is a
+            softmax over the whole parameter: measuring it every step costs about one extra pass over
+            the weights. The seed preset measures every step, as the text does.
         lower: ``"inductor"``, ``"aot_eager"`` or ``"eager"``.
 
     Example:
@@ -156,6 +160,7 @@ class CosmicConfig:
     cce_min: float = 0.5
     cce_max: float = 2.0
     cce_fused_lr: float | None = None
+    efficiency_every: int = 10
     lower: Lowering | str = Lowering.INDUCTOR
 
     # ------------------------------------------------------------------ validation
@@ -168,7 +173,8 @@ class CosmicConfig:
                 raise ValueError(f"CosmicConfig.{name} must be a bool; got {getattr(self, name)!r}")
         for name in ("targets", "exclude"):
             set_(name, _regex_tuple(getattr(self, name), name))
-        for name, low in (("min_width", 0), ("cdg_patience", 1), ("cdg_interval", 1), ("cdg_max_sets", 1)):
+        for name, low in (("min_width", 0), ("cdg_patience", 1), ("cdg_interval", 1), ("cdg_max_sets", 1),
+                          ("efficiency_every", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"CosmicConfig.{name} must be an int >= {low}; got {value!r}")
@@ -210,7 +216,8 @@ class CosmicConfig:
         These rules wreck training (see README, "Default vs seed"); they are kept so that anyone can
         reproduce the text exactly.
         """
-        base = dict(qci_init=QCIInit.SEED, csc=CSCPlacement.OUTPUT, cdg=CDGMode.SEED, cce=CCEMode.SEED)
+        base = dict(qci_init=QCIInit.SEED, csc=CSCPlacement.OUTPUT, cdg=CDGMode.SEED, cce=CCEMode.SEED,
+                    efficiency_every=1)
         return cls(**{**base, **overrides})
 
     @classmethod

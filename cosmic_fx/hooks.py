@@ -93,6 +93,8 @@ class CosmicHooks:
         self._since_decision = 0
         self.freeze_events: list[tuple[int, tuple[str, ...]]] = []  # (step, names frozen)
         self._tracker: _OutputTracker | None = None  # eager mode only
+        # pid -> (E(p) tensor, E(p) float, E(p) < E_out) of the last measurement (efficiency_every)
+        self._reading: dict[int, tuple[torch.Tensor, float, bool]] = {}
         # torch.compile: the backend's graphs report each training forward (note_compiled_forward)
         self.compiled = False
         self._compiled_forwards = 0
@@ -179,16 +181,23 @@ class CosmicHooks:
             _queue_end_of_backward(self._end_of_backward)
         if p.grad is None:
             return
-        with torch.no_grad():
-            e_p = efficiency(p, 0, cfg.eps)
-        e_val = float(e_p)
-        self._step_e[pid] = e_val
-        low = self.e_out is not None and e_val < float(self.e_out)
+        reading = self._reading.get(pid)
+        if reading is None or self.steps % cfg.efficiency_every == 0:
+            with torch.no_grad():
+                e_p = efficiency(p, 0, cfg.eps)
+            e_val = float(e_p)
+            low = self.e_out is not None and e_val < float(self.e_out)
+            self._reading[pid] = reading = (e_p, e_val, low)
+            self._step_e[pid] = e_val
+            fresh = True
+        else:
+            fresh = False  # between measurements: reuse the last verdict and multiplier
+        e_p, e_val, low = reading
         if cfg.cdg is CDGMode.SEED and low:
             p.grad = None
             self._step_skipped.append(pid)
             return
-        if cfg.cdg is CDGMode.CALIBRATED:
+        if cfg.cdg is CDGMode.CALIBRATED and fresh:
             self._low[pid] = self._low.get(pid, 0) + 1 if low else 0
             self._last_e[pid] = e_val
         if cfg.cce is CCEMode.SEED:

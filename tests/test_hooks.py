@@ -112,7 +112,8 @@ def test_relative_cce_scales_gradients_by_the_documented_multiplier():
 
 
 def test_calibrated_cdg_freezes_on_a_schedule_never_the_output_layer():
-    cfg = CosmicConfig.off(cdg="calibrated", cdg_patience=2, cdg_interval=3, cdg_max_frozen=0.5, cdg_max_sets=2)
+    cfg = CosmicConfig.off(cdg="calibrated", cdg_patience=2, cdg_interval=3, cdg_max_frozen=0.5, cdg_max_sets=2,
+                           efficiency_every=1)
     model = make_mlp()
     hooks = attach_hooks(model, cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -177,3 +178,21 @@ def test_eager_and_backend_protect_the_same_output_layer():
     cosmic_fx.detach_hooks(model)
     # the head and what runs after it; not the root's own `pos`, though the root's hook fires last
     assert eager_protected == compiled_protected == ["head.bias", "head.weight"]
+
+
+def test_efficiency_every_reuses_readings_between_measurements():
+    cfg = CosmicConfig.off(cce="relative", efficiency_every=3)
+    model = make_mlp()
+    hooks = attach_hooks(model, cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    measured, scales = [], []
+    for x, y in batches(7):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        measured.append(bool(hooks.last_step["efficiency"]))
+        scales.append(dict(hooks.last_step["scale"]))
+    assert measured == [True, False, False, True, False, False, True]
+    assert scales[1] == scales[0] and scales[2] == scales[0]  # multipliers reused in between
+    assert scales[3] != scales[0]  # and refreshed at the next measurement
+    hooks.remove()
