@@ -10,6 +10,15 @@ from torch.testing import assert_close
 from cosmic_fx.modules import QuantumClassicalInterface, cosmic_state_compression
 
 
+@pytest.fixture(autouse=True)
+def _no_backend_records_left():
+    """Other tests read cosmic_fx.backend_records(): leave none behind."""
+    yield
+    from cosmic_fx import backend_records
+
+    backend_records(clear=True)
+
+
 def literal_csc(t, alpha=0.5, dim=-1, eps=1e-8):
     """The source text's CSC, verbatim, in float64 (autograd differentiates it)."""
     x = t.double()
@@ -206,7 +215,7 @@ def test_calibrated_cdg_freezing_skips_the_weight_gradient_gemm():
     x = torch.randn(8, 6)
     before = _count_backward_mms(model, x)
     model.zero_grad()
-    cfg = CosmicConfig.off(cdg="calibrated", cdg_patience=1, cdg_interval=1, cdg_max_frozen=0.5)
+    cfg = CosmicConfig.off(cdg="calibrated", cdg_patience=1, cdg_interval=1, cdg_max_frozen=0.5, efficiency_every=1)
     hooks = attach_hooks(model, cfg)
     for bx, by in _batches(3):
         model.zero_grad()
