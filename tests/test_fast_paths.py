@@ -281,3 +281,17 @@ def test_frozen_set_bound_that_would_exhaust_the_recompile_limit_warns():
         warnings.simplefilter("error")
         torch.compile(model, backend="cosmic", options={"config": ok})(torch.randn(4, 6))
     detach_hooks(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", [None, "inductor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_csc_on_cuda_matches_the_literal_formula(backend, dtype):
+    torch.manual_seed(0)
+    t = (torch.randn(64, 300, device="cuda") * 30).to(dtype)
+    g = torch.randn(64, 300, device="cuda").to(dtype)
+    fn = cosmic_state_compression if backend is None else torch.compile(cosmic_state_compression, backend=backend)
+    out, grad = csc_and_grad(fn, t, g, 0.5, -1)
+    ref_out, ref_grad = csc_and_grad(lambda x, a, d: literal_csc(x.float(), a, d), t, g.float(), 0.5, -1)
+    assert_close(out, ref_out.to(dtype))
+    assert_close(grad, ref_grad.to(dtype))
