@@ -1,8 +1,9 @@
 """The modules the passes insert: cosmic state compression (CSC) and the QuantumClassicalInterface.
 
 Both follow the source text's formulas exactly (see DESIGN.md); their implementations are written
-for speed: CSC uses one ``log_softmax`` and one ``exp`` per element, QCI computes the projector and
-the entropy estimator as a single matmul of width ``dim + 1``.
+for speed: CSC is one fused ``autograd.Function`` (one ``exp`` per element for ``p`` and ``log p``, a
+hand-derived backward that saves only the input and one value per row), QCI computes the projector
+and the entropy estimator as a single matmul of width ``dim + 1``. Measurements: docs/perf.md.
 """
 
 from __future__ import annotations
