@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: progress bars, mean/spread formatting, result folders."""
+"""Helpers shared by the benchmarks: progress bars, mean/spread formatting, result folders, small MLPs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import os
 import statistics
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @contextlib.contextmanager
@@ -58,3 +61,23 @@ def write_results(out_dir: str | None, name: str, markdown: str, payload: dict[s
         fh.write(markdown + "\n")
     with open(os.path.join(out_dir, f"{name}.json"), "w") as fh:
         json.dump(payload, fh, indent=2, default=str)
+
+
+def relu_mlp(in_dim: int, width: int, hidden: int, out_dim: int = 10) -> nn.Sequential:
+    """``hidden`` layers ``Linear, ReLU`` of ``width`` features (the first reads ``in_dim``), then
+    ``Linear(width, out_dim)``."""
+    from torch import nn
+
+    layers: list[nn.Module] = []
+    dims = [in_dim] + [width] * hidden
+    for a, b in zip(dims, dims[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    layers.append(nn.Linear(dims[-1], out_dim))
+    return nn.Sequential(*layers)
+
+
+def linear_relu_stack(width: int, layers: int) -> nn.Sequential:
+    """``layers`` times ``Linear(width, width), ReLU`` as an ``nn.Sequential`` (square: every layer alike)."""
+    from torch import nn
+
+    return nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width), nn.ReLU())])

@@ -19,24 +19,24 @@ with ``--threads`` > 1). The targets (issue 5):
 
 ``--quick`` is a smoke test (under a minute): small sizes, few repetitions, and ``aot_eager`` instead
 of Inductor for the compiled arms; its figures are not the targets' figures.
+
+The interleaved timer is in ``timing.py``; the measurements that need a fresh process (cold compile
+time, peak memory) are in ``perf_probes.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import gc
-import json
 import math
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
+
+from .common import linear_relu_stack, progress, relu_mlp, write_results
+from .perf_probes import compile_times, peak_memory
+from .timing import Timer, ms, torch_threads
 
 __all__ = ["Row", "Sizes", "register_cli", "run"]
 
@@ -96,62 +96,6 @@ class Sizes:
         )
 
 
-# ---------------------------------------------------------------------------------------------- timing
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
-def _no_gc() -> Iterator[None]:
-    enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-class _Timer:
-    """Interleaved, median-of-many timing. An arm's call is timed, unless it returns an ``int``: the
-    nanoseconds it measured itself (e.g. the backward only)."""
-
-    def __init__(self, threads: int, rounds: int, reps: int, tick: Callable[[], None] = lambda: None) -> None:
-        self.clock = time.thread_time_ns if threads == 1 else time.perf_counter_ns
-        self.rounds, self.reps, self.tick = rounds, reps, tick
-
-    def compare(self, arms: dict[str, Callable[[], Any]], warmup: int = 2, stat: str = "median") -> dict[str, float]:
-        """Seconds per call of each arm: the median, or the mean where some calls do periodic extra
-        work that a median would hide (the hooks measure E(p) every ``efficiency_every`` steps)."""
-        for fn in arms.values():
-            for _ in range(warmup):
-                fn()
-        samples: dict[str, list[float]] = {k: [] for k in arms}
-        with _no_gc():
-            for _ in range(self.rounds):
-                for name, fn in arms.items():
-                    for _ in range(self.reps):
-                        t0 = self.clock()
-                        own = fn()
-                        samples[name].append(own if isinstance(own, int) else self.clock() - t0)
-                self.tick()
-        reduce = statistics.median if stat == "median" else statistics.fmean
-        return {k: reduce(v) / 1e9 for k, v in samples.items()}
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3g} ms"
-
-
 # ---------------------------------------------------------------------------------------------- 1. CSC
 def literal_csc(t, alpha: float = 0.5, dim: int = -1, eps: float = 1e-8):
     """The source text's formula, verbatim (the reference arms)."""
@@ -161,7 +105,7 @@ def literal_csc(t, alpha: float = 0.5, dim: int = -1, eps: float = 1e-8):
     return t * torch.sigmoid(t.abs() / (s + eps) - alpha)
 
 
-def _bench_csc(shape: tuple[int, ...], timer: _Timer, compiler: str, cname: str) -> list[Row]:
+def _bench_csc(shape: tuple[int, ...], timer: Timer, compiler: str, cname: str) -> list[Row]:
     import torch
 
     from ..modules import cosmic_state_compression
@@ -196,9 +140,9 @@ def _bench_csc(shape: tuple[int, ...], timer: _Timer, compiler: str, cname: str)
     rows = []
     for kind, goal in (("fwd", 5.0), ("fwd+bwd", 10.0)):
         refs = "; ".join(
-            [f"clone {_ms(clone)}"]
+            [f"clone {ms(clone)}"]
             + [f"{n} {t[f'{n} {kind}'] / clone:.3g}x" for n in ("literal eager", f"literal {cname}", "fast eager")]
-            + [f"fast {cname} {_ms(t[f'fast {cname} {kind}'])}"]
+            + [f"fast {cname} {ms(t[f'fast {cname} {kind}'])}"]
         )
         rows.append(Row("1 CSC", f"CSC {kind} ({label}) / clone, fast CSC under {cname}",
                         t[f"fast {cname} {kind}"] / clone, goal, refs))
@@ -206,7 +150,7 @@ def _bench_csc(shape: tuple[int, ...], timer: _Timer, compiler: str, cname: str)
 
 
 # ---------------------------------------------------------------------------------------------- 2. QCI
-def _bench_qci(rows_dim: tuple[int, int], timer: _Timer, compiler: str, cname: str) -> list[Row]:
+def _bench_qci(rows_dim: tuple[int, int], timer: Timer, compiler: str, cname: str) -> list[Row]:
     import torch
     from torch import nn
 
@@ -238,23 +182,12 @@ def _bench_qci(rows_dim: tuple[int, int], timer: _Timer, compiler: str, cname: s
         rows.append(Row(
             "2 QCI", f"QCI fwd+bwd / Linear({d}, {d + 1}) fwd+bwd, {mode}, input {n}x{d}",
             t[f"QCI {mode}"] / t[f"Linear {mode}"], 1.15,
-            f"plain Linear {mode} {_ms(t[f'Linear {mode}'])}; QCI {mode} {_ms(t[f'QCI {mode}'])}",
+            f"plain Linear {mode} {ms(t[f'Linear {mode}'])}; QCI {mode} {ms(t[f'QCI {mode}'])}",
         ))
     return rows
 
 
 # ---------------------------------------------------------------------------------------------- 3. backend
-def _mlp(in_dim: int, width: int, hidden: int, out_dim: int = 10):
-    from torch import nn
-
-    layers: list[nn.Module] = []
-    dims = [in_dim] + [width] * hidden
-    for a, b in zip(dims, dims[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    layers.append(nn.Linear(dims[-1], out_dim))
-    return nn.Sequential(*layers)
-
-
 def _hand_written(transformed, config):
     """The default rewrite of an MLP written by hand in PyTorch: Linear -> QCI -> ReLU ..., CSC at the
     output. Copies the weights of ``transformed`` (a ``cosmic_fx.transform`` result) so both compute
@@ -296,7 +229,7 @@ def _train_step(model, params, x, y):
     return run
 
 
-def _bench_backend(sizes: Sizes, timer: _Timer, threads: int) -> list[Row]:
+def _bench_backend(sizes: Sizes, timer: Timer, threads: int) -> list[Row]:
     import torch
     from torch.testing import assert_close
 
@@ -307,7 +240,7 @@ def _bench_backend(sizes: Sizes, timer: _Timer, threads: int) -> list[Row]:
 
     batch, width, hidden = sizes.mlp
     torch.manual_seed(0)
-    base = _mlp(64, width, hidden)
+    base = relu_mlp(64, width, hidden)
     x, y = torch.randn(batch, 64), torch.randint(0, 10, (batch,))
     compiler, cname = sizes.compiler, sizes.compiled_name
     cfg = CosmicConfig(lower=compiler)
@@ -329,11 +262,11 @@ def _bench_backend(sizes: Sizes, timer: _Timer, threads: int) -> list[Row]:
     arms = {name: _train_step(m, list(orig.parameters()), x, y) for name, (m, orig) in models.items()}
     t = timer.compare(arms, stat="mean")
     detach_hooks(transformed)
-    compile_s = _compile_times(sizes, threads)
+    compile_s = compile_times(sizes.mlp, sizes.compiler, threads, sizes.compile_reps, sizes.fresh_process_compile)
     rows = [
         Row("3 backend", f"step (mean), all passes and hooks off / {cname} alone (MLP {hidden}x{width}, batch {batch})",
             t["cosmic off"] / t["alone"], 1.03,
-            f"{cname} alone {_ms(t['alone'])}; cosmic off {_ms(t['cosmic off'])}"),
+            f"{cname} alone {ms(t['alone'])}; cosmic off {ms(t['cosmic off'])}"),
         Row("3 backend", f"compile time (first step), all off / {cname} alone"
             + ("" if sizes.fresh_process_compile else " [quick: one process, caches shared]"),
             compile_s["cosmic off"] / compile_s["alone"], 1.2,
@@ -341,65 +274,14 @@ def _bench_backend(sizes: Sizes, timer: _Timer, threads: int) -> list[Row]:
         Row("3 backend", f"step (mean over {timer.rounds * timer.reps} steps), default preset / the same rewritten "
             f"model by hand + {cname}",
             t["cosmic default"] / t["hand-written"], 1.1,
-            f"hand-written + {cname} {_ms(t['hand-written'])}; cosmic default {_ms(t['cosmic default'])}"),
+            f"hand-written + {cname} {ms(t['hand-written'])}; cosmic default {ms(t['cosmic default'])}"),
     ]
     return rows + _bench_pipeline(sizes.graph_nodes, timer.clock)
 
 
-_COMPILE_PROBE = """
-import json, torch
-torch.set_num_threads({threads})
-from cosmic_fx.bench.perf import _first_step_seconds
-print(json.dumps(_first_step_seconds({arm!r}, {mlp!r}, {compiler!r})))
-"""
-
-
-def _first_step_seconds(arm: str, mlp: tuple[int, int, int], compiler: str) -> float:
-    """Wall time of the first training step (dynamo, the backend, the compiler's fwd and bwd)."""
-    import torch
-
-    batch, width, hidden = mlp
-    torch.manual_seed(0)
-    model = _mlp(64, width, hidden)
-    x, y = torch.randn(batch, 64), torch.randint(0, 10, (batch,))
-    if arm == "cosmic off":
-        compiled = torch.compile(model, backend="cosmic", options={"preset": "off", "lower": compiler})
-    else:
-        compiled = torch.compile(model, backend=compiler)
-    t0 = time.perf_counter()
-    torch.nn.functional.cross_entropy(compiled(x), y).backward()
-    return time.perf_counter() - t0
-
-
-def _compile_times(sizes: Sizes, threads: int) -> dict[str, float]:
-    arms = ("cosmic off", "alone")
-    if not sizes.fresh_process_compile:
-        import torch
-
-        # quick mode: one process, graph caches off; the second arm still reuses compiled kernels
-        torch._dynamo.reset()
-        with torch._inductor.config.patch(fx_graph_cache=False), \
-                torch._functorch.config.patch(enable_autograd_cache=False):
-            return {arm: _first_step_seconds(arm, sizes.mlp, sizes.compiler) for arm in arms}
-    samples: dict[str, list[float]] = {arm: [] for arm in arms}
-    for _ in range(sizes.compile_reps):
-        for arm in arms:
-            with tempfile.TemporaryDirectory(prefix="cosmic_perf_") as cache:
-                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}  # cold caches, every time
-                code = _COMPILE_PROBE.format(threads=threads, arm=arm, mlp=sizes.mlp, compiler=sizes.compiler)
-                out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
-            if out.returncode != 0:
-                raise RuntimeError(f"compile-time probe ({arm}) failed:\n{out.stderr[-2000:]}")
-            samples[arm].append(float(out.stdout.strip().splitlines()[-1]))
-    return {arm: statistics.median(v) for arm, v in samples.items()}
-
-
 def _chain(nodes: int):
     """An MLP whose transformed graph has about ``nodes`` nodes (3 per layer: Linear, QCI, ReLU)."""
-    from torch import nn
-
-    layers = max(1, (nodes - 3) // 3)
-    return nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(16, 16), nn.ReLU())])
+    return linear_relu_stack(16, max(1, (nodes - 3) // 3))
 
 
 def _bench_pipeline(graph_nodes: tuple[int, ...], clock: Callable[[], int]) -> list[Row]:
@@ -435,13 +317,13 @@ def _bench_pipeline(graph_nodes: tuple[int, ...], clock: Callable[[], int]) -> l
 
 
 # ---------------------------------------------------------------------------------------------- 4. CDG
-def _bench_cdg(sizes: Sizes, timer: _Timer) -> list[Row]:
+def _bench_cdg(sizes: Sizes, timer: Timer) -> list[Row]:
     import torch
     from torch import nn
 
     batch, width, layers = sizes.cdg_mlp
     torch.manual_seed(0)
-    model = nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width), nn.ReLU())])
+    model = linear_relu_stack(width, layers)
     linears = [m for m in model if isinstance(m, nn.Linear)]
     x = torch.randn(batch, width)
     clock = timer.clock
@@ -477,91 +359,17 @@ def _bench_cdg(sizes: Sizes, timer: _Timer) -> list[Row]:
     return [
         Row("4 CDG", f"backward, {what[frozen]} / nothing frozen ({layers}x Linear({width}, {width}), "
             f"batch {batch}), {mode}", t[f"{frozen} {mode}"] / t[f"none {mode}"], 0.75,
-            f"nothing frozen {_ms(t[f'none {mode}'])}; frozen {_ms(t[f'{frozen} {mode}'])}")
+            f"nothing frozen {ms(t[f'none {mode}'])}; frozen {ms(t[f'{frozen} {mode}'])}")
         for frozen in ("alternate", "first") for mode in ("eager", cname)
     ]
 
 
 # ---------------------------------------------------------------------------------------------- 5. CCE fused
-_MEMORY_PROBE = """
-import json, torch
-torch.set_num_threads(1)
-from cosmic_fx.bench.perf import _peak_step_memory
-print(json.dumps(_peak_step_memory({arm!r}, {mlp!r}, {lower!r})))
-"""
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _peak_step_memory(arm: str, mlp: tuple[int, int, int], lower: str | None) -> dict[str, float]:
-    """Peak memory (MiB) of a training step: the parameters plus the peak RSS above the idle RSS
-    (model built, two warm-up steps done) over ``efficiency_every + 1`` steps, so that a step in
-    which the hooks measure E(p) is included (Linux). ``lower=None``: eager hooks; else
-    ``torch.compile`` with the cosmic backend and that lowering."""
-    import torch
-    from torch import nn
-
-    from ..config import CosmicConfig
-    from ..hooks import attach_hooks, hooks_of
-
-    batch, width, layers = mlp
-    torch.manual_seed(0)
-    model = nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width), nn.ReLU())])
-    x, y = torch.randn(batch, width), torch.randn(batch, width)
-    fused = arm == "fused"
-    cfg = CosmicConfig.off(cce="relative", cce_fused_lr=0.01 if fused else None, lower=lower or "eager")
-    if lower is None:
-        hooks, run = attach_hooks(model, cfg), model
-    else:
-        hooks, run = None, torch.compile(model, backend="cosmic", options={"config": cfg})
-    opt = None if fused else torch.optim.SGD(model.parameters(), lr=0.01)
-
-    def step():
-        loss = nn.functional.mse_loss(run(x), y)
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-    for _ in range(2):
-        step()  # warm-up (and compilation): one-time allocations are not a step's memory
-    gc.collect()
-    idle = _rss_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # reset the peak (VmHWM) to the current RSS
-    for _ in range(cfg.efficiency_every + 1):
-        step()
-    transient = (_rss_kib("VmHWM") - idle) / 1024
-    (hooks or hooks_of(model)).remove()
-    params = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    return {"peak_mib": params + transient, "params_mib": params, "transient_mib": transient}
-
-
 def _bench_memory(sizes: Sizes) -> list[Row]:
     if not os.path.exists("/proc/self/clear_refs"):
         return [Row("5 CCE fused", f"peak step memory, fused / separate optimizer step, {mode} (needs Linux /proc)",
                     float("nan"), 0.8, "not measured on this platform") for mode in ("eager", "torch.compile")]
-    # large blocks come straight from mmap and go back at free: RSS follows live tensors exactly
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    # one fresh process per arm; memory, not time, is measured, so they may run concurrently
-    arms = [(arm, lower) for lower in (None, sizes.compiler) for arm in ("separate", "fused")]
-    procs = {
-        key: subprocess.Popen([sys.executable, "-c", _MEMORY_PROBE.format(arm=key[0], mlp=sizes.mem_mlp, lower=key[1])],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for key in arms
-    }
-    out: dict[tuple[str, str | None], dict[str, float]] = {}
-    for key, proc in procs.items():
-        stdout, stderr = proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory probe {key} failed:\n{stderr[-2000:]}")
-        out[key] = json.loads(stdout.strip().splitlines()[-1])
+    out = peak_memory(sizes.mem_mlp, (None, sizes.compiler))
     batch, width, layers = sizes.mem_mlp
     rows = []
     for lower in (None, sizes.compiler):
@@ -586,8 +394,6 @@ def run(quick: bool = False, threads: int = 1, sections: tuple[str, ...] = SECTI
     import torch
     from tabulate import tabulate
 
-    from .common import progress, write_results
-
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         raise ValueError(f"unknown perf section(s) {unknown}; valid: {', '.join(SECTIONS)}")
@@ -595,8 +401,8 @@ def run(quick: bool = False, threads: int = 1, sections: tuple[str, ...] = SECTI
     total = sizes.rounds * (len(sizes.csc_shapes) * ("csc" in sections) + ("qci" in sections)
                             + ("backend" in sections) + ("cdg" in sections)) + ("memory" in sections)
     rows: list[Row] = []
-    with progress(total, "bench perf", show_progress) as bar, _threads(threads):
-        timer = _Timer(threads, sizes.rounds, sizes.reps, tick=bar.update)
+    with progress(total, "bench perf", show_progress) as bar, torch_threads(threads):
+        timer = Timer(threads, sizes.rounds, sizes.reps, tick=bar.update)
         if "csc" in sections:
             for shape in sizes.csc_shapes:
                 rows += _bench_csc(shape, timer, sizes.compiler, sizes.compiled_name)
