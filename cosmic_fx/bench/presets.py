@@ -21,9 +21,9 @@ ARMS: dict[str, CosmicConfig | None] = {
     "QCI alone (identity init)": CosmicConfig.off(qci=True),
     "QCI alone (seed init)": CosmicConfig.off(qci=True, qci_init="seed"),
     "CSC alone (output)": CosmicConfig.off(csc="output"),
-    "CDG alone (seed)": CosmicConfig.off(cdg="seed"),
+    "CDG alone (seed)": CosmicConfig.off(cdg="seed", efficiency_every=1),
     "CDG alone (calibrated)": CosmicConfig.off(cdg="calibrated"),
-    "CCE alone (seed)": CosmicConfig.off(cce="seed"),
+    "CCE alone (seed)": CosmicConfig.off(cce="seed", efficiency_every=1),
     "CCE alone (relative)": CosmicConfig.off(cce="relative"),
 }
 QUICK_ARMS = ("plain SGD", "cosmic default", "cosmic seed")
@@ -33,13 +33,13 @@ QUICK_ARMS = ("plain SGD", "cosmic default", "cosmic seed")
 _OFF = CosmicConfig.off
 SEARCH_ARMS: dict[str, CosmicConfig | None] = {
     "plain SGD": None,
-    "CDG seed (skip p when E(p) < E_out, every step)": _OFF(cdg="seed"),
+    "CDG seed (skip p when E(p) < E_out, every step)": _OFF(cdg="seed", efficiency_every=1),
     "CDG calibrated, cap 50%, interval 20": _OFF(cdg="calibrated", cdg_max_frozen=0.5, cdg_interval=20),
     "CDG calibrated, cap 25%, interval 20": _OFF(cdg="calibrated", cdg_max_frozen=0.25, cdg_interval=20),
     "CDG calibrated, cap 25%, interval 50": _OFF(cdg="calibrated", cdg_max_frozen=0.25, cdg_interval=50),
     "CDG calibrated, cap 12.5%, interval 50 (default)": _OFF(cdg="calibrated"),
     "CDG calibrated, cap 12.5%, output layer not protected": _OFF(cdg="calibrated", cdg_protect_output=False),
-    "CCE seed (grad * E(p))": _OFF(cce="seed"),
+    "CCE seed (grad * E(p), every step)": _OFF(cce="seed", efficiency_every=1),
     "CCE relative, gamma 0.5": _OFF(cce="relative", cce_gamma=0.5),
     "CCE relative, gamma 1 (default)": _OFF(cce="relative"),
     "CCE relative, gamma 2": _OFF(cce="relative", cce_gamma=2.0),
