@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["eval_no_grad", "quiet_torch_logs"]
+__all__ = ["eval_no_grad", "quiet_native_stderr", "quiet_torch_logs"]
 
 
 @contextlib.contextmanager
@@ -41,3 +41,23 @@ def quiet_torch_logs(*names: str) -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for one block: torch.profiler's C++ side prints start/stop
+    lines there that no logger controls. Python exceptions still propagate normally."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

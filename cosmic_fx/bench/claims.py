@@ -80,7 +80,9 @@ def _peak_step_memory(step) -> float:
     """Peak of the CPU allocator's running total during one training step (torch.profiler), in MiB."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    from ..scoped import quiet_native_stderr
+
+    with quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     running = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
