@@ -37,20 +37,19 @@ CLAIMS = {
 }
 
 
-def _arms(task: Task, lower: str) -> dict[str, tuple[Arm, str]]:
-    """name -> (arm, the baseline it is compared with)."""
+def _arms(task: Task, lower: str) -> dict[str, Arm]:
+    """The arms of one task, by name."""
     opt, lr = task.optimizer, task.lr
-    eager_base = f"eager {'SGD+momentum' if opt == 'momentum' else 'AdamW'}"
     return {
-        "eager SGD+momentum": (Arm("eager SGD+momentum", None, "eager", "momentum", task.lr if opt == "momentum" else 0.05), ""),
-        "eager AdamW": (Arm("eager AdamW", None, "eager", "adamw", task.adamw_lr), ""),
-        "torch.compile": (Arm("torch.compile", None, "compile", opt, lr, lower=lower), ""),
-        "cosmic default": (Arm("cosmic default", CosmicConfig(lower=lower), "compile", opt, lr), "torch.compile"),
-        "cosmic seed": (Arm("cosmic seed", CosmicConfig.seed(lower=lower), "compile", opt, lr), "torch.compile"),
-        "QCI alone": (Arm("QCI alone", CosmicConfig.off(qci=True), "eager", opt, lr), eager_base),
-        "CSC alone": (Arm("CSC alone", CosmicConfig.off(csc="output"), "eager", opt, lr), eager_base),
-        "CDG alone": (Arm("CDG alone", CosmicConfig.off(cdg="calibrated"), "eager", opt, lr), eager_base),
-        "CCE alone": (Arm("CCE alone", CosmicConfig.off(cce="relative"), "eager", opt, lr), eager_base),
+        "eager SGD+momentum": Arm("eager SGD+momentum", None, "eager", "momentum", task.lr if opt == "momentum" else 0.05),
+        "eager AdamW": Arm("eager AdamW", None, "eager", "adamw", task.adamw_lr),
+        "torch.compile": Arm("torch.compile", None, "compile", opt, lr, lower=lower),
+        "cosmic default": Arm("cosmic default", CosmicConfig(lower=lower), "compile", opt, lr),
+        "cosmic seed": Arm("cosmic seed", CosmicConfig.seed(lower=lower), "compile", opt, lr),
+        "QCI alone": Arm("QCI alone", CosmicConfig.off(qci=True), "eager", opt, lr),
+        "CSC alone": Arm("CSC alone", CosmicConfig.off(csc="output"), "eager", opt, lr),
+        "CDG alone": Arm("CDG alone", CosmicConfig.off(cdg="calibrated"), "eager", opt, lr),
+        "CCE alone": Arm("CCE alone", CosmicConfig.off(cce="relative"), "eager", opt, lr),
     }
 
 
@@ -173,6 +172,22 @@ def verdict(reduction: float, beyond_spread: bool, low: float) -> str:
     return "opposite (worse)"
 
 
+def _baseline_runs(claim: str, task: Task, per_task: dict[str, list[Run]]) -> list[Run]:
+    """The runs a preset is compared with for one claim.
+
+    Speed and memory depend on the lowering: the torch.compile baseline (same lowering as the cosmic
+    arms). Iterations and generalization depend only on the arithmetic, which eager and compiled
+    training share with the same optimizer: both baselines are pooled, so the spread includes the
+    run-to-run noise of compiled vs eager numerics (on digits-cnn it moved steps-to-target from
+    about 130 to about 350).
+    """
+    compiled = per_task["torch.compile"]
+    if claim in ("speed", "memory"):
+        return compiled
+    eager = per_task["eager SGD+momentum" if task.optimizer == "momentum" else "eager AdamW"]
+    return compiled + eager
+
+
 def _metric_values(runs: list[Run], claim: str) -> list[float]:
     return {
         "speed": [r.median_step for r in runs],
@@ -193,7 +208,7 @@ def run(
     task_objs = make_tasks(tasks or ["digits-mlp", "digits-cnn", "stdlib-lm"], quick)
     lower = "aot_eager" if quick else "inductor"  # quick: no C++ compilation; speed figures not the claims'
     results: dict[str, dict[str, list[Run]]] = {}
-    plan = [(t, name, arm) for t in task_objs for name, (arm, _) in _arms(t, lower).items() if not quick or name in QUICK_ARMS]
+    plan = [(t, name, arm) for t in task_objs for name, arm in _arms(t, lower).items() if not quick or name in QUICK_ARMS]
     with progress(len(plan) * seeds, "bench claims", show_progress) as bar:
         for task, name, arm in plan:
             for seed in range(seeds):
@@ -217,7 +232,6 @@ def run(
 
     claim_rows, payload = [], {"tasks": {}, "claims": []}
     for task in task_objs:
-        arms = _arms(task, lower)
         per_task = results[task.name]
         payload["tasks"][task.name] = {
             "metric": task.metric, "target": task.target, "steps": task.steps,
@@ -226,7 +240,7 @@ def run(
         for claim, (text, low, high) in CLAIMS.items():
             row = [task.name, text]
             for preset in ("cosmic default", "cosmic seed"):
-                base = per_task[arms[preset][1]]
+                base = _baseline_runs(claim, task, per_task)
                 red, beyond = _effect(_metric_values(base, claim), _metric_values(per_task[preset], claim))
                 row += [f"{red:+.1f}%" if not math.isnan(red) else "n/a", verdict(red, beyond, low)]
                 payload["claims"].append({"task": task.name, "claim": claim, "preset": preset,
@@ -302,7 +316,9 @@ def _cmd(args) -> int:
         raise CLIError(str(err)) from None
     lowering = "aot_eager (quick: speed figures are not the claims' figures)" if args.quick else "Inductor"
     print(f"## Do the claims hold? ({'quick' if args.quick else 'full'} budget, {seeds} seeds, mean ± std; "
-          f"compiled arms lowered with {lowering}; reductions are relative to the torch.compile baseline)\n")
+          f"compiled arms lowered with {lowering}; reductions relative to the torch.compile baseline for "
+          "speed and memory, to torch.compile and eager with the same optimizer pooled for iterations and "
+          "generalization)\n")
     print(out["markdown"])
     return 0
 
