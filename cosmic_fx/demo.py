@@ -31,9 +31,10 @@ def run_demo(epochs: int = 30, lower: str = "inductor", show_progress: bool = Tr
     print()
 
     results = {}
+    # No plain torch.compile arm: torch 2.13.0's CPU Inductor computes zero gradients for this CNN's
+    # convolutions (README, "Known upstream issue"), which would show a torch bug as a result.
     arms = (
         ("plain PyTorch (eager)", Arm("plain")),
-        ("plain torch.compile (inductor)", Arm("plain", engine="compile")),
         (f"cosmic_fx.compile ({lower})", Arm("cosmic", cfg, engine="compile")),
     )
     for name, arm in arms:
