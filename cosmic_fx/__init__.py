@@ -47,7 +47,7 @@ def compile(model: nn.Module, config: CosmicConfig | None = None, **compile_kwar
     return torch.compile(transform(model, config), backend=cosmic_backend, options={"config": config}, **compile_kwargs)
 
 
-__all__ = sorted([
+__all__ = [
     "CCEMode",
     "CDGMode",
     "CSCPlacement",
@@ -77,4 +77,4 @@ __all__ = sorted([
     "load_adapter",
     "transform",
     "transform_info",
-])
+]

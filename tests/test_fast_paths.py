@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from cosmic_fx.modules import QuantumClassicalInterface, cosmic_state_compression
+from cosmic_fx.modules import cosmic_state_compression
 
 
 @pytest.fixture(autouse=True)
