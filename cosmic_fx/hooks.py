@@ -72,6 +72,7 @@ class CosmicHooks:
     def __init__(self, config: CosmicConfig) -> None:
         self.config = config
         self.e_out: torch.Tensor | None = None
+        self._e_out_value: float | None = None
         self.steps = 0  # completed backward passes
         self._params: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         self._names: dict[int, str] = {}
@@ -162,11 +163,18 @@ class CosmicHooks:
     # ------------------------------------------------------------------ per step
     def set_output(self, out: torch.Tensor) -> None:
         """Record the model output of the current step (its efficiency along the last dim)."""
-        self.e_out = efficiency(out.detach(), -1, self.config.eps)
+        self.set_output_efficiency(efficiency(out.detach(), -1, self.config.eps))
 
     def set_output_efficiency(self, e_out: torch.Tensor) -> None:
         """Record ``E_out`` computed elsewhere (inside a compiled graph)."""
         self.e_out = e_out.detach()
+        self._e_out_value = None  # read once per step, on the first measurement
+
+    def _e_out_float(self) -> float | None:
+        # one host read per step (a device sync on CUDA), not one per parameter
+        if self.e_out is not None and self._e_out_value is None:
+            self._e_out_value = float(self.e_out)
+        return self._e_out_value
 
     def note_compiled_forward(self) -> None:
         """Called by the backend each time one of its compiled graphs runs with grad enabled."""
@@ -186,7 +194,8 @@ class CosmicHooks:
             with torch.no_grad():
                 e_p = efficiency(p, 0, cfg.eps)
             e_val = float(e_p)
-            low = self.e_out is not None and e_val < float(self.e_out)
+            e_out = self._e_out_float()
+            low = e_out is not None and e_val < e_out
             self._reading[pid] = reading = (e_p, e_val, low)
             self._step_e[pid] = e_val
             fresh = True
@@ -230,7 +239,7 @@ class CosmicHooks:
         names = self._names
         self.last_step = {
             "step": self.steps,
-            "e_out": None if self.e_out is None else float(self.e_out),
+            "e_out": self._e_out_float(),
             "efficiency": {names[k]: v for k, v in self._step_e.items()},
             "skipped": [names[k] for k in self._step_skipped],
             "scale": {names[k]: v for k, v in self._step_scale.items()},

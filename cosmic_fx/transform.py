@@ -79,11 +79,6 @@ def _site_summary(sites: list[Site]) -> list[tuple[str, str, int | None, bool, s
     return [(s.name, s.kind.value, s.width, s.qualifies, s.reason) for s in sites]
 
 
-def _describe_layers(model: nn.Module) -> str:
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    return ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
-
-
 def _check_has_sites(model: nn.Module, sites: list[Site], config: CosmicConfig) -> None:
     if not sites:
         raise ValueError(

@@ -47,6 +47,19 @@ def _lm():
     return TinyTransformerLM(vocab=24, dim=16, heads=2, layers=1, context=8)
 
 
+def small_mlp() -> nn.Module:
+    """The 6 -> 24 -> 16 -> 5 MLP of the hook tests (seeded)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 5))
+
+
+def mlp_batches(n: int, scale: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` fixed batches for :func:`small_mlp`. ``scale`` sets the inputs' size, and with it where
+    E(output) sits among the parameters' efficiencies (how many the literal CDG skips)."""
+    g = torch.Generator().manual_seed(1)
+    return [(scale * torch.randn(8, 6, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(n)]
+
+
 # name -> (factory, example input maker, expected qualifying site names)
 MODELS = {
     "mlp": (DigitsMLP, lambda b=4: torch.rand(b, 64), ["0", "2"]),

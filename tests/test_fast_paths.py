@@ -9,6 +9,8 @@ from torch.testing import assert_close
 
 from cosmic_fx.modules import cosmic_state_compression
 
+from .conftest import mlp_batches, small_mlp
+
 
 @pytest.fixture(autouse=True)
 def _no_backend_records_left():
@@ -143,21 +145,15 @@ def test_csc_exports_to_plain_aten_and_round_trips(tmp_path):
 
 
 # ---------------------------------------------------------------- CCE fused into backward
-def _mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 5))
-
-
 def _batches(n):
-    g = torch.Generator().manual_seed(1)
     # scale 3: the literal CDG skips some parameters (4 of 6) and updates the others
-    return [(3 * torch.randn(8, 6, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(n)]
+    return mlp_batches(n, scale=3)
 
 
 def _train(cfg, engine, steps=4, lr=0.1):
     from cosmic_fx import attach_hooks, hooks_of
 
-    model = _mlp()
+    model = small_mlp()
     run = model if engine == "eager" else torch.compile(model, backend="cosmic", options={"config": cfg})
     hooks = attach_hooks(model, cfg) if engine == "eager" else None
     opt = None if cfg.cce_fused_lr is not None else torch.optim.SGD(model.parameters(), lr=lr)
@@ -185,7 +181,7 @@ def test_fused_cce_update_equals_scaled_grad_then_separate_sgd_step(engine, pres
     assert all(ref_left) and not any(fused_left)  # fused: every gradient freed inside backward
     for (name, p), (_, q) in zip(fused.named_parameters(), ref.named_parameters()):
         assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
-    assert any(not torch.equal(p, q) for p, q in zip(fused.parameters(), _mlp().parameters()))
+    assert any(not torch.equal(p, q) for p, q in zip(fused.parameters(), small_mlp().parameters()))
 
 
 @pytest.mark.parametrize("lr", [0, -0.1, float("nan"), True, "0.1"])
@@ -211,7 +207,7 @@ def _count_backward_mms(model, x):
 def test_calibrated_cdg_freezing_skips_the_weight_gradient_gemm():
     from cosmic_fx import CosmicConfig, attach_hooks
 
-    model = _mlp()
+    model = small_mlp()
     x = torch.randn(8, 6)
     before = _count_backward_mms(model, x)
     model.zero_grad()
@@ -233,7 +229,7 @@ def test_hitting_the_recompile_limit_is_reported_not_silent():
     from cosmic_fx import CosmicConfig, hooks_of
 
     cfg = CosmicConfig.off(cce="relative", lower="aot_eager")
-    model = _mlp()
+    model = small_mlp()
     compiled = torch.compile(model, backend="cosmic", options={"config": cfg})
     params = list(model.parameters())
     x = torch.randn(4, 6)
@@ -254,7 +250,7 @@ def test_no_uncompiled_steps_within_the_limit():
     from cosmic_fx import CosmicConfig, hooks_of
 
     cfg = CosmicConfig.off(cce="relative", lower="aot_eager")
-    model = _mlp()
+    model = small_mlp()
     compiled = torch.compile(model, backend="cosmic", options={"config": cfg})
     for _ in range(3):
         compiled(torch.randn(4, 6)).sum().backward()
@@ -268,7 +264,7 @@ def test_frozen_set_bound_that_would_exhaust_the_recompile_limit_warns():
     from cosmic_fx.hooks import _WARNED, detach_hooks
 
     _WARNED.clear()
-    model = _mlp()
+    model = small_mlp()
     cfg = CosmicConfig.off(cdg="calibrated", cdg_max_sets=7, lower="aot_eager")
     compiled = torch.compile(model, backend="cosmic", options={"config": cfg})
     with pytest.warns(UserWarning, match=r"cdg_max_sets=7 frozen sets .* need 8 compiled graphs"):
@@ -276,7 +272,7 @@ def test_frozen_set_bound_that_would_exhaust_the_recompile_limit_warns():
     detach_hooks(model)
     _WARNED.clear()
     ok = CosmicConfig.off(cdg="calibrated", lower="aot_eager")  # default bound: 4 sets + none + eval
-    model = _mlp()
+    model = small_mlp()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.compile(model, backend="cosmic", options={"config": ok})(torch.randn(4, 6))

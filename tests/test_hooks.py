@@ -10,6 +10,8 @@ from torch.testing import assert_close
 import cosmic_fx
 from cosmic_fx import CosmicConfig, attach_hooks, transform
 
+from .conftest import mlp_batches, small_mlp
+
 
 def hand_efficiency(t: torch.Tensor, dim: int, eps: float = 1e-8) -> float:
     """E = (I - S) / (I + S + eps), written out in float64 with an explicit softmax."""
@@ -24,14 +26,12 @@ def hand_efficiency(t: torch.Tensor, dim: int, eps: float = 1e-8) -> float:
 
 
 def make_mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 5))
+    return small_mlp()
 
 
 def batches(n):
-    g = torch.Generator().manual_seed(1)
     # inputs scaled so that E(output) sits among the parameters' efficiencies: both CDG branches occur
-    return [(20 * torch.randn(8, 6, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(n)]
+    return mlp_batches(n, scale=20)
 
 
 def expected_seed_step(model: nn.Module, ref: nn.Module, x, y, lr):

@@ -74,8 +74,8 @@ def _split(qci: QuantumClassicalInterface):
     d = qci.dim
     proj, est = nn.Linear(d, d), nn.Linear(d, 1)
     with torch.no_grad():
-        proj.weight.copy_(qci.weight[:d]); proj.bias.copy_(qci.bias[:d])
-        est.weight.copy_(qci.weight[d:]); est.bias.copy_(qci.bias[d:])
+        proj.weight.copy_(qci.projector_weight); proj.bias.copy_(qci.bias[:d])
+        est.weight.copy_(qci.estimator_weight); est.bias.copy_(qci.bias[d:])
     return proj, est
 
 
