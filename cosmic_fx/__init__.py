@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from .adapter import load_adapter
-from .backend import backend_records, cosmic_backend
+from .backend import cosmic_backend
 from .config import CCEMode, CDGMode, CosmicConfig, CSCPlacement, Lowering, QCIInit
 from .export import export
-from .hooks import CosmicHooks, attach_hooks, detach_hooks, hooks_of
+from .runtime import CosmicRuntime, attach_hooks, detach_hooks, hooks_of, runtime_of
 from .inspect import explain
 from .modules import CosmicSite, CosmicStateCompression, QuantumClassicalInterface, cosmic_state_compression
 from .quantities import efficiency, entropy, info
@@ -27,11 +27,14 @@ __version__ = "0.1.0"
 
 
 def compile(model: nn.Module, config: CosmicConfig | None = None, **compile_kwargs: Any) -> nn.Module:
-    """Transform ``model`` (QCI + CSC) and ``torch.compile`` it with the ``cosmic`` backend.
+    """Transform ``model`` (QCI + CSC) and ``torch.compile`` it with the ``cosmic`` backend bound to
+    the model's runtime.
 
     Args:
-        model: the model (left untouched).
-        config: a :class:`CosmicConfig` (default preset when omitted).
+        model: the model (left untouched); or a ``DistributedDataParallel`` wrapping a model returned
+            by :func:`cosmic_fx.transform` (then compiled as it is, with that model's runtime).
+        config: a :class:`CosmicConfig` (default preset when omitted; for a DDP-wrapped transformed
+            model, omit it or pass the transform's).
         **compile_kwargs: passed to ``torch.compile`` (``dynamic=``, ``fullgraph=``, ...).
 
     Example:
@@ -40,11 +43,24 @@ def compile(model: nn.Module, config: CosmicConfig | None = None, **compile_kwar
         >>> cm(torch.randn(2, 8)).shape   # doctest: +SKIP
         torch.Size([2, 4])
     """
-    config = config or CosmicConfig()
+    import functools
+
+    from .runtime import _unwrap
+
     for key in ("backend", "options", "mode"):
         if key in compile_kwargs:
             raise TypeError(f"cosmic_fx.compile sets torch.compile's {key!r} itself; put settings in the CosmicConfig")
-    return torch.compile(transform(model, config), backend=cosmic_backend, options={"config": config}, **compile_kwargs)
+    inner = _unwrap(model)
+    if inner is not model and transform_info(inner) is not None:
+        target, runtime = model, runtime_of(inner)  # DDP(transform(model)): compile the wrapper as it is
+    else:
+        target = transform(model, config or CosmicConfig())
+        runtime = runtime_of(target)
+    options = runtime.config if config is None else config
+    if runtime.config.hooks_enabled:
+        runtime.activate("compiled")  # now, so that eager regions after a graph break are treated alike
+    backend = functools.partial(cosmic_backend, runtime=runtime, options=options)
+    return torch.compile(target, backend=backend, **compile_kwargs)
 
 
 __all__ = [
@@ -52,7 +68,7 @@ __all__ = [
     "CDGMode",
     "CSCPlacement",
     "CosmicConfig",
-    "CosmicHooks",
+    "CosmicRuntime",
     "CosmicSite",
     "CosmicStateCompression",
     "Lowering",
@@ -62,7 +78,6 @@ __all__ = [
     "Site",
     "TransformInfo",
     "attach_hooks",
-    "backend_records",
     "compile",
     "cosmic_backend",
     "cosmic_state_compression",
@@ -75,6 +90,7 @@ __all__ = [
     "hooks_of",
     "info",
     "load_adapter",
+    "runtime_of",
     "transform",
     "transform_info",
 ]

@@ -40,10 +40,12 @@ def _adapter_tensors(tm: nn.Module) -> dict[str, torch.Tensor]:
 
 def _base_fingerprint(tm: nn.Module) -> str:
     """sha256 of the base model's weights and buffers (everything but the adapter), in a fixed order."""
+    from .runtime import STATE_NAME
+
     adapter = set(_adapter_tensors(tm))
     h = hashlib.sha256()
     for name, t in tm.state_dict().items():
-        if name in adapter:
+        if name in adapter or name.startswith(STATE_NAME + "."):  # QCIs; CDG/CCE training state
             continue
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())

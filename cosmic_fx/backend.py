@@ -1,42 +1,52 @@
 """The ``cosmic`` backend for ``torch.compile``.
 
 Registered through the ``torch_dynamo_backends`` entry point, so ``torch.compile(model,
-backend="cosmic")`` works without importing cosmic_fx. For each graph dynamo hands it, the backend:
+backend="cosmic")`` works without importing cosmic_fx. :func:`cosmic_fx.compile` binds the model's
+runtime explicitly (``functools.partial(cosmic_backend, runtime=...)``); the entry-point path finds
+it through the graph's parameters (the runtime of a transformed model hooks them all), or through the
+``DistributedDataParallel`` wrapper whose forward is running. For each graph dynamo hands it, the
+backend:
 
-1. finds the Linear/Conv2d sites (:func:`cosmic_fx.tracer.find_sites`);
+1. finds the linear-like sites (:func:`cosmic_fx.tracer.find_sites`);
 2. checks that each qualifying site already has its QCI — QCI parameters cannot be created inside a
    compiled region, so an untransformed model gets a one-time warning pointing to
    ``cosmic_fx.transform`` / ``cosmic_fx.compile``, and everything else still happens;
-3. runs the parameter-free pass (CSC at the output or after each site);
-4. attaches the CDG/CCE hooks to the real parameters (once per parameter), and makes the graph also
-   return ``E(output)`` for CDG, stripped again before the caller sees it;
+3. runs the parameter-free pass (CSC at the output or after each site) on untransformed models;
+4. activates the model's runtime (a plain model gets one, hooked on all its trainable parameters),
+   records which of its parameters the graph reads, and makes a graph that returns the model output
+   also return ``E(output)`` for CDG, stripped again before the caller sees it;
 5. lowers to Inductor (default), ``aot_eager`` or ``eager``.
+
+What it did to each graph goes to the listeners :func:`cosmic_fx.inspect.watch_backend` registers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from . import policy
 from .config import CDGMode, CosmicConfig, Lowering
-from .hooks import _warn_once, runtime_for
+from .notices import warn_once
 from .quantities import efficiency
+from .runtime import CosmicRuntime, runtime_of
+from .runtime.distributed import active_ddp
 from .tracer import META_KEY, find_sites, placeholder_fqn, site_has_qci
-from .transform import is_transformed_parameter
 
-__all__ = ["BackendRecord", "backend_records", "cosmic_backend"]
+__all__ = ["BackendRecord", "add_listener", "cosmic_backend"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class BackendRecord:
-    """What the backend did to one graph (see :func:`backend_records`)."""
+    """What the backend did to one graph (see :func:`cosmic_fx.inspect.watch_backend`)."""
 
     compile_id: str
     graph_before: str
@@ -47,41 +57,111 @@ class BackendRecord:
     hooked_params: int
     lowering: str
     graph_break: bool
+    runtime: weakref.ref | None = None  # the runtime the graph reports to (weakly)
 
 
-_RECORDS: list[BackendRecord] = []
-_MAX_RECORDS = 256
+# Active observers (watch_backend blocks): empty outside them. Records are handed over, never kept.
+_LISTENERS: list[Callable[[BackendRecord], None]] = []
 
 
-def backend_records(clear: bool = False) -> list[BackendRecord]:
-    """The graphs the cosmic backend rewrote in this process, oldest first (at most 256 kept)."""
-    out = list(_RECORDS)
-    if clear:
-        _RECORDS.clear()
+class _ListenerHandle:
+    def __init__(self, fn: Callable[[BackendRecord], None]) -> None:
+        self.fn = fn
+
+    def remove(self) -> None:
+        if self.fn in _LISTENERS:
+            _LISTENERS.remove(self.fn)
+
+
+def add_listener(fn: Callable[[BackendRecord], None]) -> _ListenerHandle:
+    """Call ``fn(record)`` for every graph the backend compiles until ``handle.remove()``."""
+    _LISTENERS.append(fn)
+    return _ListenerHandle(fn)
+
+
+def _real_params(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[fx.Node, nn.Parameter]:
+    """The graph's parameter placeholders bound to real parameters (none under DDP: fake tensors)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {node: value for node, value in zip(placeholders, example_inputs)
+            if isinstance(value, nn.Parameter) and not isinstance(value, torch._subclasses.FakeTensor)}
+
+
+def _graph_param_keys(gm: fx.GraphModule, real: dict[fx.Node, nn.Parameter], rt: CosmicRuntime) -> dict[fx.Node, int]:
+    """The runtime's index of every parameter placeholder: by object when real, else by name."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        if node in real:
+            found = rt.indices_of([real[node]])
+            index = next(iter(found)) if found else None
+        else:
+            index = rt.index_of(placeholder_fqn(node))
+        if index is not None:
+            out[node] = index
     return out
 
 
-def _real_params(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[list[tuple[str, nn.Parameter]], dict[fx.Node, nn.Parameter]]:
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    named, by_node = [], {}
-    for node, value in zip(placeholders, example_inputs):
-        if isinstance(value, nn.Parameter) and not isinstance(value, torch._subclasses.FakeTensor):
-            named.append((placeholder_fqn(node), value))
-            by_node[node] = value
-    return named, by_node
+def _output_layer(gm: fx.GraphModule, sites, keys: dict[fx.Node, int], rt: CosmicRuntime) -> list[str]:
+    """:func:`cosmic_fx.policy.output_layer` over the nodes of a graph that returns the model output."""
+    site_nodes = {s.node for s in sites}
+    calls = [policy.Call(node in site_nodes, tuple(rt.names[keys[a]] for a in node.all_input_nodes if a in keys))
+             for node in gm.graph.nodes if node.op == "call_function" or node.op == "call_module"]
+    return [str(n) for n in policy.output_layer(calls)]
 
 
-def _output_layer(gm: fx.GraphModule, sites, by_node: dict[fx.Node, nn.Parameter]) -> list[nn.Parameter]:
-    """Parameters read by the last site of a returning graph and by every node after it."""
-    if not sites:
-        return []
-    last = sites[-1].node
-    protected, seen_last = [], False
-    for node in gm.graph.nodes:
-        seen_last = seen_last or node is last
-        if seen_last:
-            protected.extend(by_node[a] for a in node.all_input_nodes if a in by_node)
-    return protected
+def _find_runtime(real: dict[fx.Node, nn.Parameter]) -> CosmicRuntime | None:
+    """The runtime that covers most of the graph's parameters (two transforms of one base model share
+    its weights; each has its own QCIs), else the runtime of the running DDP wrapper's module."""
+    votes: dict[int, tuple[CosmicRuntime, int]] = {}
+    for p in real.values():
+        from .runtime import runtimes_of_param
+
+        for rt in runtimes_of_param(p):
+            votes[id(rt)] = (rt, votes.get(id(rt), (rt, 0))[1] + 1)
+    if votes:
+        return max(votes.values(), key=lambda v: (v[1], v[0].mode is not None))[0]
+    ddp = active_ddp()
+    return runtime_of(ddp.module) if ddp is not None else None
+
+
+def _compiled_module(real: dict[fx.Node, nn.Parameter]) -> nn.Module | None:
+    """The module whose forward dynamo is compiling (a plain model given to the entry point)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        f_locals = InstructionTranslator.current_tx().f_locals
+    except Exception:  # noqa: BLE001 - a dynamo internal: without it, hook the graph's parameters only
+        return None
+    params = {id(p) for p in real.values()}
+    modules = [v for v in f_locals.values() if isinstance(v, nn.Module)]
+    return max(modules, key=lambda m: sum(id(p) in params for p in m.parameters()), default=None)
+
+
+def _resolve_config(options: dict[str, Any] | CosmicConfig | None, rt: CosmicRuntime | None) -> CosmicConfig:
+    """The backend's config: the options, or for a transformed model its runtime's config (the options
+    may change the lowering only)."""
+    if rt is None or not rt.transformed:
+        return CosmicConfig.from_options(options)
+    if options is None:
+        return rt.config
+    if isinstance(options, CosmicConfig) or (isinstance(options, dict) and ("config" in options or "preset" in options)):
+        config = CosmicConfig.from_options(options)
+    else:
+        try:
+            config = rt.config.replace(**dict(options))
+        except TypeError:
+            config = CosmicConfig.from_options(options)  # raises the error listing the valid keys
+    if config.replace(lower=rt.config.lower) != rt.config:
+        mine, given = rt.config.to_options(), config.to_options()
+        diff = ", ".join(f"{k}: {mine[k]!r} (transform) vs {given[k]!r} (options)"
+                         for k in mine if k != "lower" and mine[k] != given[k])
+        raise ValueError(
+            f"cosmic backend: this model was transformed with another CosmicConfig ({diff}); a transformed "
+            "model's runtime applies its transform's config, and options may only change 'lower'. Transform "
+            "the original model with the config you want (cosmic_fx.compile(model, config))."
+        )
+    return config
 
 
 def _primary_output(gm: fx.GraphModule) -> fx.Node | None:
@@ -125,15 +205,19 @@ def cosmic_backend(
     example_inputs: Sequence[Any],
     *,
     options: dict[str, Any] | CosmicConfig | None = None,
+    runtime: CosmicRuntime | None = None,
     **unexpected: Any,
 ) -> Callable:
     """``torch.compile`` backend: cosmic passes + CDG/CCE hooks, then the lowering.
 
     Args:
         gm: the graph dynamo captured.
-        example_inputs: its inputs (real parameters are among them).
+        example_inputs: its inputs (real parameters are among them, except under DDP).
         options: the ``options=`` dict of ``torch.compile`` (any :class:`CosmicConfig` field, plus
-            ``"preset"``), or a :class:`CosmicConfig`.
+            ``"preset"``), or a :class:`CosmicConfig`. For a transformed model only ``lower`` may
+            differ from its transform's config.
+        runtime: the model's :class:`~cosmic_fx.runtime.CosmicRuntime` (bound by
+            :func:`cosmic_fx.compile` with ``functools.partial``); found from the graph otherwise.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
@@ -146,20 +230,21 @@ def cosmic_backend(
             f"cosmic backend got unexpected keyword(s) {sorted(unexpected)}; pass settings as "
             "torch.compile(model, backend='cosmic', options={...})"
         )
-    config = CosmicConfig.from_options(options)
     from cosmic_fx.passes import InsertCSC
 
+    real = _real_params(gm, example_inputs)
+    rt = runtime if runtime is not None else _find_runtime(real)
+    config = _resolve_config(options, rt)
     before = gm.code
     sites = find_sites(gm, config)
     reason = getattr(gm, "compile_subgraph_reason", None)
     graph_break = bool(getattr(reason, "graph_break", False))
 
-    named, by_node = _real_params(gm, example_inputs)
     # a transformed model carries its own QCI and CSC, placed by `transform` with the model in view
-    transformed = any(is_transformed_parameter(p) for _, p in named)
+    transformed = rt is not None and rt.transformed
     missing = [s.name for s in sites if s.qualifies and not site_has_qci(gm, s)] if config.qci and not transformed else []
     if missing:
-        _warn_once(
+        warn_once(
             "cosmic backend: this model was not transformed, so no QuantumClassicalInterface can be "
             f"inserted (sites {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}): a compiled "
             "graph cannot own new trainable parameters. Use cosmic_fx.compile(model) or "
@@ -170,40 +255,58 @@ def cosmic_backend(
     csc_count = 0
     if not transformed and InsertCSC(config)(gm).modified:
         csc_count = sum(1 for n in gm.graph.nodes if n.meta.get(META_KEY, {}).get("inserted_by") == "insert_csc")
-    if config.hooks_enabled and not named and any(isinstance(t, torch._subclasses.FakeTensor) for t in example_inputs):
-        _warn_once(
-            "cosmic backend: received fake parameters (DDP / export tracing); CDG/CCE hooks are not "
-            "attached to this graph's parameters."
-        )
-    hooks = None
-    if config.hooks_enabled and named:
-        hooks = runtime_for(config)
-        protected = _output_layer(gm, sites, by_node) if not graph_break else []
-        hooks.attach(named, protected=protected)
-        _check_recompile_budget(config)
 
-    wants_e_out = hooks is not None and config.cdg is not CDGMode.OFF and not graph_break
+    active = None
+    covered: frozenset[int] = frozenset()
+    if config.hooks_enabled:
+        if rt is None and real:
+            # a plain model through the entry point: its runtime hooks every trainable parameter of the
+            # module being compiled (eager regions after graph breaks too); its hooks own it
+            root = _compiled_module(real)
+            rt = CosmicRuntime(config, transformed=False)
+            rt.bind(root if root is not None else gm,
+                    None if root is not None else [(placeholder_fqn(n), p) for n, p in real.items()],
+                    hold_by_params=True)
+        if rt is not None:
+            rt.activate("compiled")
+            active = rt
+            keys = _graph_param_keys(gm, real, rt)
+            covered = frozenset(keys.values())
+            if not graph_break:
+                rt.set_protected(_output_layer(gm, sites, keys, rt))
+            _check_recompile_budget(config)
+        elif any(isinstance(t, torch._subclasses.FakeTensor) for t in example_inputs):
+            warn_once(
+                "cosmic backend: received fake parameters and found no cosmic runtime (a model wrapped in "
+                "DDP without cosmic_fx.transform?); CDG/CCE hooks are not attached. Transform the model "
+                "before wrapping it: DistributedDataParallel(cosmic_fx.transform(model))."
+            )
+
+    wants_e_out = active is not None and config.cdg is not CDGMode.OFF and not graph_break
     primary = _primary_output(gm) if wants_e_out else None
     if primary is not None:
         _add_efficiency_output(gm, primary, config.eps)
 
-    _RECORDS.append(BackendRecord(
-        compile_id=str(gm.meta.get("dynamo_compile_id", "")) if hasattr(gm, "meta") else "",
-        graph_before=before,
-        graph_after=gm.code,
-        sites=[(s.name, s.kind.value, s.width, s.qualifies, s.reason) for s in sites],
-        missing_qci=missing,
-        csc_inserted=csc_count,
-        hooked_params=len(named) if hooks is not None else 0,
-        lowering=config.lower.value,
-        graph_break=graph_break,
-    ))
-    del _RECORDS[:-_MAX_RECORDS]
+    if _LISTENERS:
+        record = BackendRecord(
+            compile_id=str(gm.meta.get("dynamo_compile_id", "")) if hasattr(gm, "meta") else "",
+            graph_before=before,
+            graph_after=gm.code,
+            sites=[(s.name, s.kind.value, s.width, s.qualifies, s.reason) for s in sites],
+            missing_qci=missing,
+            csc_inserted=csc_count,
+            hooked_params=len(covered),
+            lowering=config.lower.value,
+            graph_break=graph_break,
+            runtime=weakref.ref(active) if active is not None else None,
+        )
+        for listener in list(_LISTENERS):
+            listener(record)
 
     compiled = _lower(gm, example_inputs, config.lower)
-    if hooks is None:
+    if active is None:
         return compiled
-    return _report_to_hooks(compiled, hooks, strip_efficiency=primary is not None)
+    return _report_to_runtime(compiled, weakref.ref(active), covered, strip_efficiency=primary is not None)
 
 
 def _check_recompile_budget(config: CosmicConfig) -> None:
@@ -211,25 +314,29 @@ def _check_recompile_budget(config: CosmicConfig) -> None:
     limit = torch._dynamo.config.recompile_limit
     # each distinct frozen set, and the empty one, is a compiled graph; keep one more for eval mode
     if config.cdg is CDGMode.CALIBRATED and config.cdg_max_sets + 2 > limit:
-        _warn_once(
+        warn_once(
             f"cosmic backend: cdg_max_sets={config.cdg_max_sets} frozen sets plus the unfrozen model "
             f"need {config.cdg_max_sets + 1} compiled graphs, and torch._dynamo.config.recompile_limit "
             f"is {limit}: leave room for an eval-mode graph by lowering cdg_max_sets to at most "
             f"{max(limit - 2, 1)} or raising the limit. Steps that fall back to eager are reported in "
-            "CosmicHooks.uncompiled_steps.",
+            "CosmicRuntime.uncompiled_steps.",
             key=f"recompile_budget:{config.cdg_max_sets}:{limit}",
         )
 
 
-def _report_to_hooks(compiled: Callable, hooks, strip_efficiency: bool) -> Callable:
-    """Tell the hooks that a compiled graph ran (and give them E_out, which it returns last)."""
+def _report_to_runtime(compiled: Callable, runtime: weakref.ref, covered: frozenset[int],
+                       strip_efficiency: bool) -> Callable:
+    """Tell the runtime that a compiled graph ran (and give it E_out, which the graph returns last).
+
+    The runtime is held weakly: dynamo's cache may outlive the model."""
 
     def run(*args):
         outs = compiled(*args)
-        if torch.is_grad_enabled():
-            hooks.note_compiled_forward()
+        rt = runtime()
+        if rt is not None and torch.is_grad_enabled():
+            rt.note_compiled_forward(covered)
             if strip_efficiency:
-                hooks.set_output_efficiency(outs[-1])
+                rt.set_output_efficiency(outs[-1])
         if strip_efficiency and isinstance(outs, (tuple, list)):
             return type(outs)(outs[:-1])
         return outs

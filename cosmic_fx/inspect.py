@@ -14,17 +14,18 @@ What the ``cosmic`` backend did to the graphs ``torch.compile`` handed it is :fu
 from __future__ import annotations
 
 import argparse
-import math
 import re
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from . import policy
 from .cli_args import add_model_command, model_and_inputs
-from .config import CCEMode, CDGMode, CosmicConfig, CSCPlacement
+from .config import CDGMode, CosmicConfig, CSCPlacement
 from .quantities import efficiency
 from .report import ParamRow, Report, SiteRow, _Node, _shape
+from .runtime.eager import first_float_tensor
 from .scoped import eval_no_grad
 from .watch import BackendReport, BackendWatch, watch_backend
 
@@ -99,7 +100,7 @@ def explain(model: nn.Module, example_inputs: Any, config: CosmicConfig | None =
     inserted_nodes = [n.name for n in nodes if n.kind in ("qci", "csc")]
     sites = _site_rows(tm, info, shapes)
     e_out = None
-    tensor = _first_float(out)
+    tensor = first_float_tensor(out)
     if tensor is not None:
         e_out = float(efficiency(tensor, -1, config.eps))
     params = _param_rows(original, tm, config, e_out, protected)
@@ -199,8 +200,10 @@ def _flops(model: nn.Module, inputs: tuple) -> int:
 
 
 def _run_recording_output_layer(model: nn.Module, inputs: tuple) -> tuple[Any, list[torch.Tensor]]:
-    """Run the model; return its output and the output layer's parameters: those of the last
-    Linear/Conv2d called and of every module called after it (as the backend protects them)."""
+    """Run the model; return its output and the output layer's parameters
+    (:func:`cosmic_fx.policy.output_layer` over the module calls, as the runtime protects them)."""
+    from .runtime.eager import is_site_module
+
     order: list[nn.Module] = []
     handles = [m.register_forward_pre_hook(lambda m, a: order.append(m)) for m in model.modules()
                if any(True for _ in m.parameters(recurse=False))]
@@ -209,20 +212,8 @@ def _run_recording_output_layer(model: nn.Module, inputs: tuple) -> tuple[Any, l
     finally:
         for h in handles:
             h.remove()
-    last = max((i for i, m in enumerate(order) if isinstance(m, (nn.Linear, nn.Conv2d))), default=None)
-    protected = [] if last is None else [p for m in order[last:] for p in m.parameters(recurse=False)]
-    return out, protected
-
-
-def _first_float(out: Any) -> torch.Tensor | None:
-    if isinstance(out, torch.Tensor):
-        return out if out.is_floating_point() else None
-    values = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else ()
-    for item in values:
-        found = _first_float(item)
-        if found is not None:
-            return found
-    return None
+    calls = [policy.Call(is_site_module(m), tuple(m.parameters(recurse=False))) for m in order]
+    return out, list(policy.output_layer(calls))
 
 
 def _code(gm: fx.GraphModule) -> str:
@@ -352,32 +343,29 @@ def _flops_of_modules(modules: list[nn.Module], shape: tuple[int, ...] | None) -
 
 def _param_rows(original: nn.Module, tm: nn.Module, config: CosmicConfig, e_out: float | None,
                 protected: list[torch.Tensor]) -> list[ParamRow]:
+    """What CDG and CCE would do to each parameter now: the runtime's decision functions
+    (:mod:`cosmic_fx.policy`) applied to this forward's readings, as a first step would apply them."""
     base = {id(p) for p in original.parameters()}
     named = [(n, p) for n, p in tm.named_parameters()]
     effs = {n: float(efficiency(p.detach(), 0, config.eps)) for n, p in named}
     hooked = [n for n, p in named if p.requires_grad]
-    mean_e = sum(effs[n] for n in hooked) / max(len(hooked), 1)
+    mean_e = policy.mean_efficiency(effs[n] for n in hooked)
     protected_ids = {id(p) for p in protected}
-    low = {n for n, p in named if e_out is not None and effs[n] < e_out and p.requires_grad}
+    guarded = {n for n, p in named if id(p) in protected_ids} if config.cdg_protect_output else set()
+    low = {n for n in hooked if policy.is_low(effs[n], e_out)}
     verdict: dict[str, str] = {}
     if config.cdg is CDGMode.SEED:
-        verdict = {n: "skip" for n in low}
+        verdict = {n: "skip" for n in hooked if policy.cdg_seed_skips(effs[n], e_out)}
     elif config.cdg is CDGMode.CALIBRATED:
-        by_name = dict(named)
-        guarded = {n for n in low if config.cdg_protect_output and id(by_name[n]) in protected_ids}
-        candidates = sorted(low - guarded, key=lambda n: effs[n])
-        limit = math.ceil(config.cdg_max_frozen * len(hooked))  # as CosmicHooks rounds its cap
-        verdict = {n: "low (output layer, protected)" for n in guarded}
-        verdict.update({n: "freeze" for n in candidates[:limit]})
-        verdict.update({n: "low (over the cap)" for n in candidates[limit:]})
+        # as if every low reading had lasted cdg_patience steps: what the next decision would freeze
+        wanted, _ = policy.choose_frozen_set({n: config.cdg_patience for n in low}, effs, frozenset(), guarded,
+                                             len(hooked), [frozenset()], config)
+        verdict = {n: "low (output layer, protected)" for n in low & guarded}
+        verdict.update({n: "low (over the cap)" for n in low - guarded - wanted})
+        verdict.update({n: "freeze" for n in wanted})
     rows = []
     for n, p in named:
-        if config.cce is CCEMode.SEED:
-            scale = effs[n]
-        elif config.cce is CCEMode.RELATIVE:
-            scale = min(max(1.0 + config.cce_gamma * (effs[n] - mean_e), config.cce_min), config.cce_max)
-        else:
-            scale = 1.0
+        scale = policy.cce_multiplier(effs[n], mean_e, config) if n in hooked else 1.0
         rows.append(ParamRow(n, tuple(p.shape), effs[n], id(p) not in base, verdict.get(n, ""), scale))
     return rows
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import CosmicConfig
 from .data import ClassificationData
-from .hooks import attach_hooks
+from .runtime import attach_hooks
 
 __all__ = ["Arm", "RunResult", "train_classifier"]
 
@@ -152,7 +152,7 @@ def train_classifier(
             steps += 1
             total += loss.item()
             count += 1
-            h = hooks or cosmic_fx.hooks_of(model) or cosmic_fx.hooks_of(eval_mod)
+            h = hooks or cosmic_fx.hooks_of(eval_mod)
             if h is not None and h.last_step:
                 n_params = max(h.num_hooked, 1)
                 frozen_sum += (len(h.last_step["skipped"]) + len(h.last_step["frozen"])) / n_params
@@ -162,7 +162,7 @@ def train_classifier(
         walls.append(elapsed)
         if progress is not None:
             progress(1)
-    h = hooks or cosmic_fx.hooks_of(model) or cosmic_fx.hooks_of(eval_mod)
+    h = hooks or cosmic_fx.hooks_of(eval_mod)
     if h is not None:
         h.remove()
     return RunResult(

@@ -21,10 +21,13 @@ import logging
 
 import torch
 from torch import fx, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
+from . import policy
 from .config import CosmicConfig, CSCPlacement
 from .modules import CosmicSite, make_csc, make_qci
+from .runtime import STATE_NAME, CosmicRuntime, CosmicState
+from .runtime.distributed import check_not_wrapped
+from .runtime.eager import is_site_module
 from .tracer import COSMIC_MODULES, Site, SiteKind, find_sites, qualify, symbolic_trace
 
 __all__ = ["TransformInfo", "transform", "transform_info"]
@@ -32,24 +35,6 @@ __all__ = ["TransformInfo", "transform", "transform_info"]
 log = logging.getLogger(__name__)
 
 INFO_ATTR = "cosmic_transform"
-
-# Parameters of every model `transform` returned. The backend checks its graph's parameters against
-# this: a transformed model already carries its QCI and CSC (placed with the full model in view), so
-# the backend must not add CSC again — a dynamo graph that returns from a nested frame after a graph
-# break cannot tell whether its output is the model's output.
-_TRANSFORMED: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def is_transformed_parameter(p: torch.Tensor) -> bool:
-    """Whether ``p`` belongs to a model returned by :func:`transform`."""
-    return p in _TRANSFORMED
-
-
-def _mark(result: nn.Module) -> nn.Module:
-    for p in result.parameters():
-        _TRANSFORMED[p] = True
-    return result
-
 
 @dataclasses.dataclass
 class TransformInfo:
@@ -116,6 +101,7 @@ def transform(model: nn.Module, config: CosmicConfig | None = None) -> nn.Module
     config = config or CosmicConfig()
     if not isinstance(model, nn.Module):
         raise TypeError(f"cosmic_fx.transform expects an nn.Module; got {type(model).__name__}")
+    check_not_wrapped(model, "cosmic_fx.transform")
     if transform_info(model) is not None:
         raise ValueError(
             "this model was already transformed by cosmic_fx.transform; transform the original model "
@@ -144,7 +130,35 @@ def _rewrite_traced(model: nn.Module, gm: fx.GraphModule, config: CosmicConfig) 
         sites=_site_summary(sites),
         rewritten=[s.name for s in sites if s.qualifies and (config.qci or config.csc is CSCPlacement.SITES)],
     ))
-    return _mark(gm)
+    return _add_runtime(gm, config, _traced_output_layer(gm))
+
+
+def _add_runtime(result: nn.Module, config: CosmicConfig, output_layer: list[str] | None) -> nn.Module:
+    """Give the result its runtime (registered last, as ``cosmic_state``): it hooks every trainable
+    parameter now, and acts once activated (``attach_hooks``, the backend, ``cosmic_fx.compile``)."""
+    runtime = CosmicRuntime(config, transformed=True)
+    result.add_module(STATE_NAME, CosmicState(runtime))
+    runtime.bind(result)
+    if output_layer is not None:
+        runtime.set_protected(output_layer)
+    return result
+
+
+def _traced_output_layer(gm: fx.GraphModule) -> list[str]:
+    """The output layer of a traced graph (:func:`cosmic_fx.policy.output_layer` over its calls)."""
+    functional_sites = (torch.nn.functional.linear, torch.conv2d, torch.nn.functional.conv2d)
+    calls = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        reads = [str(a.target) for a in node.all_input_nodes if a.op == "get_attr"]
+        site = node.op == "call_function" and node.target in functional_sites
+        if node.op == "call_module":
+            mod = gm.get_submodule(str(node.target))
+            site = is_site_module(mod.base_layer if isinstance(mod, CosmicSite) else mod)
+            reads += [f"{node.target}.{n}" for n, _ in mod.named_parameters()]
+        calls.append(policy.Call(site, tuple(reads)))
+    return [str(n) for n in policy.output_layer(calls)]
 
 
 def _structural_copy(model: nn.Module) -> nn.Module:
@@ -181,7 +195,7 @@ def _module_swap(model: nn.Module, config: CosmicConfig, trace_error: str) -> nn
         csc = make_csc(config, passthrough=True)
         out.register_forward_hook(lambda m, a, o: _map_output(o, csc))
     setattr(out, INFO_ATTR, TransformInfo("module_swap", config, _site_summary(sites), rewritten, trace_error))
-    return _mark(out)
+    return _add_runtime(out, config, None)  # the output layer is known at the first forward
 
 
 def _map_output(out, csc: nn.Module):

@@ -22,14 +22,17 @@ class BackendReport:
     Attributes:
         graphs: one :class:`cosmic_fx.backend.BackendRecord` per graph dynamo handed to the backend
             (``graph_before`` / ``graph_after`` are its code before and after the cosmic passes).
-        graph_breaks: graphs that ended in a graph break.
+        graph_breaks: graph breaks dynamo took during the block (its ``graph_break`` counters; at
+            least the number of graphs that ended in one).
         recompiles: graphs compiled again for a frame already compiled once (guards failed: new
             shapes, a ``requires_grad`` change from CDG freezing, ...).
         break_reasons: dynamo's reasons for the graph breaks seen (first line of each).
-        hooked_params: parameters with CDG/CCE hooks (from the model's :class:`CosmicHooks`).
+        hooked_params: parameters with CDG/CCE hooks (from the model's :class:`CosmicRuntime`).
         frozen: parameters calibrated CDG holds frozen now.
         freeze_events: ``(step, names)`` for every change of the frozen set.
-        last_step: what CDG/CCE did in the latest backward (see :class:`cosmic_fx.CosmicHooks`).
+        last_step: what CDG/CCE did in the latest backward (see :class:`cosmic_fx.CosmicRuntime`).
+        outside_graphs: parameters whose gradients came from code dynamo ran outside every compiled
+            graph (the eager regions after graph breaks); they are hooked like the rest.
     """
 
     graphs: list
@@ -40,6 +43,7 @@ class BackendReport:
     frozen: list[str] = dataclasses.field(default_factory=list)
     freeze_events: list = dataclasses.field(default_factory=list)
     last_step: dict = dataclasses.field(default_factory=dict)
+    outside_graphs: list[str] = dataclasses.field(default_factory=list)
 
     def table(self, tablefmt: str = "github") -> str:
         from tabulate import tabulate
@@ -58,6 +62,10 @@ class BackendReport:
         lines = [f"cosmic backend: {len(self.graphs)} graph(s), {self.graph_breaks} graph break(s), "
                  f"{self.recompiles} recompile(s); {self.hooked_params} parameter(s) hooked, "
                  f"{len(self.frozen)} frozen now", "", self.table()]
+        if self.outside_graphs:
+            lines += ["", f"{len(self.outside_graphs)} parameter(s) trained outside compiled graphs (eager regions "
+                      "after graph breaks; hooked like the rest): " + ", ".join(self.outside_graphs[:8])
+                      + (" ..." if len(self.outside_graphs) > 8 else "")]
         if self.break_reasons:
             lines += ["", "graph break reasons:"] + [f"  - {r}" for r in self.break_reasons]
         if self.freeze_events:
@@ -80,37 +88,41 @@ class BackendWatch:
     def __init__(self, model: nn.Module | None) -> None:
         self.model = model
         self.report: BackendReport | None = None
+        self._graphs: list = []
 
     def __enter__(self) -> BackendWatch:
         from torch._dynamo.utils import counters
 
-        from .backend import backend_records
+        from .backend import add_listener
 
-        self._seen = {id(r) for r in backend_records()}
+        self._handle = add_listener(self._graphs.append)
         self._reasons = {k: dict(counters[k]) for k in ("graph_break", "unimplemented")}
         return self
 
     def __exit__(self, *exc: Any) -> None:
         from torch._dynamo.utils import counters
 
-        from .backend import backend_records
-        from .hooks import hooks_of
+        from .runtime import hooks_of
 
-        graphs = [r for r in backend_records() if id(r) not in self._seen]
-        reasons = []
+        self._handle.remove()
+        graphs = self._graphs
+        reasons, breaks = [], 0
         for key, before in self._reasons.items():
             for reason, count in counters[key].items():
                 if count > before.get(reason, 0):
+                    if key == "graph_break":
+                        breaks += count - before.get(reason, 0)
                     first = str(reason).strip().splitlines()[0]
                     where = re.search(r'File "([^"]+)", line (\d+)', str(reason))
                     reasons.append(first + (f" ({where.group(1)}:{where.group(2)})" if where else ""))
         recompiles = sum(1 for r in graphs if (m := re.match(r"\d+/(\d+)", r.compile_id)) and int(m.group(1)) > 0)
-        hooks = hooks_of(self.model) if self.model is not None else None
+        rt = hooks_of(self.model) if self.model is not None else None
         self.report = BackendReport(
-            graphs=graphs, graph_breaks=sum(r.graph_break for r in graphs), recompiles=recompiles,
+            graphs=graphs, graph_breaks=max(breaks, sum(r.graph_break for r in graphs)), recompiles=recompiles,
             break_reasons=list(dict.fromkeys(reasons)),
-            hooked_params=hooks.num_hooked if hooks else 0, frozen=hooks.frozen if hooks else [],
-            freeze_events=list(hooks.freeze_events) if hooks else [], last_step=dict(hooks.last_step) if hooks else {},
+            hooked_params=rt.num_hooked if rt else 0, frozen=rt.frozen if rt else [],
+            freeze_events=list(rt.freeze_events) if rt else [], last_step=dict(rt.last_step) if rt else {},
+            outside_graphs=rt.outside_graphs if rt else [],
         )
 
 

@@ -83,9 +83,6 @@ def model_case(request):
 
 @pytest.fixture(autouse=True)
 def _reset_dynamo():
-    import cosmic_fx
-
     torch._dynamo.reset()
-    cosmic_fx.backend_records(clear=True)  # every test sees only the graphs it compiled
     yield
     torch._dynamo.reset()

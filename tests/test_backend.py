@@ -15,7 +15,8 @@ from torch.testing import assert_close
 
 import cosmic_fx
 from cosmic_fx import CosmicConfig
-from cosmic_fx.hooks import _WARNED
+from cosmic_fx.inspect import watch_backend
+from cosmic_fx.notices import _WARNED
 
 from .conftest import MODELS
 
@@ -71,8 +72,10 @@ def test_transformed_model_compiles_to_the_same_function(model_case, csc):
     x = make_input()
     compiled = torch.compile(tm, backend="cosmic", options={"config": cfg})
     # CSC is already in the transformed model: the backend must not apply it a second time
-    assert_close(compiled(x), tm(x))
-    records = cosmic_fx.backend_records(clear=True)
+    with watch_backend(tm) as watch:
+        out = compiled(x)
+    assert_close(out, tm(x))
+    records = watch.report.graphs
     assert records and all(not r.missing_qci for r in records)
     assert sum(r.csc_inserted for r in records) == 0
 
@@ -104,18 +107,19 @@ def test_cosmic_compile_trains_and_hooks_each_parameter_once():
     opt = torch.optim.SGD(cm.parameters(), lr=0.1)
     x, y = torch.rand(32, 64), torch.randint(0, 10, (32,))
     losses = []
-    for step in range(30):
-        xb = x if step % 2 else x[:16]  # two batch sizes: a dynamic-shape recompile
-        loss = nn.functional.cross_entropy(cm(xb), y[: len(xb)])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    hooks = cosmic_fx.hooks_of(model)
+    with watch_backend(cm) as watch:
+        for step in range(30):
+            xb = x if step % 2 else x[:16]  # two batch sizes: a dynamic-shape recompile
+            loss = nn.functional.cross_entropy(cm(xb), y[: len(xb)])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    hooks = cosmic_fx.hooks_of(cm)
     assert hooks is not None and hooks.num_hooked == len(list(cm.parameters()))
     assert hooks.steps == 30
     assert hooks.freeze_events  # calibrated CDG acted under torch.compile
-    assert len(cosmic_fx.backend_records()) >= 2
+    assert len(watch.report.graphs) >= 2
     assert losses[-1] < losses[0]
     cosmic_fx.detach_hooks(cm)
 

@@ -12,15 +12,6 @@ from cosmic_fx.modules import cosmic_state_compression
 from .conftest import mlp_batches, small_mlp
 
 
-@pytest.fixture(autouse=True)
-def _no_backend_records_left():
-    """Other tests read cosmic_fx.backend_records(): leave none behind."""
-    yield
-    from cosmic_fx import backend_records
-
-    backend_records(clear=True)
-
-
 def literal_csc(t, alpha=0.5, dim=-1, eps=1e-8):
     """The source text's CSC, verbatim, in float64 (autograd differentiates it)."""
     x = t.double()
@@ -261,7 +252,8 @@ def test_no_uncompiled_steps_within_the_limit():
 
 def test_frozen_set_bound_that_would_exhaust_the_recompile_limit_warns():
     from cosmic_fx import CosmicConfig
-    from cosmic_fx.hooks import _WARNED, detach_hooks
+    from cosmic_fx import detach_hooks
+    from cosmic_fx.notices import _WARNED
 
     _WARNED.clear()
     model = small_mlp()

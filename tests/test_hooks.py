@@ -152,14 +152,20 @@ def test_default_preset_keeps_both_mechanisms_active():
 
 def test_hooks_attach_once_and_detach():
     model = make_mlp()
-    hooks = attach_hooks(model, CosmicConfig.seed())
-    assert hooks.num_hooked == 6
-    assert hooks.attach(model.named_parameters()) == 0
-    other = cosmic_fx.CosmicHooks(CosmicConfig())
-    with pytest.warns(UserWarning, match="already has CDG/CCE hooks"):
-        assert other.attach(model.named_parameters()) == 0
+    ref = copy.deepcopy(model)
+    rt = attach_hooks(model, CosmicConfig.seed())
+    assert rt.num_hooked == 6 and cosmic_fx.hooks_of(model) is rt
+    with pytest.raises(RuntimeError, match="already has active cosmic hooks"):
+        attach_hooks(model, CosmicConfig())
     assert cosmic_fx.detach_hooks(model) == 1
-    assert cosmic_fx.hooks_of(model) is None
+    assert cosmic_fx.hooks_of(model) is None and cosmic_fx.runtime_of(model) is None
+    assert cosmic_fx.detach_hooks(model) == 0
+    # the hooks are really gone: gradients are those of a model that never had any
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    nn.functional.cross_entropy(ref(x), y).backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad)
 
 
 def test_eager_and_backend_protect_the_same_output_layer():
@@ -168,13 +174,14 @@ def test_eager_and_backend_protect_the_same_output_layer():
     torch.manual_seed(0)
     model = TinyTransformerLM(vocab=24, dim=16, heads=2, layers=1, context=8)
     x = torch.randint(0, 24, (2, 8))
-    names = {id(p): n for n, p in model.named_parameters()}
     eager = attach_hooks(model, CosmicConfig())
     model(x)
-    eager_protected = sorted(names[i] for i in eager._protected)
+    eager_protected = eager.protected
     eager.remove()
     torch.compile(model, backend="cosmic", options={"lower": "aot_eager", "qci": False})(x)
-    compiled_protected = sorted(names[i] for i in cosmic_fx.hooks_of(model)._protected)
+    compiled = cosmic_fx.hooks_of(model)
+    assert compiled is not eager
+    compiled_protected = compiled.protected
     cosmic_fx.detach_hooks(model)
     # the head and what runs after it; not the root's own `pos`, though the root's hook fires last
     assert eager_protected == compiled_protected == ["head.bias", "head.weight"]

@@ -12,15 +12,6 @@ from cosmic_fx.bench import perf
 from cosmic_fx.cli import main
 
 
-@pytest.fixture(autouse=True)
-def _no_backend_records_left():
-    """Other tests read cosmic_fx.backend_records(): leave none behind."""
-    yield
-    from cosmic_fx import backend_records
-
-    backend_records(clear=True)
-
-
 def table_rows(markdown: str) -> list[list[str]]:
     lines = [ln for ln in markdown.splitlines() if ln.startswith("|")]
     return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]  # header, rule

@@ -200,7 +200,7 @@ def _hand_written(transformed, config):
     class HandMLP(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            seq = [m for name, m in transformed.named_children() if name not in ("cosmic_qci", "cosmic_csc")]
+            seq = [m for name, m in transformed.named_children() if name not in ("cosmic_qci", "cosmic_csc", "cosmic_state")]
             self.layers = nn.ModuleList(copy.deepcopy(seq))
             qcis = transformed.get_submodule("cosmic_qci")
             self.qci = nn.ModuleDict({k: copy.deepcopy(v) for k, v in qcis.named_children()})
@@ -236,7 +236,7 @@ def _bench_backend(sizes: Sizes, timer: Timer, threads: int) -> list[Row]:
     import cosmic_fx
 
     from ..config import CosmicConfig
-    from ..hooks import detach_hooks
+    from ..runtime import detach_hooks
 
     batch, width, hidden = sizes.mlp
     torch.manual_seed(0)
@@ -289,7 +289,7 @@ def _bench_pipeline(graph_nodes: tuple[int, ...], clock: Callable[[], int]) -> l
 
     import cosmic_fx
 
-    from ..backend import backend_records, cosmic_backend
+    from ..backend import cosmic_backend
     from ..config import CosmicConfig
 
     cfg = CosmicConfig(lower="eager")
@@ -304,7 +304,6 @@ def _bench_pipeline(graph_nodes: tuple[int, ...], clock: Callable[[], int]) -> l
             gm = cosmic_fx.transform(model, cfg)  # symbolic_trace + InsertQCI + InsertCSC
             cosmic_backend(gm, [x], options=cfg)  # the backend's own passes on the rewritten graph
             runs.append((clock() - t0) / 1e9)
-        backend_records(clear=True)
         n = len(gm.graph.nodes)
         per_k[n] = statistics.median(runs) * 1e3 / (n / 1000)
         rows.append(Row("3 pipeline", f"pass pipeline (transform + backend passes), {n} nodes",

@@ -101,7 +101,7 @@ def peak_step_memory(arm: str, mlp: tuple[int, int, int], lower: str | None) -> 
     from torch import nn
 
     from ..config import CosmicConfig
-    from ..hooks import attach_hooks, hooks_of
+    from ..runtime import attach_hooks, hooks_of
 
     batch, width, layers = mlp
     torch.manual_seed(0)

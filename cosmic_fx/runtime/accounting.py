@@ -1,0 +1,75 @@
+"""What ran inside compiled graphs, and what did not.
+
+The backend tells the runtime each time one of its compiled graphs runs a training forward, and
+which of the runtime's parameters that graph reads. At the end of each backward the runtime knows:
+
+* whether the step ran without any compiled graph (dynamo's ``recompile_limit`` hit, then eager
+  fallback): a warning, :attr:`CompileAccounting.uncompiled_steps`;
+* which parameters received gradients from code outside every compiled graph (the eager regions
+  after a graph break: an LSTM, ``nn.Transformer``'s mask check): :attr:`outside_graphs`. They are
+  hooked like the rest; this only says where their gradients came from.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+__all__ = ["CompileAccounting"]
+
+
+def _dynamo_hit_recompile_limit() -> bool:
+    """Whether dynamo has recorded a recompile-limit hit in this process (since its last reset)."""
+    from torch._dynamo.utils import counters
+
+    return any(str(k).startswith("Dynamo recompile limit exceeded") for k in counters.get("unimplemented", {}))
+
+
+class CompileAccounting:
+    """Per-step bookkeeping of compiled forwards, for one runtime."""
+
+    def __init__(self) -> None:
+        self.compiled = False  # a compiled cosmic graph has run for this model
+        self.uncompiled_steps = 0
+        self.recompile_limit_hit = False
+        self.outside_graphs: set[int] = set()  # parameter indices ever trained outside compiled graphs
+        self._forwards = 0
+        self._covered: set[int] = set()
+
+    def note_forward(self, covered: frozenset[int]) -> None:
+        self.compiled = True
+        self._forwards += 1
+        self._covered |= covered
+
+    def end_of_step(self, step: int, with_grads: set[int], sets_used: int, max_sets: int) -> list[int]:
+        """Close a step; returns the indices whose gradients came from outside compiled graphs."""
+        outside: list[int] = []
+        if self.compiled:
+            if self._forwards == 0:
+                self._report_uncompiled(step, sets_used, max_sets)
+            else:
+                outside = sorted(with_grads - self._covered)
+                self.outside_graphs.update(outside)
+        self._forwards = 0
+        self._covered = set()
+        return outside
+
+    def _report_uncompiled(self, step: int, sets_used: int, max_sets: int) -> None:
+        self.uncompiled_steps += 1
+        hit = _dynamo_hit_recompile_limit()
+        self.recompile_limit_hit = self.recompile_limit_hit or hit
+        if self.uncompiled_steps > 1:
+            return
+        limit = torch._dynamo.config.recompile_limit
+        why = (f"dynamo hit torch._dynamo.config.recompile_limit ({limit}) and ran the model eagerly"
+               if hit else "the model ran outside its compiled graph")
+        warnings.warn(
+            f"cosmic_fx: training step {step} ran without the compiled cosmic graph: {why}. This run has "
+            f"used {sets_used} distinct frozen sets (counting none; cdg_max_sets={max_sets}), and each one is "
+            "a compiled graph. Raise torch._dynamo.config.recompile_limit or lower cdg_max_sets; "
+            "TORCH_LOGS=recompiles lists every recompilation. CosmicRuntime.uncompiled_steps counts the steps "
+            "affected.",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,491 @@
+"""`CosmicRuntime`: the CDG/CCE state of one model's training run and the hooks on its parameters.
+
+A runtime belongs to one model. :func:`cosmic_fx.transform` creates it (in the ``cosmic_state``
+submodule of the model it returns, so the state travels with ``model.state_dict()``) and hooks every
+trainable parameter at once; the hooks do nothing until the runtime is *activated*: by
+:func:`cosmic_fx.attach_hooks` for eager training (a forward hook reads ``E_out`` from the output),
+or by the ``cosmic`` backend / :func:`cosmic_fx.compile` (the compiled graph returns ``E_out``).
+Parameters that run in eager regions after a graph break are hooked like the rest.
+
+Each parameter's hook runs as soon as its gradient is accumulated: it reads ``E(p)``
+(:class:`~cosmic_fx.runtime.readings.Readings`), applies seed CDG's skip, counts calibrated CDG's
+low readings (:class:`~cosmic_fx.runtime.cdg.CDGState`), scales the gradient by CCE's multiplier and
+optionally applies the fused update (:class:`~cosmic_fx.runtime.cce.CCEState`). At the end of each
+backward the runtime closes the step: the relative-CCE mean, compile accounting
+(:class:`~cosmic_fx.runtime.accounting.CompileAccounting`) and, every ``cdg_interval`` steps, the
+frozen set. Every decision is a function of :mod:`cosmic_fx.policy`.
+
+Ownership is explicit: the runtime holds its parameters and model weakly, the model (or, for a
+plain model compiled without ``transform``, its parameters' hooks) holds the runtime, so a model
+that is garbage-collected frees its runtime and two models never share one.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .. import policy
+from ..config import CCEMode, CDGMode, CosmicConfig
+from .accounting import CompileAccounting
+from .cce import CCEState
+from .cdg import CDGState
+from .distributed import DistributedContext, active_ddp, rebuild_reducer
+from .readings import Readings
+
+__all__ = ["CosmicRuntime", "runtimes_of_param"]
+
+log = logging.getLogger(__name__)
+
+# parameter -> [(runtime, index)] of the runtimes that registered it, weakly on both sides (as torch's
+# apply_optimizer_in_backward keeps per-parameter state): the entry-point backend finds a model's
+# runtime through the parameters of the graph it is given. Tensors compare elementwise: key by identity.
+_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def runtimes_of_param(p: torch.Tensor) -> list[CosmicRuntime]:
+    """The live runtimes that registered ``p`` (two transforms of one base model share its weights)."""
+    return [rt for ref, _ in _OWNERS.get(p, ()) if (rt := ref()) is not None]
+
+
+def _queue_callback(fn: Callable[[], None]) -> None:
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
+def _remove_handles(handles: list) -> None:
+    for h in handles:
+        h.remove()
+    handles.clear()
+
+
+class CosmicRuntime:
+    """The CDG/CCE state of one training run of one model, and the hooks on its parameters.
+
+    Create one with :func:`cosmic_fx.transform` (``cosmic_fx.runtime_of(tm)``) or
+    :func:`cosmic_fx.attach_hooks`; it is not meant to be built by hand.
+
+    Attributes:
+        config: the rules it applies.
+        steps: completed backward passes (training steps).
+        last_step: what CDG/CCE did in the latest backward: ``step``, ``e_out``, ``efficiency``
+            (``E(p)`` of the parameters measured), ``skipped`` (seed CDG), ``scale`` (CCE multipliers),
+            ``frozen`` (calibrated CDG) and ``outside_graphs`` (parameters whose gradients came from
+            code outside every compiled graph).
+
+    Example:
+        >>> tm = cosmic_fx.transform(model)               # doctest: +SKIP
+        >>> rt = cosmic_fx.attach_hooks(tm)               # eager training: activates tm's runtime
+        >>> loss_fn(tm(x), y).backward(); opt.step()      # doctest: +SKIP
+        >>> rt.last_step["frozen"], rt.steps              # doctest: +SKIP
+        >>> torch.save(tm.state_dict(), "ckpt.pt")        # the runtime's state is in it
+    """
+
+    def __init__(self, config: CosmicConfig, *, transformed: bool) -> None:
+        self.config = config
+        self.transformed = transformed
+        self.steps = 0
+        self.last_step: dict[str, Any] = {}
+        self.mode: str | None = None  # None (inactive), "eager" or "compiled"
+        self._names: list[str] = []
+        self._refs: list[weakref.ref] = []
+        self._index: dict[str, int] = {}  # every name of a parameter (tied aliases too) -> index
+        self._model: weakref.ref | None = None
+        self._bound = False
+        self._handles: list = []
+        self._finalizer = weakref.finalize(self, _remove_handles, self._handles)
+        self._strong_hooks = False
+        self._tracker = None
+        self._protected: set[int] = set()
+        self._protected_known = False
+        self._ddp: weakref.ref | None = None
+        self._dist: DistributedContext | None = None
+        self._pending_state: dict[str, torch.Tensor] | None = None
+        self.readings = Readings(0, config.eps, config.efficiency_every)
+        self.cdg = CDGState(0)
+        self.cce = CCEState(config)
+        self.accounting = CompileAccounting()
+        self._in_backward = False
+        self._reset_step()
+
+    # ------------------------------------------------------------------ binding
+    @property
+    def bound(self) -> bool:
+        return self._bound
+
+    def bind(self, model: nn.Module, params: Iterable[tuple[str, torch.Tensor]] | None = None,
+             *, hold_by_params: bool = False) -> None:
+        """Register the model's trainable parameters (in ``named_parameters`` order) and hook them.
+
+        Args:
+            model: the model the runtime belongs to (held weakly).
+            params: ``(name, parameter)`` pairs to take instead of the model's trainable ones.
+            hold_by_params: the hooks hold the runtime strongly (a plain model compiled by the
+                backend: nothing else owns the runtime).
+        """
+        named = list(params) if params is not None else [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        ids = {id(p): i for i, (_, p) in enumerate(named)}
+        index = {n: i for i, (n, _) in enumerate(named)}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            if id(p) in ids:
+                index.setdefault(n, ids[id(p)])
+        self._bind(model, named, index, hold_by_params)
+
+    def _bind(self, model: nn.Module, named: list[tuple[str, torch.Tensor]], index: dict[str, int],
+              hold_by_params: bool = False) -> None:
+        if self._bound:
+            raise RuntimeError("this CosmicRuntime is already bound to a model")
+        self._model = weakref.ref(model)
+        self._names = [n for n, _ in named]
+        self._refs = [weakref.ref(p) for _, p in named]
+        self._index = dict(index)
+        n = len(named)
+        self.readings = Readings(n, self.config.eps, self.config.efficiency_every)
+        self.cdg = CDGState(n)
+        self._bound = True
+        self._strong_hooks = hold_by_params
+        me = weakref.ref(self)
+        for i, (_, p) in enumerate(named):
+            _OWNERS.setdefault(p, []).append((me, i))
+        if self.config.hooks_enabled:
+            self._attach_hooks()
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            self.load_state_dict(state)
+
+    def _attach_hooks(self) -> None:
+        if self._handles:
+            return
+        strong = self if self._strong_hooks else None
+        me = weakref.ref(self)
+        for i, ref in enumerate(self._refs):
+            p = ref()
+            if p is None:
+                continue
+
+            def hook(param: torch.Tensor, i: int = i, me=me, strong=strong) -> None:
+                rt = strong if strong is not None else me()
+                if rt is not None and rt.mode is not None:
+                    rt._on_grad(i, param)
+
+            frozen_by_us = not p.requires_grad and i in self.cdg.frozen
+            if frozen_by_us:
+                p.requires_grad_(True)  # hooks need requires_grad; it is frozen again below
+            if p.requires_grad:
+                self._handles.append(p.register_post_accumulate_grad_hook(hook))
+            if frozen_by_us:
+                p.requires_grad_(False)
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The model this runtime belongs to (``None`` once it was garbage-collected)."""
+        return self._model() if self._model is not None else None
+
+    def _params(self) -> list[torch.Tensor | None]:
+        return [ref() for ref in self._refs]
+
+    def _check_alive(self, what: str) -> None:
+        if self._bound and self.model is None and all(ref() is None for ref in self._refs):
+            raise RuntimeError(
+                f"CosmicRuntime.{what}: the model this runtime belonged to was garbage-collected, so there "
+                "is nothing to act on. Keep a reference to the model (its runtime is cosmic_fx.runtime_of(model))."
+            )
+
+    def index_of(self, name: str) -> int | None:
+        """The runtime's index of a parameter name (any alias of a tied parameter), else ``None``."""
+        return self._index.get(name)
+
+    def indices_of(self, params: Iterable[torch.Tensor]) -> set[int]:
+        """Indices of the given parameter objects that this runtime covers."""
+        return {i for p in params for ref, i in _OWNERS.get(p, ()) if ref() is self}
+
+    @property
+    def names(self) -> list[str]:
+        """The names of the parameters this runtime covers, in its index order."""
+        return list(self._names)
+
+    # ------------------------------------------------------------------ activation
+    def activate(self, mode: str) -> None:
+        """Start applying CDG/CCE: ``"eager"`` (``attach_hooks``) or ``"compiled"`` (the backend)."""
+        self._check_alive("activate")
+        if mode not in ("eager", "compiled"):
+            raise ValueError(f"mode must be 'eager' or 'compiled'; got {mode!r}")
+        if self.mode is not None and self.mode != mode:
+            raise RuntimeError(
+                f"this model's cosmic runtime is already active in {self.mode} mode; call "
+                "cosmic_fx.detach_hooks(model) before switching between eager hooks (attach_hooks) and "
+                "torch.compile with the cosmic backend"
+            )
+        for i, p in enumerate(self._params()):
+            others = [rt for rt in runtimes_of_param(p) if rt is not self and rt.mode is not None] if p is not None else []
+            if others:
+                raise RuntimeError(
+                    f"parameter {self._names[i]!r} is already trained by another active cosmic runtime (two "
+                    "models that share weights, e.g. two cosmic_fx.transform results of one base model, are "
+                    "being trained at once). Call cosmic_fx.detach_hooks() on the other model first."
+                )
+        if self.config.hooks_enabled:
+            self._attach_hooks()
+        self.mode = mode
+
+    def remove(self) -> None:
+        """Detach every hook, thaw every parameter CDG froze, and deactivate (the state is kept)."""
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
+        params = self._params()
+        for i in self.cdg.frozen:
+            if params[i] is not None:
+                params[i].requires_grad_(True)
+        self.cdg.frozen = frozenset()
+        _remove_handles(self._handles)
+        self.mode = None
+        if not self.transformed:
+            # a plain model's runtime ends here; a transformed model keeps its (state-carrying) runtime
+            for p in params:
+                if p is not None and p in _OWNERS:
+                    _OWNERS[p] = [(ref, i) for ref, i in _OWNERS[p] if ref() is not self]
+            model = self.model
+            if model is not None and model.__dict__.get("_cosmic_runtime") is self:
+                del model.__dict__["_cosmic_runtime"]
+
+    @property
+    def num_hooked(self) -> int:
+        """How many parameters carry this runtime's hooks."""
+        return len(self._handles)
+
+    @property
+    def frozen(self) -> list[str]:
+        """Names of the parameters calibrated CDG holds frozen now."""
+        return sorted(self._names[i] for i in self.cdg.frozen)
+
+    @property
+    def freeze_events(self) -> list[tuple[int, tuple[str, ...]]]:
+        """``(step, names)`` for every change of the frozen set."""
+        return [(step, tuple(sorted(self._names[i] for i in s))) for step, s in self.cdg.events]
+
+    @property
+    def compiled(self) -> bool:
+        """Whether a compiled cosmic graph has run a training forward for this model."""
+        return self.accounting.compiled
+
+    @property
+    def uncompiled_steps(self) -> int:
+        return self.accounting.uncompiled_steps
+
+    @property
+    def recompile_limit_hit(self) -> bool:
+        return self.accounting.recompile_limit_hit
+
+    @property
+    def outside_graphs(self) -> list[str]:
+        """Names of the parameters whose gradients ever came from code outside compiled graphs."""
+        return sorted(self._names[i] for i in self.accounting.outside_graphs)
+
+    @property
+    def protected(self) -> list[str]:
+        """The output layer's parameters (calibrated CDG never freezes them), once known."""
+        return sorted(self._names[i] for i in self._protected)
+
+    def set_protected(self, names: Iterable[str]) -> None:
+        """Record the output layer (first source wins: the traced graph, a returning compiled graph,
+        or the first eager forward)."""
+        if self._protected_known:
+            return
+        self._protected = {i for n in names if (i := self.index_of(str(n))) is not None}
+        self._protected_known = True
+
+    # ------------------------------------------------------------------ per step
+    def set_output(self, out: torch.Tensor) -> None:
+        """Record this step's model output (its efficiency along the last dim)."""
+        from ..quantities import efficiency
+
+        self.set_output_efficiency(efficiency(out.detach(), -1, self.config.eps))
+
+    def set_output_efficiency(self, e_out: torch.Tensor) -> None:
+        """Record ``E_out`` computed elsewhere (inside a compiled graph); averaged over the ranks of a
+        distributed run before it is used."""
+        self._note_ddp()
+        if self._dist is None:
+            self._dist = DistributedContext()
+        if self._dist.active and self.config.cdg is not CDGMode.OFF and self.readings.any_due(self.steps):
+            e_out = self._dist.mean(e_out)
+        self.readings.set_e_out(e_out)
+
+    def _note_ddp(self) -> None:
+        ddp = active_ddp()
+        if ddp is None or (self._ddp is not None and self._ddp() is ddp):
+            return
+        if self.config.cce_fused_lr is not None:
+            raise RuntimeError(
+                "cosmic_fx: cce_fused_lr cannot be used under DistributedDataParallel: the fused update would "
+                "run on each rank's local gradient before DDP all-reduces it, and the ranks would drift apart. "
+                "Use cce_fused_lr=None (CCE then scales the gradient and your optimizer steps after the all-reduce)."
+            )
+        self._ddp = weakref.ref(ddp)
+
+    def note_compiled_forward(self, covered: frozenset[int] = frozenset()) -> None:
+        """Called by the backend each time one of its compiled graphs runs with grad enabled;
+        ``covered`` are the indices of the parameters that graph reads."""
+        self._note_ddp()
+        self.accounting.note_forward(covered)
+
+    def _reset_step(self) -> None:
+        self._step_e: dict[int, float] = {}
+        self._step_skipped: list[int] = []
+        self._step_scale: dict[int, float] = {}
+        self._step_grads: set[int] = set()
+
+    def _on_grad(self, i: int, p: torch.Tensor) -> None:
+        cfg = self.config
+        if not self._in_backward:
+            self._in_backward = True
+            _queue_callback(self._end_of_backward)
+        if p.grad is None:
+            return
+        self._step_grads.add(i)
+        r = self.readings
+        fresh = r.due(i, self.steps)
+        if fresh:
+            value, low = r.measure(i, p, self.steps, self._names[i])
+            self._step_e[i] = value
+        else:  # between measurements: reuse the last verdict and multiplier
+            value, low = r.value[i], r.low[i]
+        if cfg.cdg is CDGMode.SEED and low is True:
+            self._step_skipped.append(i)
+            if self._ddp is None:
+                p.grad = None
+            return  # under DDP the gradient is dropped after the all-reduce (it must take part)
+        if cfg.cdg is CDGMode.CALIBRATED and fresh:
+            self.cdg.note_reading(i, value, low)
+        if cfg.cce is not CCEMode.OFF:
+            scale = self.cce.multiplier(value, self._initial_efficiencies)
+            if scale != 1.0:
+                p.grad.mul_(scale)
+            self._step_scale[i] = scale
+        if cfg.cce_fused_lr is not None:
+            self.cce.fused_update(p)
+
+    def _initial_efficiencies(self) -> list[float]:
+        from ..quantities import efficiency
+
+        with torch.no_grad():
+            return [float(efficiency(p, 0, self.config.eps)) for p in self._params() if p is not None]
+
+    def _end_of_backward(self) -> None:
+        self._in_backward = False
+        step = self.steps
+        self.steps += 1
+        self.cce.end_of_step(self._step_e.values())
+        outside = self.accounting.end_of_step(self.steps, self._step_grads, len(self.cdg.sets_used),
+                                              self.config.cdg_max_sets)
+        names = self._names
+        self.last_step = {
+            "step": self.steps,
+            "e_out": self.readings.e_out_value(),
+            "efficiency": {names[k]: v for k, v in self._step_e.items()},
+            "skipped": [names[k] for k in self._step_skipped],
+            "scale": {names[k]: v for k, v in self._step_scale.items()},
+            "frozen": self.frozen,
+            "outside_graphs": [names[k] for k in outside],
+        }
+        skipped = list(self._step_skipped)
+        self._reset_step()
+        wanted = None
+        if self.config.cdg is CDGMode.CALIBRATED:
+            self.cdg.since_decision += 1
+            if self.cdg.since_decision >= self.config.cdg_interval:
+                self.cdg.since_decision = 0
+                wanted = self.cdg.decide(self._protected, self.config)
+                if self._dist is not None and self._dist.active:
+                    wanted = self._dist.broadcast_set(wanted, len(names), self._device())
+        ddp = self._ddp() if self._ddp is not None else None
+        if ddp is None:
+            self._finish_step(step, skipped, wanted, None)
+        elif skipped or wanted is not None:
+            # DDP's own end-of-backward callback (copying the all-reduced buckets into .grad) was
+            # queued after this one; a callback queued now runs after it
+            _queue_callback(lambda: self._finish_step(step, skipped, wanted, ddp))
+
+    def _finish_step(self, step: int, skipped: list[int], wanted: frozenset[int] | None, ddp) -> None:
+        params = self._params()
+        if ddp is not None:
+            for i in skipped:
+                if params[i] is not None:
+                    params[i].grad = None
+        if wanted is not None:
+            if wanted not in self.cdg.sets_used:
+                self.cdg.sets_used.append(wanted)
+            changed = self.cdg.apply(wanted, self.steps, params,
+                                     on_change=(lambda: rebuild_reducer(ddp)) if ddp is not None else None)
+            if changed:
+                log.debug("cosmic CDG step %d: frozen %s", self.steps, self.frozen)
+
+    def _device(self) -> torch.device:
+        p = next((p for p in self._params() if p is not None), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The runtime's state as tensors (what ``model.state_dict()`` holds under ``cosmic_state.``).
+
+        Example:
+            >>> state = cosmic_fx.runtime_of(tm).state_dict()   # doctest: +SKIP
+            >>> sorted(state)[:3]   # doctest: +SKIP
+            ['cce.mean_e', 'cdg.event_sets', 'cdg.event_steps']
+        """
+        from .state import encode_meta
+
+        self._check_alive("state_dict")
+        out = {"meta": encode_meta(self), "steps": torch.tensor(self.steps, dtype=torch.int64),
+               "protected": torch.tensor([i in self._protected for i in range(len(self._names))], dtype=torch.bool),
+               "protected_known": torch.tensor(self._protected_known)}
+        out.update(self.readings.state_dict())
+        out.update(self.cdg.state_dict())
+        out.update(self.cce.state_dict())
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> tuple[list[str], list[str]]:
+        """Restore the state saved by :meth:`state_dict` (a model rebuilt the same way, same config).
+
+        Raises a ``RuntimeError`` naming the mismatch for state saved with another config, other
+        parameters or a newer format. With ``strict`` (PyTorch's semantics) missing or unexpected
+        keys are an error too; otherwise they are returned as ``(missing, unexpected)`` and nothing
+        is loaded when keys are missing.
+        """
+        from .state import STATE_KEYS, check_meta
+
+        if not self._bound:
+            self._pending_state = dict(state)
+            return [], []
+        missing = [k for k in STATE_KEYS if k not in state]
+        unexpected = sorted(k for k in state if k not in STATE_KEYS)
+        if strict and (missing or unexpected):
+            raise RuntimeError(
+                f"Error(s) in loading the cosmic runtime state: missing keys {missing}, unexpected keys "
+                f"{unexpected}. Save it with model.state_dict() (or runtime.state_dict()) of a cosmic_fx "
+                "transformed model."
+            )
+        if missing:
+            return missing, unexpected
+        check_meta(self, state["meta"])
+        self.steps = int(state["steps"])
+        self._protected = {int(i) for i in state["protected"].nonzero().flatten().tolist()}
+        self._protected_known = bool(state["protected_known"])
+        self.readings.load_state_dict(state)
+        self.cce.load_state_dict(state)
+        before = self.cdg.frozen
+        frozen = self.cdg.load_state_dict(state)
+        for i, p in enumerate(self._params()):
+            if p is not None and (i in before) != (i in frozen):
+                p.requires_grad_(i not in frozen)
+        self.cdg.frozen = frozen
+        ddp = self._ddp() if self._ddp is not None else None
+        if ddp is not None:
+            rebuild_reducer(ddp)
+        return [], unexpected

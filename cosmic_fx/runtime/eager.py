@@ -1,0 +1,74 @@
+"""Eager training: forward hooks that give a runtime ``E_out`` from each training forward's output
+and, on the first forward, the output layer (for ``cdg_protect_output``)."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import policy
+
+__all__ = ["OutputTracker", "first_float_tensor", "is_site_module"]
+
+
+def is_site_module(module: nn.Module) -> bool:
+    """Whether a module is a linear-like site for the output-layer rule."""
+    return isinstance(module, (nn.Linear, nn.Conv2d))
+
+
+def first_float_tensor(out: Any) -> torch.Tensor | None:
+    """The first floating-point tensor of a model output (tensor, tuple, list, dict or ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return out if out.is_floating_point() else None
+    if isinstance(out, dict):  # includes Hugging Face ModelOutput (an OrderedDict)
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        for item in out:
+            found = first_float_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+class OutputTracker:
+    """Forward hooks on a model for its runtime's eager mode."""
+
+    def __init__(self, model: nn.Module, runtime) -> None:
+        self._runtime = weakref.ref(runtime)
+        self._order: list[nn.Module] = []
+        # the root's own hook fires after every child's, so its direct parameters (a positional
+        # embedding, say) would look like the output layer: leave the root out, as the backend does
+        self._probe = [] if runtime._protected_known else [
+            m.register_forward_hook(self._record)
+            for m in model.modules()
+            if m is not model and any(True for _ in m.parameters(recurse=False))
+        ]
+        self._names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        self.handle = model.register_forward_hook(self._on_output)
+
+    def close(self) -> None:
+        for h in [self.handle, *self._probe]:
+            h.remove()
+        self._probe = []
+
+    def _record(self, module: nn.Module, args: Any, out: Any) -> None:
+        self._order.append(module)
+
+    def _on_output(self, module: nn.Module, args: Any, out: Any) -> None:
+        runtime = self._runtime()
+        if runtime is None:
+            return
+        if self._probe:
+            for h in self._probe:
+                h.remove()
+            self._probe = []
+            calls = [policy.Call(is_site_module(m), tuple(self._names[id(p)] for p in m.parameters(recurse=False)))
+                     for m in self._order]
+            runtime.set_protected(policy.output_layer(calls))
+            self._order = []
+        tensor = first_float_tensor(out)
+        if tensor is not None and torch.is_grad_enabled():
+            runtime.set_output(tensor)

@@ -1,0 +1,90 @@
+"""The readings a runtime decides from: each parameter's efficiency ``E(p)`` (measured every
+``efficiency_every`` steps and reused in between) and the model output's ``E_out`` of the step.
+
+``E(p)`` is a softmax over the whole parameter: measuring it costs about one pass over the weights,
+so between measurements the last reading — its value and its low/high verdict against ``E_out`` —
+is reused. The seed preset measures every step, as the text does.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from .. import policy
+from ..quantities import efficiency
+
+__all__ = ["Readings"]
+
+
+class Readings:
+    """Per-parameter ``E(p)`` readings (indexed by the runtime's parameter index) and ``E_out``.
+
+    Args:
+        n: the number of parameters.
+        eps: the epsilon of the efficiency.
+        every: measure ``E(p)`` every this many steps (``CosmicConfig.efficiency_every``).
+    """
+
+    def __init__(self, n: int, eps: float, every: int) -> None:
+        self.eps, self.every = eps, every
+        self.value: list[float] = [math.nan] * n  # the last E(p) measured
+        self.low: list[bool | None] = [None] * n  # its verdict against that step's E_out
+        self.has: list[bool] = [False] * n
+        self.e_out: torch.Tensor | None = None  # this step's E(output), a 0-d tensor
+        self._e_out_value: float | None = None
+        self._warned_non_finite = False
+
+    # ------------------------------------------------------------------ E_out
+    def set_e_out(self, e_out: torch.Tensor) -> None:
+        self.e_out = e_out.detach()
+        self._e_out_value = None  # read on the first measurement of the step
+
+    def e_out_value(self) -> float | None:
+        """``E_out`` as a float, read from the device once per step (a sync on CUDA), not per parameter."""
+        if self.e_out is not None and self._e_out_value is None:
+            self._e_out_value = float(self.e_out)
+        return self._e_out_value
+
+    # ------------------------------------------------------------------ E(p)
+    def due(self, i: int, step: int) -> bool:
+        """Whether parameter ``i`` is measured in step ``step`` (0-based count of completed steps)."""
+        return not self.has[i] or step % self.every == 0
+
+    def any_due(self, step: int) -> bool:
+        return step % self.every == 0 or not all(self.has)
+
+    def measure(self, i: int, p: torch.Tensor, step: int, name: str) -> tuple[float, bool | None]:
+        """Measure ``E(p)`` now and store it with its verdict; warn once about non-finite readings."""
+        with torch.no_grad():
+            value = float(efficiency(p.detach(), 0, self.eps))
+        e_out = self.e_out_value()
+        low = policy.is_low(value, e_out)
+        self.value[i], self.low[i], self.has[i] = value, low, True
+        if not self._warned_non_finite and not (math.isfinite(value) and (e_out is None or math.isfinite(e_out))):
+            self._warned_non_finite = True
+            what = f"E({name}) = {value}" if not math.isfinite(value) else f"E(output) = {e_out}"
+            warnings.warn(
+                f"cosmic_fx: non-finite efficiency reading at step {step}: {what} (a NaN/Inf loss or "
+                "weights make every reading NaN). CDG takes no freezing or skipping decision and CCE "
+                "applies no scaling from such readings; check the loss and learning rate. (Warned once "
+                "per model.)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return value, low
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "readings.value": torch.tensor(self.value, dtype=torch.float64),
+            "readings.low": torch.tensor([-1 if v is None else int(v) for v in self.low], dtype=torch.int8),
+            "readings.has": torch.tensor(self.has, dtype=torch.bool),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.value = [float(v) for v in state["readings.value"].tolist()]
+        self.low = [None if v < 0 else bool(v) for v in state["readings.low"].tolist()]
+        self.has = [bool(v) for v in state["readings.has"].tolist()]
