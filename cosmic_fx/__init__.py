@@ -31,10 +31,11 @@ def compile(model: nn.Module, config: CosmicConfig | None = None, **compile_kwar
     the model's runtime.
 
     Args:
-        model: the model (left untouched); or a ``DistributedDataParallel`` wrapping a model returned
-            by :func:`cosmic_fx.transform` (then compiled as it is, with that model's runtime).
-        config: a :class:`CosmicConfig` (default preset when omitted; for a DDP-wrapped transformed
-            model, omit it or pass the transform's).
+        model: the model (left untouched); or a model returned by :func:`cosmic_fx.transform`, also
+            wrapped in ``DistributedDataParallel`` (then compiled as it is, with its runtime: e.g.
+            after loading a checkpoint into it).
+        config: a :class:`CosmicConfig` (default preset when omitted; for a transformed model, omit
+            it or pass the transform's, with any ``lower``).
         **compile_kwargs: passed to ``torch.compile`` (``dynamic=``, ``fullgraph=``, ...).
 
     Example:
@@ -51,8 +52,9 @@ def compile(model: nn.Module, config: CosmicConfig | None = None, **compile_kwar
         if key in compile_kwargs:
             raise TypeError(f"cosmic_fx.compile sets torch.compile's {key!r} itself; put settings in the CosmicConfig")
     inner = _unwrap(model)
-    if inner is not model and transform_info(inner) is not None:
-        target, runtime = model, runtime_of(inner)  # DDP(transform(model)): compile the wrapper as it is
+    if transform_info(inner) is not None:
+        # transform(model), or DDP(transform(model)): compile it as it is, with its runtime
+        target, runtime = model, runtime_of(inner)
     else:
         target = transform(model, config or CosmicConfig())
         runtime = runtime_of(target)

@@ -125,17 +125,31 @@ def _find_runtime(real: dict[fx.Node, nn.Parameter]) -> CosmicRuntime | None:
     return runtime_of(ddp.module) if ddp is not None else None
 
 
-def _compiled_module(real: dict[fx.Node, nn.Parameter]) -> nn.Module | None:
-    """The module whose forward dynamo is compiling (a plain model given to the entry point)."""
+def _frame_modules() -> list[nn.Module]:
+    """The modules among the locals of the frame dynamo is compiling (``self`` of a forward)."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
         f_locals = InstructionTranslator.current_tx().f_locals
-    except Exception:  # noqa: BLE001 - a dynamo internal: without it, hook the graph's parameters only
-        return None
+    except Exception:  # noqa: BLE001 - a dynamo internal; callers fall back to what the graph says
+        return []
+    return [v for v in f_locals.values() if isinstance(v, nn.Module)]
+
+
+def _compiled_module(real: dict[fx.Node, nn.Parameter]) -> nn.Module | None:
+    """The module whose forward dynamo is compiling (a plain model given to the entry point)."""
     params = {id(p) for p in real.values()}
-    modules = [v for v in f_locals.values() if isinstance(v, nn.Module)]
-    return max(modules, key=lambda m: sum(id(p) in params for p in m.parameters()), default=None)
+    return max(_frame_modules(), key=lambda m: sum(id(p) in params for p in m.parameters()), default=None)
+
+
+def _returns_model_output(graph_break: bool, rt: CosmicRuntime) -> bool:
+    """Whether the graph returns the model's own output: it ends its frame, and that frame is the
+    model's forward. When dynamo gives up on a forward (an LSTM in it), it compiles the submodules'
+    frames on their own, and their returns are not the model output."""
+    if graph_break:
+        return False
+    modules = _frame_modules()
+    return not modules or any(m is rt.model for m in modules)
 
 
 def _resolve_config(options: dict[str, Any] | CosmicConfig | None, rt: CosmicRuntime | None) -> CosmicConfig:
@@ -257,6 +271,7 @@ def cosmic_backend(
         csc_count = sum(1 for n in gm.graph.nodes if n.meta.get(META_KEY, {}).get("inserted_by") == "insert_csc")
 
     active = None
+    returns_output = False
     covered: frozenset[int] = frozenset()
     if config.hooks_enabled:
         if rt is None and real:
@@ -269,10 +284,12 @@ def cosmic_backend(
                     hold_by_params=True)
         if rt is not None:
             rt.activate("compiled")
+            rt._note_ddp()  # under DDP: E_out comes from the model's forward hook, all-reduced
             active = rt
             keys = _graph_param_keys(gm, real, rt)
             covered = frozenset(keys.values())
-            if not graph_break:
+            returns_output = _returns_model_output(graph_break, rt)
+            if returns_output:
                 rt.set_protected(_output_layer(gm, sites, keys, rt))
             _check_recompile_budget(config)
         elif any(isinstance(t, torch._subclasses.FakeTensor) for t in example_inputs):
@@ -282,7 +299,7 @@ def cosmic_backend(
                 "before wrapping it: DistributedDataParallel(cosmic_fx.transform(model))."
             )
 
-    wants_e_out = active is not None and config.cdg is not CDGMode.OFF and not graph_break
+    wants_e_out = active is not None and config.cdg is not CDGMode.OFF and returns_output and active._tracker is None
     primary = _primary_output(gm) if wants_e_out else None
     if primary is not None:
         _add_efficiency_output(gm, primary, config.eps)
@@ -333,7 +350,9 @@ def _report_to_runtime(compiled: Callable, runtime: weakref.ref, covered: frozen
     def run(*args):
         outs = compiled(*args)
         rt = runtime()
-        if rt is not None and torch.is_grad_enabled():
+        # DDPOptimizer calls each compiled piece once on fake tensors while it compiles
+        fake = any(isinstance(o, torch._subclasses.FakeTensor) for o in (outs if isinstance(outs, (tuple, list)) else (outs,)))
+        if rt is not None and torch.is_grad_enabled() and not fake:
             rt.note_compiled_forward(covered)
             if strip_efficiency:
                 rt.set_output_efficiency(outs[-1])

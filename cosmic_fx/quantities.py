@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DEFAULT_EPS", "efficiency", "entropy", "info", "quantities"]
+__all__ = ["DEFAULT_EPS", "efficiency", "efficiency_from_sums", "efficiency_sums", "entropy", "info", "quantities"]
 
 DEFAULT_EPS = 1e-8
 
@@ -81,6 +81,36 @@ def efficiency(t: torch.Tensor, dim: int = -1, eps: float = DEFAULT_EPS) -> torc
         True
     """
     i, s = info(t), entropy(t, dim)
+    return (i - s) / (i + s + eps)
+
+
+def efficiency_sums(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``[sum |T|, sum(-softmax * log_softmax), numel]`` as a float64 tensor of 3 values.
+
+    Sums over shards add up to the sums of the whole tensor (the softmax is taken along ``dim``, so
+    shards must split another dimension, e.g. the batch): a distributed run all-reduces them and
+    :func:`efficiency_from_sums` gives ``E`` of the full batch, not a mean of per-rank values.
+
+    Example:
+        >>> t = torch.randn(6, 5)
+        >>> e = efficiency_from_sums(efficiency_sums(t[:2]) + efficiency_sums(t[2:]))
+        >>> torch.allclose(e, efficiency(t).double())
+        True
+    """
+    x = _as_compute(t)
+    _check_dim(x, dim)
+    if x.numel() == 0:
+        return torch.zeros(3, dtype=torch.float64, device=x.device)
+    if x.dim() == 0:
+        x = x.reshape(1)
+    log_p = torch.log_softmax(x, dim)
+    return torch.stack([x.abs().sum(), -(log_p.exp() * log_p).sum(), x.new_tensor(float(x.numel()))]).double()
+
+
+def efficiency_from_sums(sums: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """``E`` from the sums of :func:`efficiency_sums` (0 for an empty tensor)."""
+    n = sums[2].clamp_min(1.0)
+    i, s = sums[0] / n, sums[1] / n
     return (i - s) / (i + s + eps)
 
 

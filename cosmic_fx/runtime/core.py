@@ -36,7 +36,7 @@ from ..config import CCEMode, CDGMode, CosmicConfig
 from .accounting import CompileAccounting
 from .cce import CCEState
 from .cdg import CDGState
-from .distributed import DistributedContext, active_ddp, rebuild_reducer
+from .distributed import DistributedContext, active_ddp, check_not_sharded, rebuild_reducer, why_not_rebuildable
 from .readings import Readings
 
 __all__ = ["CosmicRuntime", "runtimes_of_param"]
@@ -111,6 +111,7 @@ class CosmicRuntime:
         self.cce = CCEState(config)
         self.accounting = CompileAccounting()
         self._in_backward = False
+        self._e_out_seen = False
         self._reset_step()
 
     # ------------------------------------------------------------------ binding
@@ -229,6 +230,9 @@ class CosmicRuntime:
                     "models that share weights, e.g. two cosmic_fx.transform results of one base model, are "
                     "being trained at once). Call cosmic_fx.detach_hooks() on the other model first."
                 )
+        model = self.model
+        if model is not None:
+            check_not_sharded(model, self.config)
         if self.config.hooks_enabled:
             self._attach_hooks()
         self.mode = mode
@@ -302,22 +306,36 @@ class CosmicRuntime:
 
     # ------------------------------------------------------------------ per step
     def set_output(self, out: torch.Tensor) -> None:
-        """Record this step's model output (its efficiency along the last dim)."""
-        from ..quantities import efficiency
+        """Record this step's model output (its efficiency along the last dim). In a distributed run
+        the efficiency is that of the whole batch: its sums are all-reduced over the ranks."""
+        from ..quantities import efficiency, efficiency_from_sums, efficiency_sums
 
-        self.set_output_efficiency(efficiency(out.detach(), -1, self.config.eps))
+        self._note_ddp()
+        dist = self._distributed()
+        if dist.active and self.config.cdg is not CDGMode.OFF and self.readings.any_due(self.steps):
+            with torch.no_grad():
+                e_out = efficiency_from_sums(dist.sum(efficiency_sums(out.detach(), -1)), self.config.eps)
+        else:
+            e_out = efficiency(out.detach(), -1, self.config.eps)
+        self._set_e_out(e_out)
 
     def set_output_efficiency(self, e_out: torch.Tensor) -> None:
-        """Record ``E_out`` computed elsewhere (inside a compiled graph); averaged over the ranks of a
-        distributed run before it is used."""
+        """Record ``E_out`` computed inside a compiled graph (not under DDP: see :meth:`set_output`)."""
         self._note_ddp()
+        self._set_e_out(e_out)
+
+    def _set_e_out(self, e_out: torch.Tensor) -> None:
+        self.readings.set_e_out(e_out)
+        self._e_out_seen = True
+
+    def _distributed(self) -> DistributedContext:
         if self._dist is None:
             self._dist = DistributedContext()
-        if self._dist.active and self.config.cdg is not CDGMode.OFF and self.readings.any_due(self.steps):
-            e_out = self._dist.mean(e_out)
-        self.readings.set_e_out(e_out)
+        return self._dist
 
     def _note_ddp(self) -> None:
+        """On the first forward under a DistributedDataParallel wrapper: check what cosmic supports,
+        and take E_out from the model's forward hook (all-reduced) rather than from a compiled graph."""
         ddp = active_ddp()
         if ddp is None or (self._ddp is not None and self._ddp() is ddp):
             return
@@ -327,11 +345,33 @@ class CosmicRuntime:
                 "run on each rank's local gradient before DDP all-reduces it, and the ranks would drift apart. "
                 "Use cce_fused_lr=None (CCE then scales the gradient and your optimizer steps after the all-reduce)."
             )
+        why = why_not_rebuildable(ddp) if self.config.cdg is CDGMode.CALIBRATED else None
+        if why is not None:
+            raise RuntimeError(
+                f"cosmic_fx: calibrated CDG freezes parameters, so it rebuilds DistributedDataParallel's reducer "
+                f"at each freeze event, and this wrapper cannot be rebuilt: {why}. Use cdg='off' or cdg='seed', "
+                "or wrap without that feature."
+            )
         self._ddp = weakref.ref(ddp)
+        if self.mode == "compiled":
+            self.use_output_hook()
+
+    def use_output_hook(self) -> None:
+        """Take ``E_out`` from a forward hook on the model (run outside dynamo) from the next forward
+        on: under DDP, and when the code that returns the output ran outside compiled graphs."""
+        model = self.model
+        if self._tracker is None and model is not None and self.config.cdg is not CDGMode.OFF:
+            from .eager import OutputTracker
+
+            self._tracker = OutputTracker(model, self, probe=False)
 
     def note_compiled_forward(self, covered: frozenset[int] = frozenset()) -> None:
         """Called by the backend each time one of its compiled graphs runs with grad enabled;
         ``covered`` are the indices of the parameters that graph reads."""
+        if not self.accounting.compiled:
+            model = self.model
+            if model is not None:
+                check_not_sharded(model, self.config)
         self._note_ddp()
         self.accounting.note_forward(covered)
 
@@ -396,14 +436,19 @@ class CosmicRuntime:
         }
         skipped = list(self._step_skipped)
         self._reset_step()
+        if self.mode == "compiled" and not self._e_out_seen and self.config.cdg is not CDGMode.OFF:
+            # no compiled graph returned the model output (its last part ran eagerly): read E_out
+            # from a forward hook from now on
+            self.use_output_hook()
+        self._e_out_seen = False
         wanted = None
         if self.config.cdg is CDGMode.CALIBRATED:
             self.cdg.since_decision += 1
             if self.cdg.since_decision >= self.config.cdg_interval:
                 self.cdg.since_decision = 0
                 wanted = self.cdg.decide(self._protected, self.config)
-                if self._dist is not None and self._dist.active:
-                    wanted = self._dist.broadcast_set(wanted, len(names), self._device())
+                if self._distributed().active:  # rank 0 decides for every rank
+                    wanted = self._distributed().broadcast_set(wanted, len(names), self._device())
         ddp = self._ddp() if self._ddp is not None else None
         if ddp is None:
             self._finish_step(step, skipped, wanted, None)

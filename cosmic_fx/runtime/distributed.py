@@ -1,16 +1,22 @@
 """What a runtime needs under ``torch.distributed``: the process group, identical decisions on every
 rank, and a DistributedDataParallel reducer that survives CDG's freeze events.
 
-* ``E_out`` differs per rank (each rank sees its own shard of the batch): before ``E(p)`` is measured
-  against it, it is averaged over the process group (one scalar all-reduce, right after the forward,
-  outside any graph and before DDP's gradient all-reduces start).
+* ``E_out`` differs per rank (each rank sees its own shard of the batch): the runtime all-reduces
+  the sums it is made of (``sum |T|``, ``sum -p log p``, ``numel``), so every rank gets ``E_out`` of
+  the full batch, right after the forward (a root forward hook run outside dynamo) and before DDP's
+  gradient all-reduces start.
 * ``E(p)`` is computed from parameters that DDP keeps identical on every rank, but the freeze
   decision itself is broadcast from rank 0 (a mask of one byte per parameter, every
   ``cdg_interval`` steps), so that the frozen sets cannot diverge.
 * DDP's reducer is built for the parameters that required grad when DDP was constructed; a
   parameter that stops requiring grad would never be marked ready ("Expected to have finished
   reduction in the prior iteration ..."). At each freeze event the runtime rebuilds the reducer for
-  the parameters that require grad now, as ``DistributedDataParallel.__setstate__`` does.
+  the parameters that require grad now, as ``DistributedDataParallel.__setstate__`` does, after DDP's
+  own end-of-backward work (a callback queued from the runtime's callback runs after DDP's).
+* Seed CDG's dropped gradient must still take part in the all-reduce: it is dropped after it.
+* The fused update (``cce_fused_lr``) would step on a gradient not yet all-reduced: refused.
+* FSDP2 shards dim 0, the dimension ``E(p)``'s softmax runs over: CDG/CCE are refused on sharded
+  parameters (the QCI/CSC rewrite itself trains under FSDP2 with ``cdg="off", cce="off"``).
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["DistributedContext", "active_ddp", "check_not_wrapped", "rebuild_reducer"]
+__all__ = ["DistributedContext", "active_ddp", "check_not_sharded", "check_not_wrapped", "rebuild_reducer",
+           "why_not_rebuildable"]
 
 
 def _dist():
@@ -65,13 +72,76 @@ def check_not_wrapped(model: nn.Module, what: str) -> None:
     )
 
 
+_REQUIRED = ("_build_params_for_reducer", "_build_debug_param_to_name_mapping", "_ddp_init_helper", "reducer",
+             "static_graph", "_comm_hooks", "logger")
+
+
+def why_not_rebuildable(ddp: nn.Module) -> str | None:
+    """``None`` when calibrated CDG can rebuild this wrapper's reducer; else the reason.
+
+    The rebuild relies on DistributedDataParallel internals (those ``__setstate__`` uses); a torch
+    version without them, or a DDP feature whose state lives outside them, is refused up front
+    rather than trained with wrong gradients.
+    """
+    missing = [a for a in _REQUIRED if not hasattr(ddp, a)]
+    if missing:
+        return f"torch {torch.__version__}'s DistributedDataParallel lacks {missing}"
+    if getattr(ddp, "_use_python_reducer", False):
+        return "the Python reducer (optimize_ddp='python_reducer', compiled autograd) is not supported"
+    if getattr(ddp, "mixed_precision", None) is not None:
+        return "DDP's mixed_precision (a built-in comm hook, parameter casts) is not supported"
+    if getattr(ddp, "_delay_all_reduce_all_params", False):
+        return "delay_all_reduce_named_params covering every parameter is not supported"
+    if any(hasattr(p, "_in_backward_optimizers") for p in ddp.module.parameters()):
+        return "an optimizer applied in backward (_apply_optimizer_in_backward) is not supported"
+    try:  # a built-in comm hook is named in the logging data but cannot be re-registered
+        name = ddp._get_ddp_logging_data().get("comm_hook")
+    except Exception:  # noqa: BLE001 - logging data is diagnostic only
+        name = None
+    if name and not ddp._comm_hooks:
+        return f"a built-in comm hook ({name}) cannot be registered again after a rebuild"
+    return None
+
+
 def rebuild_reducer(ddp: nn.Module) -> None:
-    """Rebuild a DDP wrapper's reducer (and its buckets) for the parameters that require grad now."""
+    """Rebuild a DDP wrapper's reducer (and its buckets) for the parameters that require grad now.
+
+    Call it on every rank with the same frozen set, after the step's gradient reduction finished.
+    What ``DistributedDataParallel.__setstate__`` does, plus what a live wrapper also holds: the
+    user's comm hooks (they live on the reducer) and the static-graph state.
+    """
+    import torch.distributed as dist
+
+    ddp.reducer._remove_autograd_hooks()  # do not rely on the old reducer being garbage-collected
     parameters, expect_sparse_gradient = ddp._build_params_for_reducer()
     mapping = ddp._build_debug_param_to_name_mapping(parameters)
     ddp._ddp_init_helper(parameters, expect_sparse_gradient, mapping, ddp.static_graph)
     if ddp.static_graph:
         ddp.reducer._set_static_graph()
+        ddp.logger._set_static_graph()
+        ddp._static_graph_delay_allreduce_enqueued = False
+    for hook, state in ddp._comm_hooks:
+        ddp.logger._set_comm_hook_name(hook.__qualname__)
+        dist._register_comm_hook(ddp.reducer, state, hook)
+    ddp._has_rebuilt_buckets = False
+
+
+def check_not_sharded(model: nn.Module, config) -> None:
+    """Refuse CDG/CCE on FSDP2-sharded parameters: ``E(p)`` of a dim-0 shard is not ``E(p)``."""
+    if not config.hooks_enabled:
+        return
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise TypeError(
+            "cosmic_fx: CDG and CCE need each parameter whole, but this model's parameters are sharded "
+            "(FSDP2 fully_shard / DTensor): E(p) takes a softmax over dim 0, which is the dimension FSDP "
+            "shards, so a shard's efficiency is not the parameter's (measured: 0.08 vs 0.32). Use "
+            "DistributedDataParallel, or CosmicConfig(cdg='off', cce='off') to train the QCI/CSC rewrite "
+            "under FSDP2."
+        )
 
 
 class DistributedContext:
@@ -86,12 +156,12 @@ class DistributedContext:
     def active(self) -> bool:
         return self.world_size > 1
 
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        """The mean of a 0-d tensor over the ranks (gloo has no AVG: sum, then divide)."""
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of a tensor over the ranks."""
         dist = _dist()
         out = value.detach().clone()
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out / self.world_size
+        return out
 
     def broadcast_set(self, chosen: frozenset[int], n: int, device: torch.device) -> frozenset[int]:
         """Rank 0's ``chosen`` on every rank."""

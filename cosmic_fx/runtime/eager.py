@@ -34,14 +34,16 @@ def first_float_tensor(out: Any) -> torch.Tensor | None:
 
 
 class OutputTracker:
-    """Forward hooks on a model for its runtime's eager mode."""
+    """Forward hooks on a model that give its runtime ``E_out`` from each training forward's output
+    (eager mode; under torch.compile where no compiled graph returns it) and, with ``probe``, the
+    output layer from the first forward."""
 
-    def __init__(self, model: nn.Module, runtime) -> None:
+    def __init__(self, model: nn.Module, runtime, probe: bool = True) -> None:
         self._runtime = weakref.ref(runtime)
         self._order: list[nn.Module] = []
         # the root's own hook fires after every child's, so its direct parameters (a positional
         # embedding, say) would look like the output layer: leave the root out, as the backend does
-        self._probe = [] if runtime._protected_known else [
+        self._probe = [] if runtime._protected_known or not probe else [
             m.register_forward_hook(self._record)
             for m in model.modules()
             if m is not model and any(True for _ in m.parameters(recurse=False))
@@ -57,6 +59,7 @@ class OutputTracker:
     def _record(self, module: nn.Module, args: Any, out: Any) -> None:
         self._order.append(module)
 
+    @torch._dynamo.disable  # under torch.compile: runs eagerly, on real tensors, once per forward
     def _on_output(self, module: nn.Module, args: Any, out: Any) -> None:
         runtime = self._runtime()
         if runtime is None:

@@ -1,0 +1,451 @@
+"""The per-model runtime: ownership, two models in one process, checkpoints, garbage collection,
+graph breaks, and bad input."""
+
+import copy
+import gc
+import math
+import os
+import subprocess
+import sys
+import warnings
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+import cosmic_fx
+from cosmic_fx import CosmicConfig
+
+from . import recipes
+from .conftest import mlp_batches, small_mlp
+from .test_hooks import hand_efficiency
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fresh_process(*args: str, timeout: int = 600) -> None:
+    """Run ``python -m tests.recipes ARGS`` in a new interpreter (nothing shared with this one)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "tests.recipes", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Bit-identical state dicts (NaN where the other has NaN: readings not taken yet)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert_close(a[k], b[k], rtol=0, atol=0, equal_nan=True, msg=k)
+
+
+# ------------------------------------------------------------------ ownership
+def test_sequential_sweep_trains_each_model_as_if_alone(tmp_path):
+    """Issue 8's repro: two models, one after the other, same config (the default preset). Both train,
+    through several CDG decisions, and each ends bit-identical to the same model trained alone in a
+    fresh process."""
+    steps, engine = 105, "compile"  # two calibrated-CDG decisions (cdg_interval 50), cosmic_fx.compile
+    results = {}
+    for seed in (0, 1):
+        tm, run = recipes.prepare(recipes.make_model(seed), recipes.config("default"), engine)
+        recipes.train(run, recipes.optimizer(tm), seed, 0, steps)
+        rt = cosmic_fx.runtime_of(tm)
+        assert rt.steps == steps and len(rt.cdg.events) >= 1  # CDG froze something in each run
+        results[seed] = {k: v.detach().clone() for k, v in tm.state_dict().items()}
+    for seed in (0, 1):
+        out = tmp_path / f"alone{seed}.pt"
+        fresh_process("alone", "default", engine, str(seed), str(steps), str(out))
+        assert_same_state(results[seed], torch.load(out, weights_only=True))
+
+
+def _two_runtimes(engine: str):
+    cfg = CosmicConfig(lower="aot_eager", cdg_interval=4, cdg_patience=1, cdg_max_frozen=0.5, efficiency_every=1)
+    models = []
+    for seed in (0, 1):
+        tm, run = recipes.prepare(recipes.make_model(seed), cfg, engine)
+        models.append((tm, run, recipes.optimizer(tm)))
+    return models
+
+
+@pytest.mark.parametrize("engine", ["eager", "compile"])
+@pytest.mark.parametrize("schedule", ["alternating", "interleaved"])
+def test_two_models_in_one_process_never_share_state(engine, schedule):
+    """Alternating steps (A, B, A, ...) and interleaved passes (forward A, forward B, backward A,
+    backward B) give each model exactly what it gets when trained alone."""
+    steps = 12
+    alone = []
+    for tm, run, opt in _two_runtimes(engine):
+        recipes.train(run, opt, 7, 0, steps)
+        alone.append(({k: v.clone() for k, v in tm.state_dict().items()}, cosmic_fx.runtime_of(tm).freeze_events))
+    torch._dynamo.reset()
+    pair = _two_runtimes(engine)
+    for step in range(steps):
+        x, y = recipes.batch(step, 7)
+        if schedule == "alternating":
+            for tm, run, opt in pair:
+                loss = nn.functional.cross_entropy(run(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        else:
+            losses = [nn.functional.cross_entropy(run(x), y) for _, run, _ in pair]
+            for (tm, run, opt), loss in zip(pair, losses):
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            for _, _, opt in pair:
+                opt.step()
+    (ra, rb) = (cosmic_fx.runtime_of(tm) for tm, _, _ in pair)
+    assert ra is not rb and ra.steps == rb.steps == steps
+    for (tm, _, _), (state, events) in zip(pair, alone):
+        assert_same_state({k: v for k, v in tm.state_dict().items()}, state)
+        assert cosmic_fx.runtime_of(tm).freeze_events == events
+    assert alone[0][1] and alone[0][1] != alone[1][1]  # each froze, and differently: not a shared decision
+
+
+def test_detach_hooks_touches_only_that_model():
+    cfg = CosmicConfig(lower="aot_eager")
+    a, b = (cosmic_fx.transform(recipes.make_model(s), cfg) for s in (0, 1))
+    ra, rb = cosmic_fx.attach_hooks(a), cosmic_fx.attach_hooks(b)
+    assert cosmic_fx.detach_hooks(a) == 1
+    assert ra.num_hooked == 0 and cosmic_fx.hooks_of(a) is None
+    assert rb.num_hooked == len(list(b.parameters())) and cosmic_fx.hooks_of(b) is rb
+    x, y = recipes.batch(0, 0)
+    nn.functional.cross_entropy(b(x), y).backward()
+    nn.functional.cross_entropy(a(x), y).backward()
+    assert rb.steps == 1 and ra.steps == 0
+
+
+@pytest.mark.parametrize("engine", ["eager", "compile"])
+def test_a_garbage_collected_model_frees_its_runtime(engine):
+    tm, run = recipes.prepare(recipes.make_model(0), recipes.config("default"), engine)
+    recipes.train(run, recipes.optimizer(tm), 0, 0, 3)
+    rt = weakref.ref(cosmic_fx.runtime_of(tm))
+    params = [weakref.ref(p) for p in tm.parameters()]
+    del tm, run
+    torch._dynamo.reset()  # dynamo's cache holds the compiled frame, not the runtime
+    gc.collect()
+    assert rt() is None
+    assert all(p() is None for p in params)
+
+
+def test_plain_model_through_the_entry_point_owns_its_runtime():
+    model = small_mlp()
+    compiled = torch.compile(model, backend="cosmic", options={"lower": "aot_eager"})
+    compiled(torch.randn(4, 6)).sum().backward()
+    rt = cosmic_fx.hooks_of(model)
+    assert rt is not None and not rt.transformed and rt.num_hooked == 6
+    other = small_mlp()
+    torch.compile(other, backend="cosmic", options={"lower": "aot_eager"})(torch.randn(4, 6)).sum().backward()
+    assert cosmic_fx.hooks_of(other) is not rt
+    ref = weakref.ref(rt)
+    del rt, compiled, model
+    torch._dynamo.reset()
+    gc.collect()
+    assert ref() is None
+
+
+# ------------------------------------------------------------------ the rules, step by step
+def test_relative_cce_over_several_steps_matches_an_independent_reference():
+    """The multiplier of step t uses E(p) of step t and the mean E of the previous measured step
+    (the first step: the mean over every parameter), refreshed at every measured step."""
+    cfg = CosmicConfig.off(cce="relative", cce_gamma=2.0, cce_min=0.25, cce_max=4.0, efficiency_every=2)
+    model = small_mlp()
+    ref = copy.deepcopy(model)
+    rt = cosmic_fx.attach_hooks(model, cfg)
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.2) for m in (model, ref))
+    mean, reading = None, {}
+    for step, (x, y) in enumerate(mlp_batches(7, scale=3)):
+        ref_opt.zero_grad()
+        nn.functional.cross_entropy(ref(x), y).backward()
+        if step % 2 == 0:  # a measured step
+            reading = {n: hand_efficiency(p, 0) for n, p in ref.named_parameters()}
+        if mean is None:
+            mean = sum(reading.values()) / len(reading)
+        scales = {n: min(max(1 + 2.0 * (reading[n] - mean), 0.25), 4.0) for n in reading}
+        with torch.no_grad():
+            for n, p in ref.named_parameters():
+                p.grad.mul_(scales[n])
+        ref_opt.step()
+        if step % 2 == 0:
+            mean = sum(reading.values()) / len(reading)  # refreshed at the end of every measured step
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        for n in scales:
+            assert rt.last_step["scale"][n] == pytest.approx(scales[n], rel=1e-5), (step, n)
+        for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+            assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"step {step} {n}")
+    assert len({round(v, 6) for v in rt.last_step["scale"].values()}) > 1
+
+
+def test_gradients_are_scaled_exactly_once_after_a_recompile():
+    cfg = CosmicConfig.off(cce="seed", lower="aot_eager")
+    tm = cosmic_fx.transform(small_mlp(), cfg)
+    ref = copy.deepcopy(tm)
+    compiled = cosmic_fx.compile(tm)
+    for batch in (8, 5, 3):  # new shapes: recompiles, each calling the backend again
+        x = torch.randn(batch, 6)
+        tm.zero_grad()
+        ref.zero_grad()
+        compiled(x).pow(2).mean().backward()
+        ref(x).pow(2).mean().backward()
+        for (n, p), q in zip(tm.named_parameters(), ref.parameters()):
+            assert_close(p.grad, q.grad * hand_efficiency(p, 0), rtol=1e-5, atol=1e-7, msg=f"{batch} {n}")
+    assert cosmic_fx.runtime_of(tm).num_hooked == len(list(tm.parameters()))
+
+
+class LSTMHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 24)
+        self.lstm = nn.LSTM(24, 24, batch_first=True)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        h, _ = self.lstm(torch.relu(self.inp(x)))
+        return self.head(h[:, -1])
+
+
+class BreakInTheMiddle(nn.Module):
+    """A graph break (a print) between two blocks, and a data-dependent branch: no symbolic trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32))
+        self.b = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, x):
+        h = self.a(x)
+        print(end="")  # dynamo cannot trace print: a graph break
+        if h.sum() > 0:
+            h = h * 2
+        return self.b(h)
+
+
+@pytest.mark.parametrize("name", ["lstm", "break"])
+def test_graph_breaks_every_trainable_parameter_is_hooked_and_reported(name):
+    torch.manual_seed(0)
+    if name == "lstm":
+        model, inputs = LSTMHead(), (torch.randn(4, 6, 8),)
+    else:
+        model, inputs = BreakInTheMiddle(), (torch.randn(4, 8),)
+    cfg = CosmicConfig(lower="aot_eager", efficiency_every=1)
+    cm = cosmic_fx.compile(model, cfg)
+    tm = cm._orig_mod
+    with cosmic_fx.inspect.watch_backend(cm) as watch:
+        for _ in range(3):
+            out = cm(*inputs)
+            out.float().pow(2).mean().backward()
+    rt = cosmic_fx.hooks_of(tm)
+    trainable = [n for n, p in tm.named_parameters() if p.requires_grad]
+    assert rt.num_hooked == len(trainable)
+    assert set(rt.last_step["scale"]) == set(trainable)  # CCE reached every parameter, eager regions too
+    report = watch.report
+    assert report.graph_breaks >= 1 and report.break_reasons
+    # dynamo does not trace RNNs: the LSTM and the head after it run eagerly; the other model's
+    # pieces all compile
+    expected = {n for n in trainable if n.startswith(("lstm.", "head."))} if name == "lstm" else set()
+    assert set(report.outside_graphs) == expected
+    # E_out for CDG: from the graph that returns the output, or (LSTM: no such graph) a forward hook
+    assert rt.last_step["e_out"] is not None
+    assert (rt._tracker is not None) == (name == "lstm")
+    assert f"{report.graph_breaks} graph break(s)" in str(report)
+
+
+# ------------------------------------------------------------------ checkpoints
+@pytest.mark.parametrize("engine", ["eager", "compile"])
+@pytest.mark.parametrize("preset", ["default", "seed"])
+def test_state_dict_round_trip_restores_the_runtime(engine, preset):
+    tm, run = recipes.prepare(recipes.make_model(0), recipes.config(preset), engine)
+    recipes.train(run, recipes.optimizer(tm), 0, 0, 57)
+    state = tm.state_dict()
+    assert {"cosmic_state.meta", "cosmic_state.steps", "cosmic_state.cdg.frozen"} <= set(state)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    other = cosmic_fx.transform(recipes.make_model(5), recipes.config(preset))
+    other.load_state_dict(state)
+    a, b = cosmic_fx.runtime_of(tm), cosmic_fx.runtime_of(other)
+    assert_same_state(a.state_dict(), b.state_dict())
+    assert b.steps == 57 and b.frozen == a.frozen
+    assert [n for n, p in other.named_parameters() if not p.requires_grad] == a.frozen
+
+
+def test_safetensors_saves_and_loads_a_transformed_model(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tm, run = recipes.prepare(recipes.make_model(0), recipes.config("default"), "eager")
+    recipes.train(run, recipes.optimizer(tm), 0, 0, 60)
+    save_file(tm.state_dict(), str(tmp_path / "model.safetensors"))
+    other = cosmic_fx.transform(recipes.make_model(3), recipes.config("default"))
+    other.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
+    assert_same_state(other.state_dict(), tm.state_dict())
+
+
+def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
+    """2N steps in one run == N steps, checkpoint (model + optimizer), rebuild in a fresh process,
+    load, N more steps: for the default and seed presets, eager and compiled (aot_eager both runs).
+    N = 57 crosses a calibrated-CDG decision on each side and stops between two E(p) measurements."""
+    n = 57
+    jobs, expected = [], []
+    for preset in ("default", "seed"):
+        for engine in ("eager", "compile"):
+            tm, run = recipes.prepare(recipes.make_model(0), recipes.config(preset), engine)
+            opt = recipes.optimizer(tm)
+            recipes.train(run, opt, 0, 0, n)
+            ckpt = tmp_path / f"{preset}-{engine}.pt"
+            torch.save({"model": tm.state_dict(), "optimizer": opt.state_dict()}, ckpt)
+            recipes.train(run, opt, 0, n, 2 * n)
+            events = cosmic_fx.runtime_of(tm).freeze_events
+            if preset == "default":
+                assert any(s <= n for s, _ in events) and any(s > n for s, _ in events), events
+            expected.append({k: v.detach().clone() for k, v in tm.state_dict().items()})
+            jobs += [str(ckpt), preset, engine, "0", str(n), str(2 * n)]
+            torch._dynamo.reset()
+    out = tmp_path / "resumed.pt"
+    fresh_process("resume", *jobs, str(out))
+    for want, got in zip(expected, torch.load(out, weights_only=True)):
+        assert_same_state(got, want)
+
+
+# ------------------------------------------------------------------ distributed
+def test_ddp_two_processes_take_identical_decisions_and_keep_identical_parameters(tmp_path):
+    """torchrun --nproc-per-node 2 (gloo): the default preset through two calibrated-CDG decisions, on
+    different data per rank, eager DDP and torch.compile(DDP(transform(model))). Every rank hooks
+    every parameter, takes the same decisions and ends with the same parameters (QCIs included);
+    one process on the full batch agrees within float rounding."""
+    steps = 105
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "tests.recipes", "ddp", str(steps), str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    ranks = [torch.load(f"{out}.rank{r}", weights_only=False) for r in (0, 1)]
+    for engine in ("eager", "compile"):
+        a, b = (r[engine] for r in ranks)
+        assert a["num_hooked"] == b["num_hooked"] == a["n_params"]
+        assert a["events"] == b["events"] and len(a["events"]) >= 1 and any(names for _, names in a["events"])
+        assert a["scaled"] > 0 and b["scaled"] > 0
+        assert any(n.startswith("cosmic_qci.") for n in a["params"])
+        for n in a["params"]:
+            assert torch.equal(a["params"][n], b["params"][n]), (engine, n)
+        assert a["uncompiled_steps"] == 0
+        # one process on the full batch: the same decisions, the same curve up to float rounding
+        tm, run = recipes.prepare(recipes.make_model(0), recipes.config("default"), engine)
+        opt = recipes.optimizer(tm)
+        ref_losses = []
+        for step in range(steps):
+            x, y = recipes.full_batch(step, 2)
+            loss = nn.functional.cross_entropy(run(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ref_losses.append(loss.item())
+        assert cosmic_fx.runtime_of(tm).freeze_events == a["events"]
+        assert max(abs(p - q) for p, q in zip(a["losses"], ref_losses)) < 1e-4
+        for n, p in tm.named_parameters():
+            assert_close(a["params"][n], p.detach(), rtol=1e-4, atol=1e-5, msg=f"{engine} {n}")
+        torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------ bad input
+def test_loading_state_saved_with_another_config_names_the_difference():
+    tm = cosmic_fx.transform(recipes.make_model(0), CosmicConfig(cdg_interval=20))
+    other = cosmic_fx.transform(recipes.make_model(0), CosmicConfig())
+    with pytest.raises(RuntimeError, match=r"another CosmicConfig: cdg_interval=20 in the checkpoint vs 50 here"):
+        other.load_state_dict(tm.state_dict())
+    # the lowering is not part of the state: a run may resume under another backend
+    cosmic_fx.transform(recipes.make_model(0), CosmicConfig(cdg_interval=20, lower="eager")).load_state_dict(tm.state_dict())
+
+
+def test_loading_state_of_other_sites_names_the_parameters():
+    tm = cosmic_fx.transform(recipes.make_model(0), CosmicConfig())  # sites 0, 2 (rewritten), 4
+    other = cosmic_fx.transform(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10)), CosmicConfig())
+    with pytest.raises(RuntimeError, match=r"covers other parameters than this model \(missing in the checkpoint: "
+                                           r"\[\]; not in this model: \['4.weight', '4.bias', 'cosmic_qci.2.beta'"):
+        other.load_state_dict(tm.state_dict(), strict=False)
+
+
+def test_loading_state_of_a_newer_format_asks_for_an_upgrade():
+    import json
+
+    tm = cosmic_fx.transform(recipes.make_model(0), CosmicConfig())
+    state = tm.state_dict()
+    meta = json.loads(bytes(state["cosmic_state.meta"].tolist()))
+    meta["format_version"] = 99
+    state["cosmic_state.meta"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="format version 99 .* Upgrade cosmic_fx"):
+        tm.load_state_dict(state)
+
+
+def test_missing_and_unexpected_cosmic_keys_follow_strict_semantics():
+    tm = cosmic_fx.transform(recipes.make_model(0), CosmicConfig())
+    state = tm.state_dict()
+    del state["cosmic_state.cdg.frozen"]
+    state["cosmic_state.bogus"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "cosmic_state.cdg.frozen"'):
+        tm.load_state_dict(state)
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "cosmic_state.bogus"'):
+        tm.load_state_dict(state)
+    result = tm.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["cosmic_state.cdg.frozen"] and result.unexpected_keys == ["cosmic_state.bogus"]
+    plain = {k: v for k, v in state.items() if not k.startswith("cosmic_state.")}
+    result = tm.load_state_dict(plain, strict=False)  # a checkpoint of the base model: fresh CDG/CCE state
+    assert "cosmic_state.steps" in result.missing_keys
+    with pytest.raises(RuntimeError, match="missing keys"):
+        cosmic_fx.runtime_of(tm).load_state_dict({"steps": torch.tensor(3)})
+
+
+def test_attach_hooks_refuses_a_model_trained_by_another_runtime():
+    base = recipes.make_model(0)
+    a, b = cosmic_fx.transform(base, CosmicConfig()), cosmic_fx.transform(base, CosmicConfig())  # share base weights
+    cosmic_fx.attach_hooks(a)
+    with pytest.raises(RuntimeError, match="already trained by another active cosmic runtime"):
+        cosmic_fx.attach_hooks(b)
+    cosmic_fx.detach_hooks(a)
+    cosmic_fx.attach_hooks(b)
+    with pytest.raises(ValueError, match=r"transformed with another CosmicConfig \(.*cdg: 'calibrated' \(transform\) vs 'seed'"):
+        cosmic_fx.attach_hooks(b, CosmicConfig.seed())
+
+
+def test_a_model_wrapped_in_ddp_before_transform_is_refused(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(recipes.make_model(0))
+        for call in (cosmic_fx.transform, cosmic_fx.compile, cosmic_fx.attach_hooks):
+            with pytest.raises(TypeError, match=r"wrapped in DistributedDataParallel. Transform first, then wrap"):
+                call(ddp)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_runtime_used_after_its_model_was_freed_says_so():
+    tm = cosmic_fx.transform(recipes.make_model(0), CosmicConfig())
+    rt = cosmic_fx.runtime_of(tm)
+    del tm
+    gc.collect()
+    with pytest.raises(RuntimeError, match="the model this runtime belonged to was garbage-collected"):
+        rt.state_dict()
+
+
+def test_non_finite_readings_warn_once_and_decide_nothing():
+    """A NaN parameter makes its E(p) and (through the output) E_out NaN: one warning, no scaling by
+    the NaN reading, no low-reading count, no freezing decision."""
+    cfg = CosmicConfig.off(cdg="calibrated", cce="relative", cdg_patience=1, cdg_interval=2, efficiency_every=1)
+    model = small_mlp()
+    with torch.no_grad():
+        model[0].bias[0] = float("nan")
+    rt = cosmic_fx.attach_hooks(model, cfg)
+    x, y = mlp_batches(1, scale=3)[0]
+    with pytest.warns(RuntimeWarning, match=r"non-finite efficiency reading at step 0: E\(.*\) = nan") as record:
+        for _ in range(4):
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            assert rt.last_step["scale"]["0.bias"] == 1.0  # its own reading is NaN: no scaling from it
+            assert math.isnan(rt.last_step["e_out"])
+    assert sum("non-finite" in str(w.message) for w in record) == 1
+    assert rt.cdg.low_count == [0] * 6 and rt.frozen == [] and rt.cdg.events == []
