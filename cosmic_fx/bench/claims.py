@@ -27,13 +27,12 @@ from .arms import PRESETS, arm_names, arms_for
 from .claims_train import Run, train_run
 from .common import fmt, mean_std, progress, write_results
 from .tasks import TASK_NAMES, Task, make_tasks
-from .verdicts import CLAIMS, _effect, budget_table, claims_table, targets_table, verdict
+from .timing import torch_threads
+from .verdicts import CLAIMS, budget_table, claims_table, targets_table, verdict
 
 __all__ = ["CLAIMS", "DEFAULT_TASKS", "run", "register_cli", "verdict"]
 
 DEFAULT_TASKS = TASK_NAMES
-
-_ = _effect  # re-exported for the tests of the spread rule
 
 
 def _censored(values: list[float], digits: int) -> str:
@@ -91,6 +90,7 @@ def run(
     show_progress: bool = True,
     arms: list[str] | None = None,
     lower: str | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Run every arm on every task; return the tables (markdown) and the raw figures.
 
@@ -104,6 +104,7 @@ def run(
         show_progress: a tqdm bar on stderr.
         arms: keep only these arms (plus the baselines every verdict needs).
         lower: the compiled arms' lowering (default ``"eager"`` with ``quick``, else ``"inductor"``).
+        threads: torch intra-op threads for the whole run (default: torch's own setting).
 
     Example:
         >>> out = run(["digits-mlp"], seeds=2, quick=True, show_progress=False)   # doctest: +SKIP
@@ -113,7 +114,12 @@ def run(
         raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
     if lower not in (None, "inductor", "aot_eager", "eager"):
         raise ValueError(f"unknown lowering {lower!r}; valid: inductor, aot_eager, eager")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an int >= 1, got {threads!r}")
     _check_arms(arms)
+    if threads is not None:
+        with torch_threads(threads):
+            return run(tasks, seeds, quick, out_dir, show_progress, arms, lower)
     lower = lower or ("eager" if quick else "inductor")  # quick: capture the graphs, compile nothing
     cache_dir = os.path.join(out_dir, "pretrained") if out_dir else None
     task_objs = make_tasks(list(tasks or DEFAULT_TASKS), quick, cache_dir=cache_dir)
@@ -208,12 +214,13 @@ def _cmd(args) -> int:
     arms = [a.strip() for a in args.arms.split(",")] if args.arms else None
     try:
         out = run(tasks=tasks, seeds=seeds, quick=args.quick, out_dir=args.out, show_progress=not args.no_progress,
-                  arms=arms, lower=args.lower)
+                  arms=arms, lower=args.lower, threads=args.threads)
     except ValueError as err:
         raise CLIError(str(err)) from None
     lower = out["payload"]["lower"]
     note = " (speed figures are not the claims' figures)" if lower != "inductor" else ""
-    print(f"## Do the claims hold? ({'quick' if args.quick else 'full'} budget, {seeds} seed(s), mean ± std; "
+    print(f"## Do the claims hold? ({'quick' if args.quick else 'full'} budget, {seeds} seed(s), "
+          f"{out['payload']['threads']} thread(s), mean ± std; "
           f"compiled arms lowered with {lower}{note}; reductions relative to the torch.compile baseline for "
           "speed and memory, to torch.compile and eager with the same optimizer pooled for iterations and "
           "generalization)\n")
@@ -239,6 +246,7 @@ def register_cli(subparsers) -> None:
                         f"always run); valid: {', '.join(arm_names())}")
     p.add_argument("--lower", choices=["inductor", "aot_eager", "eager"], default=None,
                    help="lowering of every compiled arm (default: inductor; eager with --quick)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's default)")
     p.add_argument("--out", default=None, help="folder for claims.md, claims.json, PNG plots and pretrained/")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd)

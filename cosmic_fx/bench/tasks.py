@@ -205,8 +205,8 @@ def make_tasks(names: list[str], quick: bool, cache_dir: str | None = None) -> l
         raise ValueError(f"task(s) named twice in {names}")
     cache = PretrainCache(cache_dir)
     builders = {
-        "digits-mlp": lambda: _digits_task("digits-mlp", False, 200 if quick else 900),
-        "digits-cnn": lambda: _digits_task("digits-cnn", True, 200 if quick else 900),
+        "digits-mlp": lambda: _digits_task("digits-mlp", False, 60 if quick else 900),
+        "digits-cnn": lambda: _digits_task("digits-cnn", True, 60 if quick else 900),
         "stdlib-lm": lambda: _lm_task(60 if quick else 600, max_chars=300_000 if quick else 1_500_000),
         "stdlib-lm-deep": lambda: workloads.deep_lm_task(quick),
         "docs-finetune": lambda: workloads.docs_finetune_task(quick, cache),

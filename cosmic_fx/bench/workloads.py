@@ -84,7 +84,7 @@ def deep_lm_task(quick: bool) -> Task:
         factory=lambda seed: TinyTransformerLM(**lm),
         batches=lm_batches(train, steps, lm["context"], batch), loss=lm_loss,
         evaluate=lm_evaluator(held, lm["context"], 32 if quick else 128), metric="bits/char",
-        target=2.75, steps=steps, eval_every=5 if quick else 30,
+        target=2.75, steps=steps, eval_every=10 if quick else 30,
         optimizer="adamw", lr=2e-3, adamw_lr=2e-3, tolerance=0.05,
         tags=frozenset({"transformer"}),
     )
@@ -100,7 +100,7 @@ def _prepare(cache: PretrainCache, pre: Pretraining):
 def docs_finetune_task(quick: bool, cache: PretrainCache) -> Task:
     """``docs-finetune``: the 6-block LM pretrained on code (once per seed), fine-tuned on the language
     reference's prose."""
-    pre_steps, steps = (20, 20) if quick else (400, 300)
+    pre_steps, steps = (10, 20) if quick else (400, 300)
     lm, batch = _lm_shape(quick)
     code, code_held = _code_corpus(quick)
     docs, docs_held = encode_text(load_pydoc_topics())
@@ -124,7 +124,7 @@ def docs_finetune_task(quick: bool, cache: PretrainCache) -> Task:
         factory=factory,
         batches=lm_batches(docs, steps, lm["context"], batch), loss=lm_loss,
         evaluate=lm_evaluator(docs_held, lm["context"], 32 if quick else 128), metric="bits/char",
-        target=2.35, steps=steps, eval_every=5 if quick else 15,
+        target=2.35, steps=steps, eval_every=10 if quick else 15,
         optimizer="adamw", lr=1e-3, adamw_lr=1e-3, tolerance=0.05,
         tags=frozenset({"transformer", "fine-tune"}), prepare=_prepare(cache, pre),
     )
@@ -145,11 +145,13 @@ def _mnist_split(x: torch.Tensor, y: torch.Tensor, first: int, per_class: int = 
 def mnist_transfer_task(quick: bool, cache: PretrainCache) -> Task:
     """``mnist-transfer``: a CNN pretrained on MNIST digits 0-4 (once per seed), head replaced,
     fine-tuned on 5-9."""
-    pre_steps, steps = (20, 20) if quick else (300, 300)
+    pre_steps, steps = (10, 20) if quick else (300, 300)
     x, y = load_mnist_5k()
     ax, ay, avx, avy = _mnist_split(x, y, 0)
     bx, by, bvx, bvy = _mnist_split(x, y, 5)
-    batch = 32
+    if quick:  # a smoke test: every 5th validation image
+        avx, avy, bvx, bvy = avx[::5], avy[::5], bvx[::5], bvy[::5]
+    batch = 8 if quick else 32
     pre = Pretraining(
         name="mnist-0-4-cnn",
         build=MnistCNN,
@@ -171,7 +173,7 @@ def mnist_transfer_task(quick: bool, cache: PretrainCache) -> Task:
         factory=factory,
         batches=_classification_batches(bx, by, batch, steps), loss=nn.functional.cross_entropy,
         evaluate=_error_of(bvx, bvy), metric="error %",
-        target=3.0, steps=steps, eval_every=5 if quick else 10,
+        target=3.0, steps=steps, eval_every=10,
         optimizer="momentum", lr=0.01, adamw_lr=1e-3, tolerance=1.0,
         tags=frozenset({"fine-tune"}), prepare=_prepare(cache, pre),
     )
