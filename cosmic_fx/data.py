@@ -112,7 +112,7 @@ def load_mnist_5k() -> tuple[torch.Tensor, torch.Tensor]:
     in [0, 1] and ``(N,)`` labels, in the file's order.
 
     Example:
-        >>> x, y = load_mnist_5k()    # doctest: +SKIP
+        >>> x, y = load_mnist_5k()
         >>> x.shape, y.bincount().tolist()[:2]
         (torch.Size([5000, 1, 28, 28]), [500, 500])
     """
