@@ -88,8 +88,9 @@ def test_claims_quick_end_to_end(tmp_path, capsys):
                 continue  # a target not reached within the budget is reported, not averaged
             values = numbers_in(cell)
             assert values and all(math.isfinite(v) for v in values), (row[:2], cell)
-    task_rows = found["task|metric|target|steps|optimizer|lr|pretraining per seed (eager; once per seed)"]
-    assert "cached: no, no" in task_rows[0][-1]
+    task_rows = found["task|metric|target|steps|optimizer|lr|pretraining per seed (eager; once per seed)|"
+                      "torch.compile gradients vs eager (first batch)"]
+    assert "cached: no, no" in task_rows[0][-2] and task_rows[0][-1] == "match"
     payload = json.loads((tmp_path / "claims.json").read_text())
     assert list(payload["tasks"]) == [task] and payload["lower"] == "eager"
     assert [len(runs) for runs in payload["tasks"][task]["arms"].values()] == [2, 2, 2]

@@ -60,7 +60,8 @@ def _arm_table(tasks: list[Task], results: dict[str, dict[str, list[Run]]]) -> s
         "compile s", "peak step MiB", "CDG frozen", "CCE scaled"], tablefmt="github")
 
 
-def _task_table(tasks: list[Task], pretrain: dict[str, list[dict[str, Any]]]) -> str:
+def _task_table(tasks: list[Task], pretrain: dict[str, list[dict[str, Any]]],
+                results: dict[str, dict[str, list[Run]]]) -> str:
     rows = []
     for t in tasks:
         info = pretrain.get(t.name, [])
@@ -68,9 +69,11 @@ def _task_table(tasks: list[Task], pretrain: dict[str, list[dict[str, Any]]]) ->
         if info:
             pre = (f"{fmt([i['seconds'] for i in info], 1)} s, metric {fmt([i['metric'] for i in info], 3)}, "
                    f"cached: {', '.join(i['cached'] for i in info)}")
-        rows.append([t.name, t.metric, t.target, t.steps, t.optimizer, t.lr, pre])
+        checks = sorted({r.gradient_check for r in results[t.name].get("torch.compile", [])}) or ["-"]
+        rows.append([t.name, t.metric, t.target, t.steps, t.optimizer, t.lr, pre, " / ".join(checks)])
     return tabulate(rows, headers=["task", "metric", "target", "steps", "optimizer", "lr",
-                                   "pretraining per seed (eager; once per seed)"], tablefmt="github")
+                                   "pretraining per seed (eager; once per seed)",
+                                   "torch.compile gradients vs eager (first batch)"], tablefmt="github")
 
 
 def _check_arms(arms: list[str] | None) -> None:
@@ -144,7 +147,7 @@ def run(
     claim_md, claim_payload = claims_table(task_objs, results)
     target_md, target_payload = targets_table(task_objs, results)
     budget_md = budget_table(task_objs, results)
-    arm_md, task_md = _arm_table(task_objs, results), _task_table(task_objs, pretrain)
+    arm_md, task_md = _arm_table(task_objs, results), _task_table(task_objs, pretrain, results)
     payload = {
         "lower": lower, "seeds": seeds, "quick": quick, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "claims": claim_payload, "targets": target_payload,

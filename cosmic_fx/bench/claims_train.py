@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import statistics
 import time
 
 import torch
+from torch import nn
 
 from ..training import Arm, _optimizer, build
 from .tasks import Task
 
-__all__ = ["Run", "train_run"]
+__all__ = ["Run", "gradient_mismatch", "train_run"]
 
 
 @dataclasses.dataclass
@@ -30,6 +32,8 @@ class Run:
         compile_time: seconds of the steps that compiled (first call, recompiles).
         peak_memory_mb: peak of the CPU allocator's running total during one training step.
         frozen_fraction / scaled_fraction: mean share of parameter tensors CDG froze / CCE rescaled.
+        gradient_check: for a plain ``torch.compile`` arm, whether its gradients on the first batch
+            equal eager PyTorch's (``"match"``, or which parameters differ); ``"-"`` for other arms.
     """
 
     final: float
@@ -41,6 +45,7 @@ class Run:
     peak_memory_mb: float
     frozen_fraction: float
     scaled_fraction: float
+    gradient_check: str = "-"
 
 
 def _frames_compiled() -> int:
@@ -62,6 +67,37 @@ def _peak_step_memory(step) -> float:
         running += event.self_cpu_memory_usage
         peak = max(peak, running)
     return peak / 2**20
+
+
+def gradient_mismatch(model: nn.Module, compiled: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
+                      rtol: float = 1e-3) -> str:
+    """Compare ``compiled``'s gradients on one batch with eager PyTorch's on a copy of ``model``
+    (the parameters ``compiled`` updates), each within ``rtol`` of the reference's norm; leave no
+    gradient behind. A compiler bug (README: zero convolution gradients under Inductor) would
+    otherwise make a baseline silently wrong.
+
+    Returns:
+        ``"match"``, or ``"ZERO: a, b"`` / ``"differ: a, b"`` naming the parameters.
+
+    Example:
+        >>> m = nn.Linear(3, 2)
+        >>> gradient_mismatch(m, m, lambda o, y: o.sum(), torch.ones(1, 3), None)
+        'match'
+    """
+    reference = copy.deepcopy(model)
+    loss_fn(reference(x), y).backward()
+    loss_fn(compiled(x), y).backward()
+    zero, differ = [], []
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        if q.grad is not None:
+            got = p.grad if p.grad is not None else torch.zeros_like(q.grad)
+            # relative to the whole tensor: robust to the last-bit differences of fused kernels
+            if (got - q.grad).norm() > rtol * q.grad.norm() + 1e-12:
+                (zero if not got.any() and q.grad.any() else differ).append(name)
+        p.grad = None
+    if zero:
+        return "ZERO: " + ", ".join(zero) + (f"; differ: {', '.join(differ)}" if differ else "")
+    return "differ: " + ", ".join(differ) if differ else "match"
 
 
 def _optimizer_for(arm: Arm, params) -> torch.optim.Optimizer | None:
@@ -91,6 +127,12 @@ def train_run(task: Task, arm: Arm, seed: int) -> Run:
     step_times, compile_time = [], 0.0
     curve, frozen_sum, scaled_sum, n = [], 0.0, 0.0, 0
     batches = list(task.batches(seed))
+    check = "-"
+    if arm.config is None and arm.engine == "compile":
+        frames, t0 = _frames_compiled(), time.perf_counter()
+        check = gradient_mismatch(model, train_mod, task.loss, *batches[0])
+        if _frames_compiled() != frames:
+            compile_time += time.perf_counter() - t0  # the compile happened here, not in step 1
 
     def one_step(x, y):
         loss = task.loss(train_mod(x), y)
@@ -131,5 +173,5 @@ def train_run(task: Task, arm: Arm, seed: int) -> Run:
     return Run(
         final=curve[-1][1], curve=curve, steps_to_target=steps_to, time_to_target=time_to,
         median_step=median, compile_time=compile_time, peak_memory_mb=peak,
-        frozen_fraction=frozen_sum / max(n, 1), scaled_fraction=scaled_sum / max(n, 1),
+        frozen_fraction=frozen_sum / max(n, 1), scaled_fraction=scaled_sum / max(n, 1), gradient_check=check,
     )
