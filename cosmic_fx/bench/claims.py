@@ -127,10 +127,11 @@ def run(
     cache_dir = os.path.join(out_dir, "pretrained") if out_dir else None
     task_objs = make_tasks(list(tasks or DEFAULT_TASKS), quick, cache_dir=cache_dir)
     plan = [(t, name, arm) for t in task_objs for name, arm in arms_for(t, lower, quick, arms).items()]
-    n_pre = sum(seeds for t in task_objs if t.prepare is not None)
+    # the bar counts training steps (a 6-block LM run is minutes long); a pretraining counts as one
+    total = sum(task.steps for task, _, _ in plan) * seeds + sum(seeds for t in task_objs if t.prepare is not None)
     results: dict[str, dict[str, list[Run]]] = {}
     pretrain: dict[str, list[dict[str, Any]]] = {}
-    with progress(len(plan) * seeds + n_pre, "bench claims", show_progress) as bar:
+    with progress(total, "bench claims", show_progress) as bar:
         for task in task_objs:
             if task.prepare is None:
                 continue
@@ -141,8 +142,8 @@ def run(
         for task, name, arm in plan:
             for seed in range(seeds):
                 bar.set_postfix_str(f"{task.name} / {name} / seed {seed}")
-                results.setdefault(task.name, {}).setdefault(name, []).append(train_run(task, arm, seed))
-                bar.update(1)
+                run_ = train_run(task, arm, seed, tick=bar.update)
+                results.setdefault(task.name, {}).setdefault(name, []).append(run_)
 
     claim_md, claim_payload = claims_table(task_objs, results)
     target_md, target_payload = targets_table(task_objs, results)

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -108,9 +109,10 @@ def _optimizer_for(arm: Arm, params) -> torch.optim.Optimizer | None:
     return _optimizer(arm, params)
 
 
-def train_run(task: Task, arm: Arm, seed: int) -> Run:
+def train_run(task: Task, arm: Arm, seed: int, tick: Callable[[], None] | None = None) -> Run:
     """Train ``task.factory(seed)`` with ``arm`` on ``task.batches(seed)``; evaluate every
-    ``task.eval_every`` steps; then profile one more step for the peak memory.
+    ``task.eval_every`` steps; then profile one more step for the peak memory. ``tick`` is called
+    after every training step (a progress bar).
 
     Example:
         >>> from cosmic_fx.bench.tasks import make_tasks
@@ -160,6 +162,8 @@ def train_run(task: Task, arm: Arm, seed: int) -> Run:
             n += 1
         if i % task.eval_every == 0 or i == len(batches):
             curve.append((i, task.evaluate(eval_mod)))
+        if tick is not None:
+            tick()
     valid = [t for t in step_times if not math.isnan(t)]
     median = statistics.median(valid) if valid else float("nan")
     steps_to = next((s for s, m in curve if m <= task.target), float("nan"))
