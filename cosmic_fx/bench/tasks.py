@@ -207,7 +207,7 @@ def make_tasks(names: list[str], quick: bool, cache_dir: str | None = None) -> l
     builders = {
         "digits-mlp": lambda: _digits_task("digits-mlp", False, 60 if quick else 900),
         "digits-cnn": lambda: _digits_task("digits-cnn", True, 60 if quick else 900),
-        "stdlib-lm": lambda: _lm_task(60 if quick else 600, max_chars=300_000 if quick else 1_500_000),
+        "stdlib-lm": lambda: _lm_task(30 if quick else 600, max_chars=300_000 if quick else 1_500_000),
         "stdlib-lm-deep": lambda: workloads.deep_lm_task(quick),
         "docs-finetune": lambda: workloads.docs_finetune_task(quick, cache),
         "mnist-transfer": lambda: workloads.mnist_transfer_task(quick, cache),
