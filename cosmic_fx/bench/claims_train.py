@@ -154,7 +154,8 @@ def train_run(task: Task, arm: Arm, seed: int, tick: Callable[[], None] | None =
             step_times.append(float("nan"))
         else:
             step_times.append(dt)
-        h = hooks or cosmic_fx.hooks_of(model)
+        # main keys the runtime on the transformed module (eval_mod); the old one on the model
+        h = hooks or cosmic_fx.hooks_of(eval_mod) or cosmic_fx.hooks_of(model)
         if h is not None and h.last_step:
             k = max(h.num_hooked, 1)
             frozen_sum += (len(h.last_step["skipped"]) + len(h.last_step["frozen"])) / k
@@ -171,7 +172,7 @@ def train_run(task: Task, arm: Arm, seed: int, tick: Callable[[], None] | None =
     if not math.isnan(steps_to):
         time_to = sum(median if math.isnan(t) else t for t in step_times[: int(steps_to)])
     peak = _peak_step_memory(lambda: one_step(*batches[-1]))
-    h = hooks or cosmic_fx.hooks_of(model)
+    h = hooks or cosmic_fx.hooks_of(eval_mod) or cosmic_fx.hooks_of(model)
     if h is not None:
         h.remove()
     return Run(
