@@ -47,10 +47,12 @@ def compile(model: nn.Module, config: CosmicConfig | None = None, **compile_kwar
     import functools
 
     from .runtime import _unwrap
+    from .runtime.distributed import check_not_wrapped
 
     for key in ("backend", "options", "mode"):
         if key in compile_kwargs:
             raise TypeError(f"cosmic_fx.compile sets torch.compile's {key!r} itself; put settings in the CosmicConfig")
+    check_not_wrapped(model, "cosmic_fx.compile")
     inner = _unwrap(model)
     if transform_info(inner) is not None:
         # transform(model), or DDP(transform(model)): compile it as it is, with its runtime

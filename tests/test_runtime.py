@@ -423,6 +423,25 @@ def test_a_model_wrapped_in_ddp_before_transform_is_refused(tmp_path):
         dist.destroy_process_group()
 
 
+def test_fsdp2_sharded_parameters_refuse_cdg_and_cce(tmp_path):
+    """FSDP2 shards dim 0, the dimension E(p)'s softmax runs over: CDG/CCE on shards would decide from
+    the wrong numbers, so they are refused with a clear error (README: Checkpoints and distributed
+    training)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(TypeError, match="wrapped in FSDP. Transform first, then wrap"):
+            cosmic_fx.transform(fully_shard(recipes.make_model(0)))
+        for call in (cosmic_fx.attach_hooks, cosmic_fx.compile):
+            tm = fully_shard(cosmic_fx.transform(recipes.make_model(0), CosmicConfig(qci=False, lower="aot_eager")))
+            with pytest.raises(TypeError, match=r"parameters are sharded \(FSDP2 fully_shard / DTensor\)"):
+                call(tm)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_runtime_used_after_its_model_was_freed_says_so():
     tm = cosmic_fx.transform(recipes.make_model(0), CosmicConfig())
     rt = cosmic_fx.runtime_of(tm)

@@ -93,6 +93,7 @@ def attach_hooks(model: nn.Module, config: CosmicConfig | None = None) -> Cosmic
     if config is not None and not isinstance(config, CosmicConfig):
         raise TypeError(f"attach_hooks expects a CosmicConfig as config; got {type(config).__name__}")
     check_not_wrapped(model, "cosmic_fx.attach_hooks")
+    model = _unwrap(model)  # DDP(transform(model)): its runtime is the transformed model's
     rt = runtime_of(model)
     if rt is not None and rt.transformed:
         _check_same_config(rt, config)

@@ -51,15 +51,25 @@ def _wrapper_kind(model: nn.Module) -> str | None:
         return "DistributedDataParallel"
     if isinstance(model, DataParallel):
         return "DataParallel"
-    if any(type(m).__name__.startswith("FSDP") or type(m).__name__ == "FullyShardedDataParallel"
-           for m in model.modules()):
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return None
+    if any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules()):
         return "FSDP"
     return None
 
 
 def check_not_wrapped(model: nn.Module, what: str) -> None:
-    """Refuse a model already wrapped for data parallelism: its wrapper would not know the new
-    parameters (QCIs) and would never all-reduce them."""
+    """Refuse a model wrapped for data parallelism before it was transformed: its wrapper would not
+    know the new parameters (QCIs) and would never all-reduce them. A transformed model wrapped
+    afterwards (``DistributedDataParallel(cosmic_fx.transform(model))``) is fine."""
+    from ..transform import transform_info
+
+    inner = getattr(model, "module", model) if type(model).__name__ in ("DistributedDataParallel",
+                                                                         "DataParallel") else model
+    if transform_info(inner) is not None:
+        return
     kind = _wrapper_kind(model)
     if kind is None:
         return
