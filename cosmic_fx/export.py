@@ -155,11 +155,36 @@ def _export_program(tm: nn.Module, inputs: tuple[Any, ...], dynamic_batch: bool)
                 quiet_torch_logs("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export"):
             program = torch.export.export(tm, inputs, dynamic_shapes=dynamic_shapes)
     except Exception as err:
-        failure = ExportError(_explain_export_failure(tm, err, dynamic_batch))
+        # an input the model cannot run at all (wrong shape or dtype) fails inside torch.export's tracer,
+        # far from the user's code: say so plainly instead of blaming the forward
+        mismatch = _inputs_do_not_fit(tm, inputs)
+        failure = ExportError(mismatch or _explain_export_failure(tm, err, dynamic_batch))
         failure.torch_output = held.getvalue()
         raise failure from err
     sys.stderr.write(held.getvalue())
     return program
+
+
+def _describe_input(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"shape ({', '.join(map(str, x.shape))}) {str(x.dtype).replace('torch.', '')}"
+    return type(x).__name__
+
+
+def _inputs_do_not_fit(tm: nn.Module, inputs: tuple[Any, ...]) -> str | None:
+    """The error message when the model does not run on ``inputs`` even eagerly, else ``None``."""
+    from .inspect import _first_layer_hint
+
+    try:
+        with eval_no_grad(tm):
+            tm(*inputs)
+    except Exception as err:  # noqa: BLE001 - any failure here is the inputs' (the model runs in eager mode)
+        given = "; ".join(f"input {i}: {_describe_input(x)}" for i, x in enumerate(inputs))
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+        return (f"cannot export {type(tm).__name__}: the example inputs do not fit its forward ({given}), so there "
+                f"is nothing to trace. Running it on them fails with {type(err).__name__}: {first}"
+                f"{_first_layer_hint(tm)}. Pass example inputs of the shape and dtype the model takes.")
+    return None
 
 
 _CALL_SITE = re.compile(r'The following call raised this error:\s*\n\s*File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
