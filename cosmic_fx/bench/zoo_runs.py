@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import inspect
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -90,7 +91,7 @@ def linear_like_layers(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, i
     Eval mode with grad enabled: the fused inference paths of ``MultiheadAttention`` and
     ``TransformerEncoderLayer`` (which bypass ``F.linear``) are off when parameters require grad.
     """
-    params = {id(p): name.removesuffix(".weight") for name, p in model.named_parameters()}
+    params = {id(p): re.sub(r"[._]weight$", "", name) for name, p in model.named_parameters()}
     mode = _LinearLike(params)
     training = {m: m.training for m in model.modules()}
     try:
@@ -119,7 +120,7 @@ class TrainRun:
     graphs: int = 0
     recompiles: int = 0
     breaks: int = 0
-    eager_calls: int = 0
+    eager_calls: int = 0  # forwards in which some layer ran outside a compiled graph
     limit_hits: int = 0
     forwards: int = 0
 
@@ -136,10 +137,18 @@ class _LimitLog(logging.Handler):
             self.hits += 1
 
 
-def _dynamo_counts() -> dict[str, int]:
+def _graph_count() -> int:
     from torch._dynamo.utils import counters
 
-    return {"graphs": int(counters["stats"]["unique_graphs"]), "breaks": int(sum(counters["graph_break"].values()))}
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _graph_breaks() -> int:
+    """Graph breaks since the last ``torch._dynamo.reset()`` (which clears dynamo's list of their reasons;
+    ``counters["graph_break"]`` misses some kinds, such as a data-dependent branch)."""
+    from torch._dynamo import utils
+
+    return len(getattr(utils, "graph_break_reasons", ()))
 
 
 def _recompiles() -> int:
@@ -157,26 +166,33 @@ def train_run(base: nn.Module, make: Callable[[nn.Module], nn.Module], batches: 
     run = TrainRun()
     model = copy.deepcopy(base).train()
     targets: dict[tuple[int, ...], torch.Tensor] = {}
-    eager = [0]
+    ran_eagerly = [False]
 
-    def count_eager(module, args, output) -> None:
-        # dynamo traces this hook into the graph, where is_compiling() is True: it counts only eager calls
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            eager[0] += 1
+    def note_eager(module, args, output) -> None:
+        # dynamo inlines this hook into the graph it traces, where is_compiling() is True: it only fires
+        # when the layer runs outside a compiled graph. (The root module's own hooks would not do: dynamo
+        # calls them outside the compiled frame, and may compile the hook function as a frame of its own.)
+        if not torch.compiler.is_compiling():
+            ran_eagerly[0] = True
 
     limit_log = _LimitLog()
     dynamo_log = logging.getLogger("torch._dynamo")
     dynamo_log.addHandler(limit_log)
-    before = _dynamo_counts()
+    graphs_before = _graph_count()
     try:
         torch.manual_seed(seed)
         compiled = make(model)
-        getattr(compiled, "_orig_mod", compiled).register_forward_hook(count_eager)
+        inner = getattr(compiled, "_orig_mod", compiled)
+        for module in inner.modules():
+            if module is not inner and next(module.children(), None) is None:
+                module.register_forward_hook(note_eager)
         opt = torch.optim.Adam(compiled.parameters(), lr=lr)
         for inputs in batches:
             opt.zero_grad(set_to_none=True)
+            ran_eagerly[0] = False
             out = primary_tensor(compiled(*inputs)).float()
             run.forwards += 1
+            run.eager_calls += ran_eagerly[0]
             if out.shape not in targets:
                 gen = torch.Generator().manual_seed(hash(tuple(out.shape)) % 2**31)
                 targets[out.shape] = torch.randn(out.shape, generator=gen)
@@ -188,8 +204,7 @@ def train_run(base: nn.Module, make: Callable[[nn.Module], nn.Module], batches: 
         run.error = reason(err)
     finally:
         dynamo_log.removeHandler(limit_log)
-    after = _dynamo_counts()
-    run.graphs, run.breaks = after["graphs"] - before["graphs"], after["breaks"] - before["breaks"]
-    run.recompiles, run.eager_calls, run.limit_hits = _recompiles(), eager[0], limit_log.hits
+    run.graphs, run.breaks = _graph_count() - graphs_before, _graph_breaks()
+    run.recompiles, run.limit_hits = _recompiles(), limit_log.hits
     torch._dynamo.reset()
     return run
