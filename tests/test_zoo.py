@@ -145,3 +145,5 @@ def test_cli_lists_and_filters(capsys):
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert len(listed) >= 10 and all(name.startswith("tv-") for name in listed)
     assert len(zoo.all_models()) >= 25
+    assert cli.main(["bench", "zoo", "--columns", "sites,speed"]) == 1
+    assert "cosmic-fx: error: unknown zoo column(s) ['speed']; valid: sites, kept" in capsys.readouterr().err

@@ -297,9 +297,13 @@ def run_model(spec: ZooModel, settings: Settings | None = None) -> Row:
     if any(key in settings.columns for key in _TRAIN_COLUMNS):
         batches = _batches(spec, settings)
         lower = settings.lower
-        plain = train_run(model, lambda m: torch.compile(m, backend=lower), batches, lr=settings.lr, seed=settings.seed)
-        off = train_run(model, lambda m: cosmic_fx.compile(m, CosmicConfig.off(lower=lower)), batches, lr=settings.lr, seed=settings.seed)
-        cosmic = train_run(model, lambda m: cosmic_fx.compile(m, CosmicConfig(lower=lower)), batches, lr=settings.lr, seed=settings.seed)
+
+        def train(make: Callable[[nn.Module], nn.Module]) -> TrainRun:
+            return train_run(model, make, batches, lr=settings.lr, seed=settings.seed)
+
+        plain = train(lambda m: torch.compile(m, backend=lower))
+        off = train(lambda m: cosmic_fx.compile(m, CosmicConfig.off(lower=lower)))
+        cosmic = train(lambda m: cosmic_fx.compile(m, CosmicConfig(lower=lower)))
         columns.update({
             "train": lambda: _col_train(cosmic, settings),
             "off_parity": lambda: _col_off(plain, off),
@@ -399,6 +403,7 @@ def to_json(rows: Sequence[Row], settings: Settings) -> dict[str, Any]:
 def _cmd(args: argparse.Namespace) -> int:
     import os
 
+    from ..cli import CLIError
     from .common import write_results
     from .zoo_vision import VENDOR_ENV
 
@@ -409,7 +414,11 @@ def _cmd(args: argparse.Namespace) -> int:
             print(f"{m.name:24s} {m.library}{'  (quick)' if m.quick else ''}")
         return 0
     torch.set_num_threads(args.threads)
-    settings = Settings(lower=args.lower, steps=args.steps)
+    columns = tuple(c.strip() for c in args.columns.split(",")) if args.columns else Settings.columns
+    try:
+        settings = Settings(lower=args.lower, steps=args.steps, columns=columns)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
     rows = run(settings=settings, quick=args.quick, pattern=args.models, show_progress=not args.no_progress)
     markdown = render(rows, settings)
     print(markdown)
@@ -432,6 +441,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--lower", choices=["aot_eager", "inductor", "eager"], default="aot_eager",
                    help="lowering of every compiled run, plain torch.compile included (default aot_eager)")
     p.add_argument("--steps", type=int, default=5, help="training steps on the fixed batch (default 5)")
+    p.add_argument("--columns", default=None, metavar="KEYS",
+                   help=f"comma list of columns to run (default all: {','.join(k for k, _ in COLUMNS)})")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--vendor", default=None, metavar="DIR",
                    help="folder with the isolated torchvision/timm (default: $COSMIC_FX_ZOO_VENDOR or .zoo-vendor)")
