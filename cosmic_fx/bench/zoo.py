@@ -328,8 +328,12 @@ def select(models: Sequence[ZooModel], pattern: str | None = None, quick: bool =
 
 
 def run(models: Sequence[ZooModel] | None = None, settings: Settings | None = None, *, quick: bool = False,
-        pattern: str | None = None, show_progress: bool = True) -> list[Row]:
-    """Run the zoo (or the selected part of it) and return one :class:`Row` per model."""
+        pattern: str | None = None, show_progress: bool = True,
+        on_row: Callable[[list[Row]], None] | None = None) -> list[Row]:
+    """Run the zoo (or the selected part of it) and return one :class:`Row` per model.
+
+    ``on_row`` is called with the rows so far after each model (the CLI writes partial results with it).
+    """
     from .common import progress
 
     settings = settings or Settings()
@@ -341,6 +345,8 @@ def run(models: Sequence[ZooModel] | None = None, settings: Settings | None = No
             bar.set_postfix_str(spec.name)
             rows.append(run_model(spec, settings))
             bar.update(1)
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
@@ -419,10 +425,12 @@ def _cmd(args: argparse.Namespace) -> int:
         settings = Settings(lower=args.lower, steps=args.steps, columns=columns)
     except ValueError as err:
         raise CLIError(str(err)) from None
-    rows = run(settings=settings, quick=args.quick, pattern=args.models, show_progress=not args.no_progress)
-    markdown = render(rows, settings)
-    print(markdown)
-    write_results(args.out, "zoo", markdown, to_json(rows, settings))
+    def save(rows: list[Row]) -> None:  # after every model: a long run that is stopped keeps what it measured
+        write_results(args.out, "zoo", render(rows, settings), to_json(rows, settings))
+
+    rows = run(settings=settings, quick=args.quick, pattern=args.models, show_progress=not args.no_progress,
+               on_row=save if args.out else None)
+    print(render(rows, settings))
     return 0
 
 
