@@ -178,12 +178,16 @@ def _inputs_do_not_fit(tm: nn.Module, inputs: tuple[Any, ...]) -> str | None:
     try:
         with eval_no_grad(tm):
             tm(*inputs)
-    except Exception as err:  # noqa: BLE001 - any failure here is the inputs' (the model runs in eager mode)
+    except Exception as err:  # noqa: BLE001 - the model fails without torch.export: that is the error to show
         given = "; ".join(f"input {i}: {_describe_input(x)}" for i, x in enumerate(inputs))
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-        return (f"cannot export {type(tm).__name__}: the example inputs do not fit its forward ({given}), so there "
-                f"is nothing to trace. Running it on them fails with {type(err).__name__}: {first}"
-                f"{_first_layer_hint(tm)}. Pass example inputs of the shape and dtype the model takes.")
+        head = (f"cannot export {type(tm).__name__}: it does not run on the example inputs ({given}) even without "
+                f"torch.export, so there is nothing to trace: {type(err).__name__}: {first}")
+        # shape and dtype mismatches surface as these; anything else is a failure of the forward itself
+        if isinstance(err, (RuntimeError, ValueError, IndexError)):
+            return (f"{head}{_first_layer_hint(tm)}. Pass example inputs of the shape and dtype the model takes.")
+        where = _failure_location(err)
+        return f"{head}{f' at {where}' if where else ''}. Make the forward run on these inputs first."
     return None
 
 

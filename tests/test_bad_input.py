@@ -46,10 +46,28 @@ def test_explain_on_meta_inputs_asks_for_real_ones():
      r"input 0: shape \(4, 5\) float32.*first layer 0 is Embedding\(10, 16\): it expects integer token ids below 10"),
 ])
 def test_export_names_an_input_that_does_not_fit(model, x, expects, tmp_path):
-    with pytest.raises(ExportError, match=r"cannot export \w+: the example inputs do not fit its forward \(" + expects) as info:
+    with pytest.raises(ExportError, match=r"cannot export \w+: it does not run on the example inputs \(" + expects) as info:
         cosmic_fx.export(model, x, tmp_path / "m.pt2")
     assert "could not trace" not in str(info.value) and "<string>" not in str(info.value)
     assert not (tmp_path / "m.pt2").exists()
+
+
+class _ReadsAMissingAttribute(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 16)
+
+    def forward(self, x):
+        return self.fc(x) * self.fc.scale  # no such attribute: a bug of the forward, not of the inputs
+
+
+def test_export_of_a_forward_that_fails_blames_the_forward_not_the_inputs(tmp_path):
+    with pytest.raises(ExportError, match=r"it does not run on the example inputs \(input 0: shape \(4, 8\) float32\) "
+                                          r"even without torch\.export.*AttributeError: '\w+' object has no "
+                                          r"attribute 'scale' at .*test_bad_input\.py:\d+ in forward.*"
+                                          r"Make the forward run on these inputs first") as info:
+        cosmic_fx.export(_ReadsAMissingAttribute(), torch.rand(4, 8), tmp_path / "m.pt2")
+    assert "shape and dtype the model takes" not in str(info.value)
 
 
 # ----------------------------------------------------------------------------- adapter checksum
