@@ -147,3 +147,5 @@ def test_cli_lists_and_filters(capsys):
     assert len(zoo.all_models()) >= 25
     assert cli.main(["bench", "zoo", "--columns", "sites,speed"]) == 1
     assert "cosmic-fx: error: unknown zoo column(s) ['speed']; valid: sites, kept" in capsys.readouterr().err
+    assert cli.main(["bench", "zoo", "--threads", "0"]) == 1
+    assert "--threads must be >= 1 and --steps >= 2; got 0 and 5" in capsys.readouterr().err

@@ -419,6 +419,8 @@ def _cmd(args: argparse.Namespace) -> int:
         for m in select(all_models(), args.models, args.quick):
             print(f"{m.name:24s} {m.library}{'  (quick)' if m.quick else ''}")
         return 0
+    if args.threads < 1 or args.steps < 2:
+        raise CLIError(f"--threads must be >= 1 and --steps >= 2; got {args.threads} and {args.steps}")
     torch.set_num_threads(args.threads)
     columns = tuple(c.strip() for c in args.columns.split(",")) if args.columns else Settings.columns
     try:
