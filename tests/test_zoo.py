@@ -62,7 +62,7 @@ def test_a_model_that_must_pass_passes_and_a_broken_one_fails_the_right_columns(
     bad = zoo.run_model(ZooModel("broken", "torch", Broken, _x), FAST)
     status = {k: c.status for k, c in bad.cells.items()}
     assert status["sites"] == "pass" and bad.cells["sites"].text == "1/1"
-    assert status["parity"] == status["export"] == "fail" and bad.cells["parity"].text.startswith("max |Δ|")
+    assert status["parity"] == status["export"] == "fail" and bad.cells["parity"].text.startswith("max abs Δ ")
     assert status["train"] == "fail" and "RuntimeError: broken in training" in bad.cells["train"].text
     # plain torch.compile fails the same way: off-parity does not apply; runs that never finished cannot pass
     assert status["off_parity"] == "n/a" and "torch.compile itself fails" in bad.cells["off_parity"].text
