@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cosmic-installed
 
-.PHONY: demo test setup bench-claims bench-perf clean
+.PHONY: demo test setup bench-claims bench-perf bench-zoo zoo-vendor clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,5 +29,20 @@ bench-claims: $(STAMP)
 bench-perf: $(STAMP)
 	$(BIN)/cosmic-fx bench perf
 
+# `cosmic-fx bench zoo`: torchvision and timm in a folder of their own, outside the environment (the
+# registry's torchvision wheel is built against the CUDA torch; installed next to the CPU torch it breaks
+# `import transformers` and `import timm`). The zoo imports its model files from there.
+ZOO_VENDOR ?= .zoo-vendor
+ZOO_PACKAGES ?= torchvision==0.28.0 timm==1.0.31
+
+$(ZOO_VENDOR)/.installed: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps --target $(ZOO_VENDOR) $(ZOO_PACKAGES)
+	touch $@
+
+zoo-vendor: $(ZOO_VENDOR)/.installed
+
+bench-zoo: $(STAMP) zoo-vendor
+	$(BIN)/cosmic-fx bench zoo
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info $(ZOO_VENDOR)

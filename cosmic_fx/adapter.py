@@ -38,19 +38,29 @@ def _adapter_tensors(tm: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _sha256(tensors) -> str:
+    """sha256 over (name, dtype, shape, bytes) of each ``(name, tensor)`` pair, in the order given."""
+    h = hashlib.sha256()
+    for name, t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d (QCI beta) has no byte view
+    return "sha256:" + h.hexdigest()
+
+
 def _base_fingerprint(tm: nn.Module) -> str:
     """sha256 of the base model's weights and buffers (everything but the adapter), in a fixed order."""
     from .runtime import STATE_NAME
 
     adapter = set(_adapter_tensors(tm))
-    h = hashlib.sha256()
-    for name, t in tm.state_dict().items():
-        if name in adapter or name.startswith(STATE_NAME + "."):  # QCIs; CDG/CCE training state
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return "sha256:" + h.hexdigest()
+    # QCIs and the CDG/CCE training state (cosmic_state.*) are not the base model
+    return _sha256((name, t) for name, t in tm.state_dict().items()
+                   if name not in adapter and not name.startswith(STATE_NAME + "."))
+
+
+def _tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the adapter's own tensors (sorted by name), stored in the config to catch corrupt weights."""
+    return _sha256(sorted(tensors.items()))
 
 
 def _save_adapter(tm: nn.Module, path: Path) -> Path:
@@ -76,6 +86,7 @@ def _save_adapter(tm: nn.Module, path: Path) -> Path:
         "sites": [[name, kind, width] for name, kind, width, _, _ in info.sites],
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()},
         "base_fingerprint": _base_fingerprint(tm),
+        "tensors_sha256": _tensors_checksum(tensors),
     }
     save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt", "cosmic_fx": f"{ADAPTER_FORMAT} v{ADAPTER_VERSION}"})
     (path / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -118,11 +129,34 @@ def _read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
                                "export the adapter again") from None
 
 
+def _verify_checksum(folder: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Compare the loaded tensors with the sha256 the exporter stored (safetensors has no checksum of its own:
+    flipped bits in the data load silently)."""
+    expected = meta.get("tensors_sha256")
+    if expected is None:
+        warnings.warn(
+            f"{folder / ADAPTER_CONFIG} has no 'tensors_sha256' (it was exported by an older cosmic_fx), so the "
+            f"integrity of {ADAPTER_WEIGHTS} cannot be checked; export the adapter again to add the checksum.",
+            stacklevel=3,
+        )
+        return
+    actual = _tensors_checksum(tensors)
+    if actual != expected:
+        raise CorruptFileError(
+            f"{folder / ADAPTER_WEIGHTS} fails its checksum: its tensors' sha256 is {actual}, but "
+            f"{ADAPTER_CONFIG} recorded {expected} when the adapter was exported. The file was changed or corrupted "
+            "after export (e.g. bit flips in storage or transfer); copy it again from its source or export the "
+            "adapter again."
+        )
+
+
 def load_adapter(base_model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) -> nn.Module:
     """Rebuild a transformed model from a fresh base model and adapter files.
 
     The base model is transformed with the adapter's config (it stays untouched; the result shares its
-    weights) and the QCI parameters are loaded from the safetensors file (no pickle).
+    weights) and the QCI parameters are loaded from the safetensors file (no pickle), after checking them
+    against the sha256 stored in ``adapter_config.json`` (``tensors_sha256``). Adapters exported before
+    that field existed still load, with a warning that their weights cannot be verified.
 
     Args:
         base_model: a model built by the same code as the one the adapter was exported from.
@@ -134,7 +168,8 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, *, check_base: 
         the transformed model, as :func:`cosmic_fx.transform` returns it.
 
     Raises:
-        CorruptFileError: the files are missing, truncated, corrupt or not an adapter.
+        CorruptFileError: the files are missing, truncated, corrupt (including a weights file whose
+            tensors fail the stored checksum) or not an adapter.
         ValueError: the adapter does not fit ``base_model`` (other sites, shapes or parameter names).
 
     Example:
@@ -158,6 +193,7 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, *, check_base: 
     except (ValueError, TypeError) as err:
         raise CorruptFileError(f"{folder / ADAPTER_CONFIG} holds an invalid config: {err}") from None
     tensors = _read_adapter_weights(folder)
+    _verify_checksum(folder, meta, tensors)
     with torch.random.fork_rng(devices=[]):
         tm = transform(base_model, config)
     info = transform_info(tm)

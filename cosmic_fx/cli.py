@@ -85,6 +85,7 @@ _PLUGINS = (
     ("cosmic_fx.export", "top"),
     ("cosmic_fx.bench.claims", "bench"),
     ("cosmic_fx.bench.perf", "bench"),
+    ("cosmic_fx.bench.zoo", "bench"),
 )
 
 

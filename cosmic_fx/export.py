@@ -155,11 +155,40 @@ def _export_program(tm: nn.Module, inputs: tuple[Any, ...], dynamic_batch: bool)
                 quiet_torch_logs("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export"):
             program = torch.export.export(tm, inputs, dynamic_shapes=dynamic_shapes)
     except Exception as err:
-        failure = ExportError(_explain_export_failure(tm, err, dynamic_batch))
+        # an input the model cannot run at all (wrong shape or dtype) fails inside torch.export's tracer,
+        # far from the user's code: say so plainly instead of blaming the forward
+        mismatch = _inputs_do_not_fit(tm, inputs)
+        failure = ExportError(mismatch or _explain_export_failure(tm, err, dynamic_batch))
         failure.torch_output = held.getvalue()
         raise failure from err
     sys.stderr.write(held.getvalue())
     return program
+
+
+def _describe_input(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"shape ({', '.join(map(str, x.shape))}) {str(x.dtype).replace('torch.', '')}"
+    return type(x).__name__
+
+
+def _inputs_do_not_fit(tm: nn.Module, inputs: tuple[Any, ...]) -> str | None:
+    """The error message when the model does not run on ``inputs`` even eagerly, else ``None``."""
+    from .inspect import _first_layer_hint
+
+    try:
+        with eval_no_grad(tm):
+            tm(*inputs)
+    except Exception as err:  # noqa: BLE001 - the model fails without torch.export: that is the error to show
+        given = "; ".join(f"input {i}: {_describe_input(x)}" for i, x in enumerate(inputs))
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+        head = (f"cannot export {type(tm).__name__}: it does not run on the example inputs ({given}) even without "
+                f"torch.export, so there is nothing to trace: {type(err).__name__}: {first}")
+        # shape and dtype mismatches surface as these; anything else is a failure of the forward itself
+        if isinstance(err, (RuntimeError, ValueError, IndexError)):
+            return (f"{head}{_first_layer_hint(tm)}. Pass example inputs of the shape and dtype the model takes.")
+        where = _failure_location(err)
+        return f"{head}{f' at {where}' if where else ''}. Make the forward run on these inputs first."
+    return None
 
 
 _CALL_SITE = re.compile(r'The following call raised this error:\s*\n\s*File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')

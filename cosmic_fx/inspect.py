@@ -65,6 +65,7 @@ def explain(model: nn.Module, example_inputs: Any, config: CosmicConfig | None =
         model = model._orig_mod
     if not isinstance(model, nn.Module):
         raise TypeError(f"cosmic_fx.explain expects an nn.Module; got {type(model).__name__}")
+    _check_not_meta(model, inputs)
     info = transform_info(model)
     if info is not None:
         if config is not None and config != info.config:
@@ -129,6 +130,22 @@ def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
     if not example_inputs:
         raise ValueError("example_inputs is empty; pass a tensor or a tuple of tensors the model's forward accepts")
     return example_inputs
+
+
+def _check_not_meta(model: nn.Module, inputs: tuple) -> None:
+    """explain runs the model and reads values (E(p), E_out): meta tensors have shapes but no values."""
+    meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta:
+        shown = ", ".join(meta[:3]) + (f" and {len(meta) - 3} more" if len(meta) > 3 else "")
+        raise ValueError(
+            f"cosmic_fx.explain needs real weights, but {type(model).__name__} has {len(meta)} parameter(s)/buffer(s) "
+            f"on the meta device ({shown}): it runs the model and measures E(p) from the weights' values. "
+            "Materialise the model first: model.to_empty(device='cpu') and then initialise it (e.g. call each "
+            "module's reset_parameters()), or load its weights (model.load_state_dict(state_dict, assign=True))."
+        )
+    if any(isinstance(x, torch.Tensor) and x.is_meta for x in inputs):
+        raise ValueError("cosmic_fx.explain needs real example inputs, not tensors on the meta device: it runs the "
+                         "model on them; pass e.g. torch.randn(...) of the same shape")
 
 
 def _shape_of(x: Any) -> tuple[int, ...]:
