@@ -17,11 +17,12 @@ from .config import CCEMode, CDGMode, CosmicConfig, CSCPlacement, Lowering, QCII
 from .export import export
 from .hooks import CosmicHooks, attach_hooks, detach_hooks, hooks_of
 from .inspect import explain
-from .modules import CosmicSite, CosmicStateCompression, QuantumClassicalInterface, cosmic_state_compression
+from .modules import CosmicStateCompression, QuantumClassicalInterface, cosmic_state_compression
 from .quantities import efficiency, entropy, info
 from .report import Report
-from .tracer import Site, find_sites
-from .transform import TransformInfo, transform, transform_info
+from .sites import SITE_KINDS, Site, SiteInfo, SiteKind, module_sites
+from .tracer import find_sites, sites_in_forward_order
+from .transform import TransformInfo, as_config, transform, transform_info
 
 __version__ = "0.1.0"
 
@@ -40,7 +41,7 @@ def compile(model: nn.Module, config: CosmicConfig | None = None, **compile_kwar
         >>> cm(torch.randn(2, 8)).shape   # doctest: +SKIP
         torch.Size([2, 4])
     """
-    config = config or CosmicConfig()
+    config = as_config(config, "cosmic_fx.compile")
     for key in ("backend", "options", "mode"):
         if key in compile_kwargs:
             raise TypeError(f"cosmic_fx.compile sets torch.compile's {key!r} itself; put settings in the CosmicConfig")
@@ -53,13 +54,15 @@ __all__ = [
     "CSCPlacement",
     "CosmicConfig",
     "CosmicHooks",
-    "CosmicSite",
     "CosmicStateCompression",
     "Lowering",
     "QCIInit",
     "QuantumClassicalInterface",
     "Report",
+    "SITE_KINDS",
     "Site",
+    "SiteInfo",
+    "SiteKind",
     "TransformInfo",
     "attach_hooks",
     "backend_records",
@@ -75,6 +78,8 @@ __all__ = [
     "hooks_of",
     "info",
     "load_adapter",
+    "module_sites",
+    "sites_in_forward_order",
     "transform",
     "transform_info",
 ]

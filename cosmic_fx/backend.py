@@ -26,6 +26,7 @@ from torch import fx, nn
 from .config import CDGMode, CosmicConfig, Lowering
 from .hooks import _warn_once, runtime_for
 from .quantities import efficiency
+from .sites import SiteInfo
 from .tracer import META_KEY, find_sites, placeholder_fqn, site_has_qci
 from .transform import is_transformed_parameter
 
@@ -41,7 +42,7 @@ class BackendRecord:
     compile_id: str
     graph_before: str
     graph_after: str
-    sites: list[tuple[str, str, int | None, bool, str]]
+    sites: list[SiteInfo]
     missing_qci: list[str]
     csc_inserted: int
     hooked_params: int
@@ -191,7 +192,7 @@ def cosmic_backend(
         compile_id=str(gm.meta.get("dynamo_compile_id", "")) if hasattr(gm, "meta") else "",
         graph_before=before,
         graph_after=gm.code,
-        sites=[(s.name, s.kind.value, s.width, s.qualifies, s.reason) for s in sites],
+        sites=[s.info() for s in sites],
         missing_qci=missing,
         csc_inserted=csc_count,
         hooked_params=len(named) if hooks is not None else 0,

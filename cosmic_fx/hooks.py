@@ -379,8 +379,11 @@ class _OutputTracker:
 
 
 def _output_layer_params(order: list[nn.Module]) -> list[torch.Tensor]:
-    """Parameters of the last Linear/Conv2d executed and of every module executed after it."""
-    last = max((i for i, m in enumerate(order) if isinstance(m, (nn.Linear, nn.Conv2d))), default=None)
+    """Parameters of the last site module executed (:mod:`cosmic_fx.sites`) and of every module
+    executed after it."""
+    from .sites import is_site_module
+
+    last = max((i for i, m in enumerate(order) if is_site_module(m)), default=None)
     if last is None:
         return []
     return [p for m in order[last:] for p in m.parameters(recurse=False)]

@@ -18,7 +18,6 @@ from .config import CosmicConfig, QCIInit
 from .quantities import DEFAULT_EPS
 
 __all__ = [
-    "CosmicSite",
     "CosmicStateCompression",
     "QuantumClassicalInterface",
     "cosmic_state_compression",
@@ -250,33 +249,6 @@ class QuantumClassicalInterface(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, feature_dim={self.feature_dim}, init={self.init.value}"
-
-
-class CosmicSite(nn.Module):
-    """The module-swap form of a rewritten site, used when a model does not symbolic-trace.
-
-    ``base_layer`` is the user's original ``nn.Linear`` / ``nn.Conv2d`` (shared, not copied), then an
-    optional ``qci`` and an optional ``csc`` follow, in that order.
-    """
-
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        qci: QuantumClassicalInterface | None = None,
-        csc: CosmicStateCompression | None = None,
-    ) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.qci = qci
-        self.csc = csc
-
-    def forward(self, *args, **kwargs):
-        out = self.base_layer(*args, **kwargs)
-        if self.qci is not None:
-            out = self.qci(out)
-        if self.csc is not None:
-            out = self.csc(out)
-        return out
 
 
 def make_qci(width: int, feature_dim: int, config: CosmicConfig, like: torch.Tensor | None) -> QuantumClassicalInterface:
