@@ -120,6 +120,13 @@ def cosmic_state_compression(
         torch.Size([4, 10])
     """
     _check_alpha_eps(alpha, eps)
+    return _compress(t, alpha, dim, eps)
+
+
+def _compress(t: torch.Tensor, alpha: float, dim: int, eps: float) -> torch.Tensor:
+    """:func:`cosmic_state_compression` with ``alpha`` and ``eps`` already checked (a module checks them
+    once: under ``torch.compile(dynamic=True)`` its float attributes are symbolic, and checking them
+    with ``math.isfinite`` on every call would break the graph)."""
     if not t.is_floating_point():
         raise TypeError(
             f"cosmic_state_compression needs a floating-point tensor; got {t.dtype}. "
@@ -151,7 +158,7 @@ class CosmicStateCompression(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.passthrough and not (isinstance(x, torch.Tensor) and x.is_floating_point()):
             return x
-        return cosmic_state_compression(x, self.alpha, self.dim, self.eps)
+        return _compress(x, self.alpha, self.dim, self.eps)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, dim={self.dim}, eps={self.eps}" + (", passthrough=True" if self.passthrough else "")

@@ -15,6 +15,11 @@ the model's own keys plus the QCIs' (``cosmic_qci.<site>.*``). Two ways to put t
   hooks rather than wrappers).
 
 Which layers are sites is the table in :mod:`cosmic_fx.sites`. The user's model is never modified.
+
+On the traced path the QCIs live in ``forward``'s graph: another method of the model that calls a
+layer directly (``self.fc1(x)`` in a custom ``encode``) runs it without its QCI. On the module-swap
+path every call of a layer gets its QCI. An ``nn.Sequential`` result still indexes, iterates and
+counts its own layers only (:mod:`cosmic_fx.sequential`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from torch import fx, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import CosmicConfig, CSCPlacement
+from .sequential import keep_sequential_face
 from .site_hooks import CSC_ROOT, QCI_ROOT, attach_output_csc, attach_sites
 from .sites import (
     NOT_SITES,
@@ -40,7 +46,7 @@ from .sites import (
     module_sites,
     site_module_kinds,
 )
-from .tracer import META_KEY, find_sites, symbolic_trace
+from .tracer import META_KEY, CosmicTracer, find_sites, symbolic_trace
 
 __all__ = ["TransformInfo", "transform", "transform_info"]
 
@@ -165,8 +171,8 @@ def transform(model: nn.Module, config: CosmicConfig | None = None) -> nn.Module
     out = _structural_copy(model)
     kinds = site_module_kinds(out)
     try:
+        _check_no_bypassed_hooks(out, kinds)
         gm = symbolic_trace(out, kinds)
-        _check_no_bypassed_hooks(out, gm)
     except Exception as err:  # noqa: BLE001 - any trace failure means: use the fallback path
         log.info("cosmic_fx.transform: not traced (%s); using module swap", err)
         return _module_swap(model, out, config, kinds, f"{type(err).__name__}: {err}".splitlines()[0])
@@ -187,12 +193,17 @@ def _structural_copy(model: nn.Module) -> nn.Module:
         ) from err
 
 
-def _check_no_bypassed_hooks(model: nn.Module, gm: fx.GraphModule) -> None:
-    """A traced graph inlines every non-leaf submodule: forward hooks on one would never run."""
-    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+def _check_no_bypassed_hooks(model: nn.Module, kinds) -> None:
+    """A traced graph inlines every non-leaf submodule: forward hooks on one would never run (and
+    tracing would run them once, on proxies). Checked before tracing."""
+    tracer = CosmicTracer(kinds)
+    leaves: list[str] = []
     for name, mod in model.named_modules():
-        inside_leaf = any(name.startswith(f"{c}.") for c in called)  # not called in eager either
-        if name and name not in called and not inside_leaf and (mod._forward_hooks or mod._forward_pre_hooks):
+        if not name or any(name.startswith(f"{leaf}.") for leaf in leaves):
+            continue
+        if tracer.is_leaf_module(mod, name):
+            leaves.append(name)
+        elif mod._forward_hooks or mod._forward_pre_hooks:
             raise RuntimeError(f"submodule {name} has forward hooks, which a traced graph would bypass")
 
 
@@ -206,6 +217,7 @@ def _rewrite_traced(model: nn.Module, out: nn.Module, gm: fx.GraphModule, config
         InsertQCI(config)(gm)
     InsertCSC(config)(gm)
     _bind_graph(out, gm)
+    keep_sequential_face(out)
     info = TransformInfo("symbolic_trace", config, [s.info() for s in sites], _inserted_sites(gm), graph_module=gm)
     setattr(out, INFO_ATTR, info)
     return _mark(out)
@@ -248,6 +260,7 @@ def _module_swap(model: nn.Module, out: nn.Module, config: CosmicConfig, kinds, 
     rewritten = attach_sites(out, sites, config)
     if config.csc is CSCPlacement.OUTPUT:
         attach_output_csc(out, config)
+    keep_sequential_face(out)
     info = TransformInfo("module_swap", config, [s.info() for s in sites], rewritten, trace_error)
     setattr(out, INFO_ATTR, info)
     return _mark(out)
