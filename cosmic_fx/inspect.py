@@ -154,7 +154,7 @@ def _site_shapes(model: nn.Module, inputs: tuple, traced: fx.GraphModule | None)
     if traced is not None:
         from torch.fx.passes.shape_prop import ShapeProp
 
-        from .tracer import find_sites
+        from .tracer import find_sites, site_value
 
         try:
             ShapeProp(traced).propagate(*inputs)
@@ -162,8 +162,9 @@ def _site_shapes(model: nn.Module, inputs: tuple, traced: fx.GraphModule | None)
             return shapes
         for site in find_sites(traced):
             arg = next(iter(site.node.all_input_nodes), None)
-            meta = site.node.meta.get("tensor_meta")
-            if site.output_index is not None and isinstance(meta, (tuple, list)):
+            value = site_value(site)
+            meta = (value or site.node).meta.get("tensor_meta")
+            if value is None and isinstance(meta, (tuple, list)):
                 meta = meta[site.output_index]
             in_meta = arg.meta.get("tensor_meta") if arg is not None else None
             shapes.setdefault(site.name, []).append((_meta_shape(in_meta), _meta_shape(meta)))

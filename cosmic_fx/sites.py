@@ -322,6 +322,8 @@ class Site:
         weight: graph call sites: the weight's node (placeholder / get_attr).
         bias: graph call sites: the bias node, if any.
         output_index: the producing call returns a tuple; the site's output is this item.
+        out_node: graph call sites whose layer reshapes the call's result (``addmm`` on a flattened
+            input, then ``view``): the node holding the layer's output; ``None`` when it is ``node``.
     """
 
     name: str
@@ -335,6 +337,7 @@ class Site:
     weight: fx.Node | None = None
     bias: fx.Node | None = None
     output_index: int | None = None
+    out_node: fx.Node | None = None
 
     @property
     def feature_dim(self) -> int:

@@ -267,8 +267,8 @@ def _call_sites(gm: fx.GraphModule, node: fx.Node) -> list[Site]:
             bias = bias if isinstance(bias, fx.Node) else None
             params = tuple(p for p in (fqn, _param_fqn(bias, gm) if bias is not None else None) if p)
             anchor = node if form.transposed is None else _through_output_views(node)
-            out.append(Site(name=name, kind=site_kind, width=width, node=anchor, params=params,
-                            weight=weight, bias=bias, output_index=form.output_index))
+            out.append(Site(name=name, kind=site_kind, width=width, node=node, params=params, weight=weight,
+                            bias=bias, output_index=form.output_index, out_node=anchor if anchor is not node else None))
     return out
 
 
@@ -398,7 +398,7 @@ def site_value(site: Site) -> fx.Node | None:
     """The node holding the site's output: the site node, or for a tuple-returning call the
     ``getitem`` of its output item (``None`` when the graph never takes that item)."""
     if site.output_index is None:
-        return site.node
+        return site.out_node or site.node
     for user in site.node.users:
         if user.op == "call_function" and user.target is operator.getitem and user.args[1] == site.output_index:
             return user

@@ -16,7 +16,7 @@ def ensure_site_value(gm: fx.GraphModule, site: Site, inserted_by: str) -> fx.No
     ``t = call(...)`` into ``item = t[i]; t' = with_item(t, i, item)`` with every use of ``t`` reading
     ``t'``, so that a pass can insert after ``item`` like after any other site."""
     if site.output_index is None:
-        return site.node
+        return site_value(site)
     existing = site_value(site)
     if existing is not None and existing.meta.get(META_KEY, {}).get("site_item"):
         return existing
