@@ -3,7 +3,7 @@
 Registered through the ``torch_dynamo_backends`` entry point, so ``torch.compile(model,
 backend="cosmic")`` works without importing cosmic_fx. For each graph dynamo hands it, the backend:
 
-1. finds the Linear/Conv2d sites (:func:`cosmic_fx.tracer.find_sites`);
+1. finds the sites (the table in :mod:`cosmic_fx.sites`) (:func:`cosmic_fx.tracer.find_sites`);
 2. checks that each qualifying site already has its QCI — QCI parameters cannot be created inside a
    compiled region, so an untransformed model gets a one-time warning pointing to
    ``cosmic_fx.transform`` / ``cosmic_fx.compile``, and everything else still happens;

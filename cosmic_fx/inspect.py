@@ -1,7 +1,7 @@
 """See exactly what cosmic does to a model, before any compilation: :func:`explain`.
 
 :func:`explain` transforms the model the way :func:`cosmic_fx.transform` would and reports, in one
-:class:`~cosmic_fx.report.Report`: every Linear/Conv2d site (shapes, whether it qualified and why not,
+:class:`~cosmic_fx.report.Report`: every site (shapes, whether it qualified and why not,
 the nodes, parameters and FLOPs the rewrite added), the efficiency ``E(p)`` of every parameter against
 the output's ``E_out`` (and what CDG would do with it now), the graph before and after as code, their
 unified diff, and a DOT diagram with the inserted nodes highlighted. ``cosmic-fx inspect`` is its

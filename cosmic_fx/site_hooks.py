@@ -67,7 +67,13 @@ class OutputCSCHook:
 
 
 def register_nested(root: nn.Module, target: str, module: nn.Module) -> None:
-    """Register ``module`` at dotted path ``target`` under ``root``, creating empty parents."""
+    """Register ``module`` at dotted path ``target`` under ``root``, creating empty parents.
+
+    Example:
+        >>> root = nn.Module(); register_nested(root, "cosmic_qci.blocks.0.fc", nn.Identity())
+        >>> [name for name, _ in root.named_modules()][-1]
+        'cosmic_qci.blocks.0.fc'
+    """
     *parents, leaf = target.split(".")
     holder = root
     for part in parents:
@@ -89,6 +95,15 @@ def attach_sites(root: nn.Module, sites: list[Site], config) -> list[str]:
         root: the structural copy that will be returned (modified in place).
         sites: its module sites (:func:`cosmic_fx.sites.module_sites`).
         config: the :class:`~cosmic_fx.CosmicConfig`.
+
+    Example:
+        >>> from cosmic_fx import CosmicConfig
+        >>> from cosmic_fx.sites import module_sites
+        >>> model = nn.Sequential(nn.Linear(4, 16))
+        >>> attach_sites(model, module_sites(model), CosmicConfig())
+        ['0']
+        >>> type(model[0]).__name__, type(model.cosmic_qci.get_submodule("0")).__name__
+        ('Linear', 'QuantumClassicalInterface')
     """
     from .config import CSCPlacement
 

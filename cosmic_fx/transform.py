@@ -36,16 +36,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .config import CosmicConfig, CSCPlacement
 from .sequential import keep_sequential_face
 from .site_hooks import CSC_ROOT, QCI_ROOT, attach_output_csc, attach_sites
-from .sites import (
-    NOT_SITES,
-    Site,
-    SiteInfo,
-    check_materialized,
-    check_selection,
-    describe_kinds,
-    module_sites,
-    site_module_kinds,
-)
+from .site import Site, SiteInfo, check_materialized, check_selection
+from .sites import NOT_SITES, describe_kinds, module_sites, site_module_kinds
 from .tracer import META_KEY, CosmicTracer, find_sites, symbolic_trace
 
 __all__ = ["TransformInfo", "transform", "transform_info"]

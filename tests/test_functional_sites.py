@@ -93,3 +93,13 @@ def test_csc_sites_after_a_multihead_attention_output():
     csc = cosmic_fx.cosmic_state_compression
     h = csc(gm.cosmic_qci.attn.out_proj(model.attn(x, x, x, need_weights=False)[0]))
     assert_close(gm(x), csc(gm.cosmic_qci.fc(model.fc(h))))
+
+
+def test_explain_shows_functional_sites_with_shapes():
+    torch.manual_seed(0)
+    report = cosmic_fx.explain(FunctionalNet(), torch.rand(4, 8))
+    rows = [(r.name, r.kind, r.input_shape, r.output_shape, r.inserted) for r in report.sites]
+    assert rows == [("w1", "linear", (4, 8), (4, 24), ["cosmic_qci.w1"]),
+                    ("w2", "hf_conv1d", (4, 24), (4, 16), ["cosmic_qci.w2"]),
+                    ("head", "linear", (4, 16), (4, 3), [])]
+    assert report.totals["sites_rewritten"] == 2 and "cosmic_qci_w1 = self.cosmic_qci.w1(linear)" in report.graph_after

@@ -107,3 +107,20 @@ def test_compiled_transformed_model_keeps_the_class():
     torch.testing.assert_close(compiled(x), tm(x))
     assert isinstance(compiled._orig_mod, Encoder)
     cosmic_fx.detach_hooks(tm)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_adapter_round_trip_on_both_paths(case, tmp_path):
+    from safetensors.torch import load_file
+
+    factory, _ = CASES[case]
+    torch.manual_seed(0)
+    base = factory()
+    tm = transform(base, CosmicConfig(csc="none", qci_init="seed"))
+    cosmic_fx.export(tm, torch.rand(2, 8), tmp_path / "adapter", format="adapter")
+    names = set(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+    assert names == {k for k in tm.state_dict() if k.startswith("cosmic_qci.")}
+    torch.manual_seed(1)  # another random QCI init: the adapter must bring tm's back
+    again = cosmic_fx.load_adapter(base, tmp_path / "adapter")
+    x = torch.rand(3, 8)
+    assert torch.equal(again(x), tm(x))
