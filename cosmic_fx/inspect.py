@@ -154,14 +154,14 @@ def _site_shapes(model: nn.Module, inputs: tuple, traced: fx.GraphModule | None)
     if traced is not None:
         from torch.fx.passes.shape_prop import ShapeProp
 
-        from .tracer import find_sites, site_value
+        from .tracer import find_sites, site_input, site_value
 
         try:
             ShapeProp(traced).propagate(*inputs)
         except Exception:  # noqa: BLE001 - the model's own error is reported by the run that follows
             return shapes
         for site in find_sites(traced):
-            arg = next(iter(site.node.all_input_nodes), None)
+            arg = site_input(site)
             value = site_value(site)
             meta = (value or site.node).meta.get("tensor_meta")
             if value is None and isinstance(meta, (tuple, list)):

@@ -212,13 +212,15 @@ def _is_view(node: fx.Node) -> bool:
         node.op == "call_method" and node.target in _VIEW_METHODS)
 
 
-def _through_output_views(node: fx.Node) -> fx.Node:
+def _through_output_views(node: fx.Node, width: int | None) -> fx.Node:
     """For a matmul site (``addmm`` on a flattened input): the reshape back to the input's shape that
-    the layer itself does, when the graph shows it in the same module."""
+    the layer itself does, when the graph shows it in the same module and keeps the features last."""
     scope = list((node.meta.get("nn_module_stack") or {}).keys())
-    while len(node.users) == 1:
+    while len(node.users) == 1 and scope and width is not None:
         (user,) = node.users
-        if not _is_view(user) or list((user.meta.get("nn_module_stack") or {}).keys()) != scope:
+        shape = _static_shape(user)
+        if (not _is_view(user) or list((user.meta.get("nn_module_stack") or {}).keys()) != scope
+                or not shape or shape[-1] != width):
             break
         node = user
     return node
@@ -266,7 +268,7 @@ def _call_sites(gm: fx.GraphModule, node: fx.Node) -> list[Site]:
             bias = _arg(node, form.bias_arg, "bias")
             bias = bias if isinstance(bias, fx.Node) else None
             params = tuple(p for p in (fqn, _param_fqn(bias, gm) if bias is not None else None) if p)
-            anchor = node if form.transposed is None else _through_output_views(node)
+            anchor = node if form.transposed is None else _through_output_views(node, width)
             out.append(Site(name=name, kind=site_kind, width=width, node=node, params=params, weight=weight,
                             bias=bias, output_index=form.output_index, out_node=anchor if anchor is not node else None))
     return out
@@ -402,6 +404,16 @@ def site_value(site: Site) -> fx.Node | None:
     for user in site.node.users:
         if user.op == "call_function" and user.target is operator.getitem and user.args[1] == site.output_index:
             return user
+    return None
+
+
+def site_input(site: Site) -> fx.Node | None:
+    """The node a site's layer is applied to: the module call's first argument, or the call's first
+    argument that is not its weight or bias (``addmm(bias, x, weight)`` reads ``x``)."""
+    params = {site.weight, site.bias} - {None}
+    for node in site.node.all_input_nodes:
+        if node not in params and _source(node)[0] not in params:
+            return node
     return None
 
 

@@ -69,6 +69,5 @@ def test_cosmic_compiles_no_more_graphs_than_plain_torch_compile(case, dynamic):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_same_with_aot_eager_lowering(case):
-    compare(case, None, "aot_eager")
+def test_same_with_aot_eager_lowering():
+    compare("lm", None, "aot_eager")  # batch sizes and sequence lengths

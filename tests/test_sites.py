@@ -13,7 +13,7 @@ import cosmic_fx
 from cosmic_fx import CosmicConfig
 from cosmic_fx.modules import QuantumClassicalInterface
 from cosmic_fx.sites import NOT_SITES, SITE_KINDS, kind_by_name, module_sites
-from cosmic_fx.tracer import find_sites, output_layer_params, sites_in_forward_order, symbolic_trace
+from cosmic_fx.tracer import find_sites, output_layer_params, site_value, sites_in_forward_order, symbolic_trace
 
 from .test_tracer_passes import aten_graph, dynamo_graphs
 
@@ -110,7 +110,13 @@ def test_every_kind_in_symbolic_dynamo_and_aten_graphs(case):
     got_sym = [(s.name, s.kind.name, s.width) for s in find_sites(symbolic_trace(model))]
     assert got_sym == expected
     (gm,) = dynamo_graphs(model, make_input())
-    assert [(s.name, s.kind.name, s.width) for s in find_sites(gm)] == expected
+    sites = find_sites(gm)
+    assert [(s.name, s.kind.name, s.width) for s in sites] == expected
+    for site in sites:  # the value a QCI would follow: features where the kind says, at the layer's full shape
+        value = site_value(site).meta["example_value"]
+        assert value.shape[site.feature_dim] == site.width
+        if site.kind.name == "hf_conv1d" and case == "conv2d+conv1d":
+            assert value.dim() == 3 and site.node.target is torch.addmm  # through the layer's own view back
     aten = [(s.kind.name, s.width) for s in find_sites(aten_graph(model, make_input()))]
     assert aten == [(k, w) for _, k, w in expected]
 
