@@ -17,11 +17,12 @@ from .config import CCEMode, CDGMode, CosmicConfig, CSCPlacement, Lowering, QCII
 from .export import export
 from .runtime import CosmicRuntime, attach_hooks, detach_hooks, hooks_of, runtime_of
 from .inspect import explain
-from .modules import CosmicSite, CosmicStateCompression, QuantumClassicalInterface, cosmic_state_compression
+from .modules import CosmicStateCompression, QuantumClassicalInterface, cosmic_state_compression
 from .quantities import efficiency, entropy, info
 from .report import Report
-from .tracer import Site, find_sites
-from .transform import TransformInfo, transform, transform_info
+from .sites import SITE_KINDS, Site, SiteInfo, SiteKind, module_sites
+from .tracer import find_sites, sites_in_forward_order
+from .transform import TransformInfo, as_config, transform, transform_info
 
 __version__ = "0.1.0"
 
@@ -49,6 +50,8 @@ def compile(model: nn.Module, config: CosmicConfig | None = None, **compile_kwar
     from .runtime import _unwrap
     from .runtime.distributed import check_not_wrapped
 
+    if config is not None:
+        config = as_config(config, "cosmic_fx.compile")
     for key in ("backend", "options", "mode"):
         if key in compile_kwargs:
             raise TypeError(f"cosmic_fx.compile sets torch.compile's {key!r} itself; put settings in the CosmicConfig")
@@ -73,13 +76,15 @@ __all__ = [
     "CSCPlacement",
     "CosmicConfig",
     "CosmicRuntime",
-    "CosmicSite",
     "CosmicStateCompression",
     "Lowering",
     "QCIInit",
     "QuantumClassicalInterface",
     "Report",
+    "SITE_KINDS",
     "Site",
+    "SiteInfo",
+    "SiteKind",
     "TransformInfo",
     "attach_hooks",
     "compile",
@@ -94,7 +99,9 @@ __all__ = [
     "hooks_of",
     "info",
     "load_adapter",
+    "module_sites",
     "runtime_of",
+    "sites_in_forward_order",
     "transform",
     "transform_info",
 ]

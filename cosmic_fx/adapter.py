@@ -83,7 +83,7 @@ def _save_adapter(tm: nn.Module, path: Path) -> Path:
         "transform_path": info.path,
         "config": info.config.to_options(),
         "rewritten": list(info.rewritten),
-        "sites": [[name, kind, width] for name, kind, width, _, _ in info.sites],
+        "sites": [[s.name, s.kind, s.width] for s in info.sites],
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()},
         "base_fingerprint": _base_fingerprint(tm),
         "tensors_sha256": _tensors_checksum(tensors),

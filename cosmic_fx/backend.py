@@ -7,7 +7,7 @@ it through the graph's parameters (the runtime of a transformed model hooks them
 ``DistributedDataParallel`` wrapper whose forward is running. For each graph dynamo hands it, the
 backend:
 
-1. finds the linear-like sites (:func:`cosmic_fx.tracer.find_sites`);
+1. finds the sites (the table in :mod:`cosmic_fx.sites`) (:func:`cosmic_fx.tracer.find_sites`);
 2. checks that each qualifying site already has its QCI — QCI parameters cannot be created inside a
    compiled region, so an untransformed model gets a one-time warning pointing to
    ``cosmic_fx.transform`` / ``cosmic_fx.compile``, and everything else still happens;
@@ -37,6 +37,7 @@ from .notices import warn_once
 from .quantities import efficiency
 from .runtime import CosmicRuntime, runtime_of
 from .runtime.distributed import active_ddp
+from .sites import SiteInfo
 from .tracer import META_KEY, find_sites, placeholder_fqn, site_has_qci
 
 __all__ = ["BackendRecord", "add_listener", "cosmic_backend"]
@@ -51,7 +52,7 @@ class BackendRecord:
     compile_id: str
     graph_before: str
     graph_after: str
-    sites: list[tuple[str, str, int | None, bool, str]]
+    sites: list[SiteInfo]
     missing_qci: list[str]
     csc_inserted: int
     hooked_params: int
@@ -309,7 +310,7 @@ def cosmic_backend(
             compile_id=str(gm.meta.get("dynamo_compile_id", "")) if hasattr(gm, "meta") else "",
             graph_before=before,
             graph_after=gm.code,
-            sites=[(s.name, s.kind.value, s.width, s.qualifies, s.reason) for s in sites],
+            sites=[s.info() for s in sites],
             missing_qci=missing,
             csc_inserted=csc_count,
             hooked_params=len(covered),

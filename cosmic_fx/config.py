@@ -48,7 +48,7 @@ class CSCPlacement(_Choice):
     """Where cosmic state compression is inserted."""
 
     OUTPUT = "output"  # on the model output, as the source text does
-    SITES = "sites"  # after every qualifying Linear/Conv2d site (after its QCI, if any)
+    SITES = "sites"  # after every qualifying site (after its QCI, if any)
     NONE = "none"
 
 

@@ -1,7 +1,7 @@
 """See exactly what cosmic does to a model, before any compilation: :func:`explain`.
 
 :func:`explain` transforms the model the way :func:`cosmic_fx.transform` would and reports, in one
-:class:`~cosmic_fx.report.Report`: every Linear/Conv2d site (shapes, whether it qualified and why not,
+:class:`~cosmic_fx.report.Report`: every site (shapes, whether it qualified and why not,
 the nodes, parameters and FLOPs the rewrite added), the efficiency ``E(p)`` of every parameter against
 the output's ``E_out`` (and what CDG would do with it now), the graph before and after as code, their
 unified diff, and a DOT diagram with the inserted nodes highlighted. ``cosmic-fx inspect`` is its
@@ -75,8 +75,8 @@ def explain(model: nn.Module, example_inputs: Any, config: CosmicConfig | None =
             raise ValueError("cosmic_fx.explain needs the original model for a model transformed by module swap "
                              f"({type(model).__name__} does not symbolic-trace); pass the model you gave to "
                              "cosmic_fx.transform")
-        config, tm, original = info.config, model, _strip_inserted(model)
-        before_gm = original
+        config, tm = info.config, model
+        before_gm = original = _strip_inserted(info.graph_module)
     else:
         config = config or CosmicConfig()
         original = model
@@ -87,16 +87,16 @@ def explain(model: nn.Module, example_inputs: Any, config: CosmicConfig | None =
     name = type(model).__name__
 
     with eval_no_grad(original, tm):
-        shapes = _site_shapes(original, inputs)
+        shapes = _site_shapes(original, inputs, before_gm)
         flops_before = _flops(original, inputs)
         flops_after = _flops(tm, inputs)
         out, protected = _run_recording_output_layer(tm, inputs)
         if info.path == "symbolic_trace":
-            before_code, after_code = _code(before_gm), _code(tm)
-            nodes = _fx_nodes(tm)
+            before_code, after_code = _code(before_gm), _code(info.graph_module)
+            nodes = _fx_nodes(info.graph_module)
         else:
-            before_code, _ = _module_calls(original, inputs, config=None)
-            after_code, nodes = _module_calls(tm, inputs, config=config)
+            before_code, _ = _module_calls(original, inputs)
+            after_code, nodes = _module_calls(tm, inputs)
 
     inserted_nodes = [n.name for n in nodes if n.kind in ("qci", "csc")]
     sites = _site_rows(tm, info, shapes)
@@ -165,25 +165,52 @@ def _strip_inserted(tm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _site_shapes(model: nn.Module, inputs: tuple) -> dict[str, list[tuple[tuple | None, tuple | None]]]:
-    """(input shape, output shape) of every Linear/Conv2d call, per module name, in call order."""
-    from .modules import CosmicSite
-
+def _site_shapes(model: nn.Module, inputs: tuple, traced: fx.GraphModule | None) -> dict[str, list[tuple]]:
+    """(input shape, output shape) of every site application, per site name, in call order: from the
+    traced graph when there is one (functional sites included), else from hooks on the site modules."""
     shapes: dict[str, list[tuple[tuple | None, tuple | None]]] = {}
+    if traced is not None:
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        from .tracer import find_sites, site_input, site_value
+
+        try:
+            ShapeProp(traced).propagate(*inputs)
+        except Exception:  # noqa: BLE001 - the model's own error is reported by the run that follows
+            return shapes
+        for site in find_sites(traced):
+            arg = site_input(site)
+            value = site_value(site)
+            meta = (value or site.node).meta.get("tensor_meta")
+            if value is None and isinstance(meta, (tuple, list)):
+                meta = meta[site.output_index]
+            in_meta = arg.meta.get("tensor_meta") if arg is not None else None
+            shapes.setdefault(site.name, []).append((_meta_shape(in_meta), _meta_shape(meta)))
+        return shapes
+
+    from .sites import module_sites
+
     handles = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)) and not isinstance(mod, CosmicSite):
-            def record(m, args, out, name=name):
-                arg = args[0] if args else None
-                shapes.setdefault(name, []).append((_shape_of(arg) if isinstance(arg, torch.Tensor) else None,
-                                                    _shape_of(out) if isinstance(out, torch.Tensor) else None))
-            handles.append(mod.register_forward_hook(record))
+    for site in module_sites(model):
+        def record(m, args, out, site=site):
+            arg = args[0] if args else None
+            if site.output_index is not None and isinstance(out, (tuple, list)):
+                out = out[site.output_index]
+            shapes.setdefault(site.name, []).append((_shape_of(arg) if isinstance(arg, torch.Tensor) else None,
+                                                     _shape_of(out) if isinstance(out, torch.Tensor) else None))
+        holder = model.get_submodule(site.module) if site.module else model
+        handles.append(holder.register_forward_hook(record, prepend=True))
     try:
         _call(model, inputs)
     finally:
         for h in handles:
             h.remove()
     return shapes
+
+
+def _meta_shape(meta: Any) -> tuple[int, ...] | None:
+    shape = getattr(meta, "shape", None)
+    return tuple(shape) if shape is not None else None
 
 
 def _call(model: nn.Module, inputs: tuple) -> Any:
@@ -219,7 +246,7 @@ def _flops(model: nn.Module, inputs: tuple) -> int:
 def _run_recording_output_layer(model: nn.Module, inputs: tuple) -> tuple[Any, list[torch.Tensor]]:
     """Run the model; return its output and the output layer's parameters
     (:func:`cosmic_fx.policy.output_layer` over the module calls, as the runtime protects them)."""
-    from .runtime.eager import is_site_module
+    from .sites import is_site_module
 
     order: list[nn.Module] = []
     handles = [m.register_forward_pre_hook(lambda m, a: order.append(m)) for m in model.modules()
@@ -251,23 +278,20 @@ def _fx_nodes(gm: fx.GraphModule) -> list[_Node]:
     return nodes
 
 
-def _module_calls(model: nn.Module, inputs: tuple, config: CosmicConfig | None) -> tuple[str, list[_Node]]:
-    """Code-like listing of the leaf-module calls of one forward (for models that do not trace).
+def _module_calls(model: nn.Module, inputs: tuple) -> tuple[str, list[_Node]]:
+    """Code-like listing of the module calls of one forward (for models that do not trace): leaf
+    modules, site modules and the inserted ``cosmic_qci.<site>`` / ``cosmic_csc.<site>`` modules.
 
-    Names follow the traced path's scheme (``cosmic_qci.<site>``), so before and after diff cleanly.
-    Data flow is known where a module's input is exactly another module's output; other inputs came
-    through functions (``torch.relu``, ``x * 2``) and are marked ``...``.
+    Data flow is known where a module's input is exactly another module's output (or an item of
+    it); other inputs came through functions (``torch.relu``, ``x * 2``) and are marked ``...``.
     """
-    from .modules import CosmicSite
+    from .sites import site_module_kinds
 
+    kinds = site_module_kinds(model)
     display: dict[int, tuple[str, nn.Module]] = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, CosmicSite):
-            display[id(mod.base_layer)] = (name, mod.base_layer)
-            for part, root in (("qci", "cosmic_qci"), ("csc", "cosmic_csc")):
-                if getattr(mod, part) is not None:
-                    display[id(getattr(mod, part))] = (f"{root}.{name}", getattr(mod, part))
-        elif id(mod) not in display and not any(True for _ in mod.children()):
+        inside = any(name.startswith(f"{shown}.") for shown, m in display.values() if id(m) in kinds)
+        if not inside and id(mod) not in display and (id(mod) in kinds or not any(True for _ in mod.children())):
             display[id(mod)] = (name, mod)
     calls: list[tuple[str, str, list[str], bool]] = []  # (var, target, inputs, guessed)
     producer: dict[int, str] = {}
@@ -286,18 +310,18 @@ def _module_calls(model: nn.Module, inputs: tuple, config: CosmicConfig | None) 
         guessed = not srcs and bool(calls)
         calls.append((var, target, srcs or ([calls[-1][0]] if calls else []), guessed))
         producer[id(out)] = var
+        if isinstance(out, tuple):
+            producer.update({id(item): f"{var}[{i}]" for i, item in enumerate(out)})
         keep.append(out)
 
-    handles = [m.register_forward_hook(lambda m, a, o, t=t: add_call(t, a, o)) for t, m in display.values()]
-    raw: list[Any] = []
-    handles.append(model.register_forward_hook(lambda m, a, o: raw.append(o), prepend=True))
+    # prepended: a layer's call is recorded with its own output, before a hook applies its QCI
+    handles = [m.register_forward_hook(lambda m, a, o, t=t: add_call(t, a, o), prepend=True)
+               for t, m in display.values()]
     try:
         out = _call(model, inputs)
     finally:
         for h in handles:
             h.remove()
-    if config is not None and config.csc is CSCPlacement.OUTPUT and raw and raw[0] is not out:
-        add_call("cosmic_csc.output", (raw[0],), out)
     lines = [f"def forward(self, {', '.join(arg_names)}):"]
     for var, target, srcs, guessed in calls:
         lines.append(f"    {var} = self.{target}({'...' if guessed else ', '.join(srcs)})")
@@ -305,42 +329,41 @@ def _module_calls(model: nn.Module, inputs: tuple, config: CosmicConfig | None) 
     nodes = [_Node(v, v, [], "io") for v in arg_names]
     for var, target, srcs, guessed in calls:
         kind = "qci" if target.startswith("cosmic_qci.") else "csc" if target.startswith("cosmic_csc.") else "op"
-        nodes.append(_Node(var, f"{var}\ncall_module: {target}", srcs or arg_names[:1], kind, guessed))
+        nodes.append(_Node(var, f"{var}\ncall_module: {target}", [s.split("[")[0] for s in srcs] or arg_names[:1],
+                           kind, guessed))
     last = producer.get(id(out))
-    nodes.append(_Node("output", "output", [last] if last else [], "io", last is None))
+    nodes.append(_Node("output", "output", [last.split("[")[0]] if last else [], "io", last is None))
     return "\n".join(lines) + "\n", nodes
 
 
 def _site_rows(tm: nn.Module, info, shapes: dict[str, list]) -> list[SiteRow]:
-    from .modules import CosmicSite
-
     seen: dict[str, int] = {}
     rows = []
-    for name, kind, _width, qualifies, reason in info.sites:
+    for site in info.sites:
+        name = site.name
         calls = shapes.get(name, [])
         i = seen.get(name, 0)
         seen[name] = i + 1
         in_shape, out_shape = calls[i] if i < len(calls) else (None, None)
-        inserted: list[nn.Module] = []
         targets: list[str] = []
         if info.path == "symbolic_trace":
-            for node in tm.graph.nodes:
+            for node in info.graph_module.graph.nodes:
                 meta = node.meta.get("cosmic_fx", {})
-                if meta.get("site") == name and meta.get("inserted_by"):
+                if meta.get("site") == name and meta.get("inserted_by") and node.op == "call_module":
                     targets.append(str(node.target))
-                    inserted.append(tm.get_submodule(str(node.target)))
         else:
-            parent, _, child = name.rpartition(".")
-            holder = tm.get_submodule(parent) if parent else tm
-            site_mod = getattr(holder, child, None)
-            if isinstance(site_mod, CosmicSite):
-                for part, root in (("qci", "cosmic_qci"), ("csc", "cosmic_csc")):
-                    if getattr(site_mod, part) is not None:
-                        targets.append(f"{root}.{name}")
-                        inserted.append(getattr(site_mod, part))
-        params_added = sum(p.numel() for m in inserted for p in m.parameters())
+            for root in ("cosmic_qci", "cosmic_csc"):
+                try:
+                    tm.get_submodule(f"{root}.{name}")
+                    targets.append(f"{root}.{name}")
+                except AttributeError:
+                    pass
+        targets = list(dict.fromkeys(targets))
+        inserted = [tm.get_submodule(t) for t in targets]
+        params_added = sum(p.numel() for m in inserted for p in m.parameters()) if i == 0 else 0
         flops = _flops_of_modules(inserted, out_shape)
-        rows.append(SiteRow(name, kind, in_shape, out_shape, qualifies, reason, targets, params_added, flops))
+        rows.append(SiteRow(name, site.kind, in_shape, out_shape, site.qualifies, site.reason, targets,
+                            params_added, flops))
     return rows
 
 

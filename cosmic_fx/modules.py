@@ -18,7 +18,6 @@ from .config import CosmicConfig, QCIInit
 from .quantities import DEFAULT_EPS
 
 __all__ = [
-    "CosmicSite",
     "CosmicStateCompression",
     "QuantumClassicalInterface",
     "cosmic_state_compression",
@@ -121,6 +120,13 @@ def cosmic_state_compression(
         torch.Size([4, 10])
     """
     _check_alpha_eps(alpha, eps)
+    return _compress(t, alpha, dim, eps)
+
+
+def _compress(t: torch.Tensor, alpha: float, dim: int, eps: float) -> torch.Tensor:
+    """:func:`cosmic_state_compression` with ``alpha`` and ``eps`` already checked (a module checks them
+    once: under ``torch.compile(dynamic=True)`` its float attributes are symbolic, and checking them
+    with ``math.isfinite`` on every call would break the graph)."""
     if not t.is_floating_point():
         raise TypeError(
             f"cosmic_state_compression needs a floating-point tensor; got {t.dtype}. "
@@ -152,7 +158,7 @@ class CosmicStateCompression(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.passthrough and not (isinstance(x, torch.Tensor) and x.is_floating_point()):
             return x
-        return cosmic_state_compression(x, self.alpha, self.dim, self.eps)
+        return _compress(x, self.alpha, self.dim, self.eps)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, dim={self.dim}, eps={self.eps}" + (", passthrough=True" if self.passthrough else "")
@@ -250,33 +256,6 @@ class QuantumClassicalInterface(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, feature_dim={self.feature_dim}, init={self.init.value}"
-
-
-class CosmicSite(nn.Module):
-    """The module-swap form of a rewritten site, used when a model does not symbolic-trace.
-
-    ``base_layer`` is the user's original ``nn.Linear`` / ``nn.Conv2d`` (shared, not copied), then an
-    optional ``qci`` and an optional ``csc`` follow, in that order.
-    """
-
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        qci: QuantumClassicalInterface | None = None,
-        csc: CosmicStateCompression | None = None,
-    ) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.qci = qci
-        self.csc = csc
-
-    def forward(self, *args, **kwargs):
-        out = self.base_layer(*args, **kwargs)
-        if self.qci is not None:
-            out = self.qci(out)
-        if self.csc is not None:
-            out = self.csc(out)
-        return out
 
 
 def make_qci(width: int, feature_dim: int, config: CosmicConfig, like: torch.Tensor | None) -> QuantumClassicalInterface:

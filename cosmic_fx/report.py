@@ -22,7 +22,7 @@ _COLORS = {"qci": "#ffd54f", "csc": "#81d4fa", "io": "#e0e0e0", "op": "#ffffff"}
 
 @dataclasses.dataclass
 class SiteRow:
-    """One Linear/Conv2d site of the model and what the rewrite added after it."""
+    """One site of the model (see :mod:`cosmic_fx.sites`) and what the rewrite added after it."""
 
     name: str
     kind: str
@@ -65,7 +65,7 @@ class Report:
         path: ``"symbolic_trace"`` or ``"module_swap"`` (see :func:`cosmic_fx.transform`).
         config: the :class:`CosmicConfig` used.
         input_shapes: shapes of the example inputs.
-        sites: one :class:`SiteRow` per Linear/Conv2d application, in execution order.
+        sites: one :class:`SiteRow` per site application, in execution order.
         params: one :class:`ParamRow` per parameter tensor of the transformed model.
         e_out: the efficiency of the transformed model's output (last dim).
         graph_before, graph_after: the graph as code (``forward`` of the traced ``GraphModule``; for

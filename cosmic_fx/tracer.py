@@ -1,100 +1,119 @@
-"""Find every ``nn.Linear`` / ``nn.Conv2d`` site in an FX graph, whatever produced the graph.
+"""Find the sites of an FX graph, whatever produced it, from the table in :mod:`cosmic_fx.sites`.
 
 Three flavours of graph are understood:
 
-* ``torch.fx.symbolic_trace`` graphs: ``call_module`` nodes whose target is a Linear/Conv2d;
-* the dynamo graphs a ``torch.compile`` backend receives: ``call_function`` nodes
-  (``torch._C._nn.linear``, ``torch.conv2d``, their ``torch.nn.functional`` forms) whose weights are
-  placeholders; names come from ``nn_module_stack`` / dynamo's name map;
-* ATen graphs (``aten.linear``, ``aten.addmm``/``aten.mm`` on a transposed weight,
-  ``aten.convolution`` with a 4-d weight).
+* ``torch.fx.symbolic_trace`` graphs: ``call_module`` nodes of a site module (``nn.Linear``, HF
+  ``Conv1D``, ``nn.MultiheadAttention``, ...) and ``call_function`` nodes (``F.linear``,
+  ``torch.addmm``) whose weight is a ``get_attr`` of the model;
+* the dynamo graphs a ``torch.compile`` backend receives: ``call_function`` nodes whose weights are
+  parameter placeholders; names come from ``nn_module_stack`` and the parameters' sources;
+* ATen graphs (``aten.linear``, ``aten.addmm``/``aten.mm``, ``aten.convolution`` with a 4-d weight).
 
-Nodes that belong to cosmic's own modules (a QCI's matmul) are never sites.
+Sizes are read without guarding: a symbolic size stays symbolic (``int()`` on it would add a guard
+such as ``Eq(s77, 8)`` and recompile for every batch size); widths come from the weights, which are
+static. Nodes that belong to cosmic's own modules (a QCI's matmul) are never sites.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import enum
+import operator
 import re
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .config import CosmicConfig
-from .modules import CosmicSite, CosmicStateCompression, QuantumClassicalInterface
+from .modules import CosmicStateCompression, QuantumClassicalInterface
+from .sites import SITE_KINDS, Site, SiteInfo, SiteKind, qualify, site_module_kinds
 
-__all__ = ["CosmicTracer", "Site", "SiteKind", "find_sites", "module_name_of", "symbolic_trace"]
+__all__ = [
+    "CosmicTracer",
+    "Site",
+    "SiteInfo",
+    "find_sites",
+    "module_name_of",
+    "output_layer_params",
+    "sites_in_forward_order",
+    "symbolic_trace",
+]
 
-COSMIC_MODULES = (QuantumClassicalInterface, CosmicStateCompression, CosmicSite)
+COSMIC_MODULES = (QuantumClassicalInterface, CosmicStateCompression)
 META_KEY = "cosmic_fx"
 
 
-class SiteKind(str, enum.Enum):
-    LINEAR = "linear"
-    CONV2D = "conv2d"
+class CosmicTracer(fx.Tracer):
+    """``fx.Tracer`` that keeps site modules and cosmic's own modules as leaves.
 
-    @property
-    def feature_dim(self) -> int:
-        return -1 if self is SiteKind.LINEAR else -3
+    ``torch.nn`` modules that hold sites among their children (``nn.TransformerEncoderLayer``) are
+    traced into, so that their layers are sites of the graph; a forward that cannot be traced then
+    fails the trace (and :func:`cosmic_fx.transform` swaps modules instead).
 
-
-@dataclasses.dataclass
-class Site:
-    """One Linear/Conv2d application in a graph.
-
-    Attributes:
-        name: qualified module name (``"features.0"``), or the weight's name for functional calls.
-        kind: linear or conv2d.
-        width: output features (``out_features`` / ``out_channels``), ``None`` if unknown.
-        node: the graph node that produces the site's output.
-        qualifies: whether the passes rewrite it under the config used.
-        reason: why it does not qualify ('' when it does).
-        weight: the weight's node (placeholder / get_attr) in functional graphs, else ``None``.
-        bias: the bias node, if any.
+    Args:
+        site_modules: ``id(module) -> kinds`` from :func:`cosmic_fx.sites.site_module_kinds`.
     """
 
-    name: str
-    kind: SiteKind
-    width: int | None
-    node: fx.Node
-    qualifies: bool = True
-    reason: str = ""
-    weight: fx.Node | None = None
-    bias: fx.Node | None = None
-
-    @property
-    def feature_dim(self) -> int:
-        return self.kind.feature_dim
-
-
-class CosmicTracer(fx.Tracer):
-    """``fx.Tracer`` that keeps cosmic's own modules as leaves (their internals are not sites)."""
+    def __init__(self, site_modules: dict[int, tuple[SiteKind, ...]] | None = None) -> None:
+        super().__init__()
+        self.site_modules = site_modules or {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, COSMIC_MODULES) or super().is_leaf_module(m, module_qualified_name)
+        if isinstance(m, COSMIC_MODULES) or id(m) in self.site_modules:
+            return True
+        if type(m).__module__.startswith("torch.nn") and any(id(c) in self.site_modules for c in m.modules()):
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
 
 
-def symbolic_trace(model: nn.Module) -> fx.GraphModule:
-    """``torch.fx.symbolic_trace`` with :class:`CosmicTracer`; the result shares the model's modules."""
-    tracer = CosmicTracer()
+def symbolic_trace(model: nn.Module, site_modules: dict[int, tuple[SiteKind, ...]] | None = None) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace`` with :class:`CosmicTracer`; the result shares the model's modules.
+
+    Example:
+        >>> gm = symbolic_trace(nn.Sequential(nn.Linear(4, 32), nn.ReLU()))
+        >>> [n.op for n in gm.graph.nodes]
+        ['placeholder', 'call_module', 'call_module', 'output']
+    """
+    tracer = CosmicTracer(site_module_kinds(model) if site_modules is None else site_modules)
     graph = tracer.trace(model)
     name = model.__class__.__name__ if isinstance(model, nn.Module) else model.__name__
     return fx.GraphModule(tracer.root, graph, name)
 
 
-_LINEAR_FNS = {F.linear, torch._C._nn.linear}
-_CONV_FNS = {F.conv2d, torch.conv2d}
-_aten = torch.ops.aten
-_ATEN_LINEAR = {_aten.linear.default}
-_ATEN_MM = {_aten.addmm.default, _aten.mm.default}
-_ATEN_CONV = {_aten.convolution.default}
-_ATEN_TRANSPOSE = {_aten.t.default, _aten.permute.default, _aten.transpose.int}
-_ATEN_VIEWS = {_aten.view.default, _aten._unsafe_view.default, _aten.reshape.default, _aten.detach.default}
+# ---------------------------------------------------------------------- reading graphs without guards
+def static_int(size: Any) -> int | None:
+    """``size`` as an ``int`` if it is one, or a symbolic size known to be constant; ``None`` for a
+    symbolic size. Never adds a guard."""
+    if isinstance(size, int):
+        return size
+    if isinstance(size, torch.SymInt):
+        return size.node.maybe_as_int()
+    return None
 
+
+def _value(node: fx.Node) -> Any:
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
+def _static_shape(node: fx.Node, gm: fx.GraphModule | None = None) -> tuple[int | None, ...] | None:
+    """The node's shape, symbolic sizes as ``None``; a ``get_attr`` tensor's shape if no metadata."""
+    shape = getattr(_value(node), "shape", None)
+    if shape is None and gm is not None and node.op == "get_attr":
+        tensor = _get_attr(gm, node)
+        shape = tensor.shape if isinstance(tensor, torch.Tensor) else None
+    return None if shape is None else tuple(static_int(s) for s in shape)
+
+
+def _get_attr(gm: fx.GraphModule, node: fx.Node) -> Any:
+    obj: Any = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+# ---------------------------------------------------------------------- names
 _STACK_ROOT = re.compile(r"^L\[['\"][^'\"]+['\"]\]\.?")
 _GETATTR = re.compile(r"getattr\(([^,]+),\s*['\"]([^'\"]+)['\"]\)")
+_MANGLED = re.compile(r"_(?:modules|parameters|buffers)_")
 
 
 def _normalize_dynamo_path(path: str) -> str:
@@ -123,32 +142,19 @@ def module_name_of(node: fx.Node) -> tuple[str | None, type | None]:
 
 
 def inside_cosmic_module(node: fx.Node) -> bool:
-    """True for nodes dynamo traced from inside a QCI / CSC / CosmicSite wrapper's extra modules."""
+    """True for nodes dynamo traced from inside a QCI / CSC module, or inserted by a cosmic pass."""
     for _, cls in _stack(node):
-        if isinstance(cls, type) and issubclass(cls, (QuantumClassicalInterface, CosmicStateCompression)):
+        if isinstance(cls, type) and issubclass(cls, COSMIC_MODULES):
             return True
     return node.meta.get(META_KEY, {}).get("inserted_by") is not None
 
 
-def _meta_shape(node: fx.Node) -> tuple[int, ...] | None:
-    value = node.meta.get("val", node.meta.get("example_value"))
-    shape = getattr(value, "shape", None)
-    try:
-        return tuple(int(s) for s in shape) if shape is not None else None
-    except (TypeError, ValueError):  # symbolic sizes
-        return None
-
-
-def _fqn_of_param(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    if node.op == "get_attr":
-        return str(node.target)
-    if node.op == "placeholder":
-        return placeholder_fqn(node)
-    return None
-
-
 def placeholder_fqn(node: fx.Node) -> str:
-    """The user-facing name of a dynamo placeholder (``"layers.0.weight"``), else its target."""
+    """The user-facing name of a dynamo placeholder (``"layers.0.weight"``), else its target.
+
+    Dynamo names a parameter placeholder after its source (``L_self_modules_fc_parameters_weight_``);
+    that mangled name is read back when the graph carries no source.
+    """
     grapharg = node.meta.get("grapharg")
     source = getattr(grapharg, "source", None)
     name = getattr(source, "name", None)
@@ -156,109 +162,149 @@ def placeholder_fqn(node: fx.Node) -> str:
         name = name()
     if isinstance(name, str) and name.startswith("L["):
         return _normalize_dynamo_path(name)
-    return str(node.target)
+    target = str(node.target)
+    if target.startswith("L_") and _MANGLED.search(target):
+        parts = _MANGLED.split(target[1:].rstrip("_"))
+        return ".".join(parts[1:])
+    return target
 
 
-def _strip_param(fqn: str) -> str:
-    for suffix in (".weight", ".bias"):
-        if fqn.endswith(suffix):
-            return fqn[: -len(suffix)]
-    return fqn
+def _param_fqn(node: fx.Node, gm: fx.GraphModule | None = None) -> str | None:
+    """The name of the parameter a weight node reads, or ``None`` when it is not a parameter."""
+    if node.op == "get_attr":
+        return str(node.target) if gm is None or isinstance(_get_attr(gm, node), nn.Parameter) else None
+    if node.op != "placeholder":
+        return None
+    example = node.meta.get("example_value")
+    if example is not None and not isinstance(example, nn.Parameter):
+        return None  # a dynamo graph input that is not a parameter: an activation
+    return placeholder_fqn(node)
 
 
-def _source_param(node: fx.Node) -> fx.Node:
-    """Follow transposes/views back to the tensor they read (for ATen ``addmm(b, x, t(w))``)."""
-    while node.op == "call_function" and node.target in (_ATEN_TRANSPOSE | _ATEN_VIEWS) and node.args:
+def _strip_weight(fqn: str) -> str:
+    return fqn[: -len(".weight")] if fqn.endswith(".weight") else fqn
+
+
+# ---------------------------------------------------------------------- call sites
+_TRANSPOSES = {torch.ops.aten.t.default, torch.ops.aten.permute.default, torch.ops.aten.transpose.int, torch.t}
+_VIEW_FNS = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default,
+             torch.ops.aten.detach.default, torch.reshape}
+_VIEW_METHODS = {"view", "reshape", "contiguous"}
+_TRANSPOSE_METHODS = {"t", "transpose", "permute"}
+
+
+def _source(node: Any) -> tuple[Any, bool]:
+    """Follow transposes and views back to the tensor they read; whether a transpose was crossed."""
+    transposed = False
+    while isinstance(node, fx.Node) and node.args:
+        if (node.op == "call_function" and node.target in _TRANSPOSES) or (
+                node.op == "call_method" and node.target in _TRANSPOSE_METHODS):
+            transposed = not transposed
+        elif not ((node.op == "call_function" and node.target in _VIEW_FNS) or (
+                node.op == "call_method" and node.target in _VIEW_METHODS)):
+            break
         node = node.args[0]
+    return node, transposed
+
+
+def _is_view(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _VIEW_FNS) or (
+        node.op == "call_method" and node.target in _VIEW_METHODS)
+
+
+def _through_output_views(node: fx.Node, width: int | None) -> fx.Node:
+    """For a matmul site (``addmm`` on a flattened input): the reshape back to the input's shape that
+    the layer itself does, when the graph shows it in the same module and keeps the features last."""
+    scope = list((node.meta.get("nn_module_stack") or {}).keys())
+    while len(node.users) == 1 and scope and width is not None:
+        (user,) = node.users
+        shape = _static_shape(user)
+        if (not _is_view(user) or list((user.meta.get("nn_module_stack") or {}).keys()) != scope
+                or not shape or shape[-1] != width):
+            break
+        node = user
     return node
 
 
-def _get_attr_tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
-    if node.op != "get_attr":
+def _arg(node: fx.Node, index: int | None, keyword: str) -> Any:
+    if index is None:
         return None
-    obj = gm
-    for part in str(node.target).split("."):
-        obj = getattr(obj, part, None)
-    return obj if isinstance(obj, torch.Tensor) else None
+    if keyword in node.kwargs:
+        return node.kwargs[keyword]
+    return node.args[index] if index < len(node.args) else None
 
 
-def _functional_site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
-    target = node.target
-    args = list(node.args) + [None] * 3
-    if target in _LINEAR_FNS or target in _ATEN_LINEAR:
-        kind, weight, bias = SiteKind.LINEAR, node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
-    elif target in _CONV_FNS:
-        kind, weight, bias = SiteKind.CONV2D, node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
-    elif target in _ATEN_CONV:
-        kind, weight, bias = SiteKind.CONV2D, args[1], args[2]
-        shape = _meta_shape(weight) if isinstance(weight, fx.Node) else None
-        if shape is not None and len(shape) != 4:
-            return None  # conv1d / conv3d
-    elif target in _ATEN_MM:
-        kind = SiteKind.LINEAR
-        weight = _source_param(args[2] if target == _aten.addmm.default else args[1])
-        bias = args[0] if target == _aten.addmm.default else None
-        if weight.op not in ("placeholder", "get_attr"):
-            return None  # an activation-by-activation matmul (attention), not a layer
-    else:
-        return None
-    if not isinstance(weight, fx.Node) or inside_cosmic_module(node):
-        return None
-    weight = _source_param(weight)
+def _call_sites(gm: fx.GraphModule, node: fx.Node) -> list[Site]:
+    if inside_cosmic_module(node):
+        return []
+    out = []
     mod_name, mod_cls = module_name_of(node)
-    fqn = _fqn_of_param(gm, weight)
-    if mod_name is not None and isinstance(mod_cls, type) and issubclass(mod_cls, (nn.Linear, nn.Conv2d)):
-        name = mod_name
-    elif fqn is not None:
-        name = _strip_param(fqn)
-    else:
-        name = node.name
-    width = None
-    out_shape = _meta_shape(node)
-    if out_shape:
-        width = out_shape[-1] if kind is SiteKind.LINEAR else (out_shape[-3] if len(out_shape) >= 3 else None)
-    if width is None:
-        w_shape = _meta_shape(weight)
-        tensor = _get_attr_tensor(gm, weight)
-        if w_shape is None and tensor is not None:
-            w_shape = tuple(tensor.shape)
-        if w_shape:
-            width = w_shape[0] if target not in _ATEN_MM else w_shape[-1] if weight is not args[2] else w_shape[0]
-    return Site(name=name, kind=kind, width=width, node=node, weight=weight,
-                bias=bias if isinstance(bias, fx.Node) else None)
+    for kind in SITE_KINDS:
+        for form in kind.calls:
+            if node.target not in form.targets:
+                continue
+            arg = _arg(node, form.weight_arg, "weight")
+            weight, transposed = _source(arg)
+            if not isinstance(weight, fx.Node) or (form.transposed is not None and form.transposed != transposed):
+                continue
+            fqn = _param_fqn(weight, gm)
+            if fqn is None:
+                continue  # an activation-by-activation product (attention scores), not a layer
+            shape = _static_shape(weight, gm)
+            if form.weight_ndim is not None and shape is not None and len(shape) != form.weight_ndim:
+                continue  # aten.convolution of a Conv1d / Conv3d
+            # the width is read off the weight as the call receives it (transposed or not)
+            received = _static_shape(arg) if isinstance(arg, fx.Node) else None
+            if received is None and shape is not None:
+                received = tuple(reversed(shape)) if transposed and len(shape) == 2 else shape
+            width = received[form.out_dim] if received else None
+            site_kind = _owner_kind(kind, mod_cls, fqn)
+            if site_kind.module_types and isinstance(mod_cls, type) and issubclass(mod_cls, site_kind.module_types):
+                name = mod_name
+            elif fqn is not None:
+                name = _strip_weight(fqn)
+            else:
+                name = mod_name or node.name
+            bias = _arg(node, form.bias_arg, "bias")
+            bias = bias if isinstance(bias, fx.Node) else None
+            params = tuple(p for p in (fqn, _param_fqn(bias, gm) if bias is not None else None) if p)
+            anchor = node if form.transposed is None else _through_output_views(node, width)
+            out.append(Site(name=name, kind=site_kind, width=width, node=node, params=params, weight=weight,
+                            bias=bias, output_index=form.output_index, out_node=anchor if anchor is not node else None))
+    return out
 
 
-def _module_site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
+def _owner_kind(kind: SiteKind, mod_cls: Any, fqn: str | None) -> SiteKind:
+    """A call traced from inside a module that owns it (MHA's packed projection) is the owner's kind."""
+    if fqn is None or not isinstance(mod_cls, type):
+        return kind
+    leaf = fqn.rsplit(".", 1)[-1]
+    for owner in SITE_KINDS:
+        if owner.owner_types and issubclass(mod_cls, owner.owner_types) and leaf in owner.param_names:
+            return owner
+    return kind
+
+
+def _module_sites(gm: fx.GraphModule, node: fx.Node, kinds: dict[int, tuple[SiteKind, ...]]) -> list[Site]:
     try:
         mod = gm.get_submodule(str(node.target))
     except AttributeError:
-        return None
-    if isinstance(mod, CosmicSite):
-        mod = mod.base_layer
-    if isinstance(mod, nn.Conv2d):
-        return Site(name=str(node.target), kind=SiteKind.CONV2D, width=mod.out_channels, node=node)
-    if isinstance(mod, nn.Linear):
-        return Site(name=str(node.target), kind=SiteKind.LINEAR, width=mod.out_features, node=node)
-    return None
-
-
-def qualify(site: Site, config: CosmicConfig) -> Site:
-    """Set ``site.qualifies`` / ``site.reason`` by the source text's width rule and the user's regexes."""
-    if site.width is None:
-        site.qualifies, site.reason = False, "output width unknown"
-    elif site.width <= config.min_width:
-        site.qualifies, site.reason = False, f"width {site.width} <= {config.min_width}"
-    elif config.targets and not any(re.fullmatch(p, site.name) for p in config.targets):
-        site.qualifies, site.reason = False, "not in targets"
-    elif any(re.fullmatch(p, site.name) for p in config.exclude):
-        site.qualifies, site.reason = False, "excluded"
-    else:
-        site.qualifies, site.reason = True, ""
-    return site
+        return []
+    out = []
+    for kind in kinds.get(id(mod), ()):
+        for suffix, width, params in kind.module_site_specs(mod):
+            name = f"{node.target}{suffix}"
+            out.append(Site(name=name, kind=kind, width=width, node=node, module=str(node.target),
+                            params=tuple(f"{node.target}.{p}" for p in params), output_index=kind.output_index))
+    return out
 
 
 def find_sites(gm: fx.GraphModule, config: CosmicConfig | None = None) -> list[Site]:
-    """Every Linear/Conv2d site of ``gm`` in graph order, qualified under ``config``.
+    """Every site of ``gm`` in graph (= forward) order, qualified under ``config``.
+
+    Args:
+        gm: a ``symbolic_trace``, dynamo or ATen graph module.
+        config: a :class:`CosmicConfig` (default ``CosmicConfig()``).
 
     Example:
         >>> gm = symbolic_trace(nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 2)))
@@ -266,17 +312,63 @@ def find_sites(gm: fx.GraphModule, config: CosmicConfig | None = None) -> list[S
         [('0', 32, True), ('2', 2, False)]
     """
     config = config or CosmicConfig()
+    kinds = site_module_kinds(gm) if any(n.op == "call_module" for n in gm.graph.nodes) else {}
     sites = []
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            site = _module_site(gm, node)
+            found = _module_sites(gm, node, kinds)
         elif node.op == "call_function":
-            site = _functional_site(gm, node)
+            found = _call_sites(gm, node)
         else:
-            site = None
-        if site is not None:
-            sites.append(qualify(site, config))
+            continue
+        sites.extend(qualify(site, config) for site in found)
     return sites
+
+
+def sites_in_forward_order(gm: fx.GraphModule, config: CosmicConfig | None = None) -> list[SiteInfo]:
+    """The sites of a graph in forward order, each with the names of the parameters it reads.
+
+    Args:
+        gm: a traced or dynamo graph (graph order is execution order).
+        config: qualifies the sites (default ``CosmicConfig()``).
+
+    Example:
+        >>> gm = symbolic_trace(nn.Sequential(nn.Linear(4, 32), nn.Linear(32, 2)))
+        >>> [(s.name, s.params) for s in sites_in_forward_order(gm)]
+        [('0', ('0.weight', '0.bias')), ('1', ('1.weight', '1.bias'))]
+    """
+    return [s.info() for s in find_sites(gm, config)]
+
+
+def output_layer_params(gm: fx.GraphModule) -> list[str]:
+    """Names of the parameters of the graph's output layer (:func:`cosmic_fx.policy.output_layer`:
+    those read by the last site and by every node after it, which calibrated CDG never freezes), in
+    graph order.
+
+    Example:
+        >>> gm = symbolic_trace(nn.Sequential(nn.Linear(4, 32), nn.Linear(32, 2), nn.LayerNorm(2)))
+        >>> output_layer_params(gm)
+        ['1.weight', '1.bias', '2.weight', '2.bias']
+    """
+    from . import policy
+
+    sites = {s.node: s for s in find_sites(gm) if s.node is not None}
+    calls = []
+    for node in gm.graph.nodes:
+        if node in sites:
+            calls.append(policy.Call(True, tuple(sites[node].params)))
+            continue
+        reads = []
+        if node.op == "call_module":
+            mod = gm.get_submodule(str(node.target))
+            reads += [f"{node.target}.{n}" for n, _ in mod.named_parameters()]
+        for arg in node.all_input_nodes:
+            fqn = _param_fqn(arg, gm) if arg.op in ("get_attr", "placeholder") else None
+            if fqn is not None and (arg.op == "get_attr" or isinstance(arg.meta.get("example_value"), nn.Parameter)):
+                reads.append(fqn)
+        if node.op not in ("placeholder", "get_attr", "output"):
+            calls.append(policy.Call(False, tuple(reads)))
+    return [str(n) for n in policy.output_layer(calls)]
 
 
 # ---------------------------------------------------------------------- what follows a site
@@ -305,29 +397,49 @@ def is_csc_node(gm: fx.GraphModule, node: fx.Node) -> bool:
     return any(isinstance(cls, type) and issubclass(cls, CosmicStateCompression) for _, cls in _stack(node))
 
 
+def site_value(site: Site) -> fx.Node | None:
+    """The node holding the site's output: the site node, or for a tuple-returning call the
+    ``getitem`` of its output item (``None`` when the graph never takes that item)."""
+    if site.output_index is None:
+        return site.out_node or site.node
+    for user in site.node.users:
+        if user.op == "call_function" and user.target is operator.getitem and user.args[1] == site.output_index:
+            return user
+    return None
+
+
+def site_input(site: Site) -> fx.Node | None:
+    """The node a site's layer is applied to: the module call's first argument, or the call's first
+    argument that is not its weight or bias (``addmm(bias, x, weight)`` reads ``x``)."""
+    params = {site.weight, site.bias} - {None}
+    for node in site.node.all_input_nodes:
+        if node not in params and _source(node)[0] not in params:
+            return node
+    return None
+
+
 def site_has_qci(gm: fx.GraphModule, site: Site) -> bool:
-    """Whether a QCI already follows the site (its own module, a swapped ``CosmicSite``, or inlined)."""
-    mod = _module_of(gm, site.node)
-    if isinstance(mod, CosmicSite):
-        return mod.qci is not None
-    return any(_is_qci_node(gm, user) for user in site.node.users)
+    """Whether a QCI already follows the site (its own module, or inlined in a dynamo graph)."""
+    value = site_value(site)
+    return value is not None and any(_is_qci_node(gm, user) for user in value.users)
 
 
-def site_output(gm: fx.GraphModule, site: Site) -> fx.Node:
-    """The node that carries the site's value onward: its QCI's output if one follows, else the site.
+def site_output(gm: fx.GraphModule, site: Site) -> fx.Node | None:
+    """The node that carries the site's value onward: its QCI's output if one follows, else the
+    site's value (see :func:`site_value`).
 
     For an inlined (dynamo) QCI, that is the QCI node whose users are all outside the QCI.
     """
-    mod = _module_of(gm, site.node)
-    if isinstance(mod, CosmicSite):
-        return site.node
-    qci_users = [u for u in site.node.users if _is_qci_node(gm, u)]
+    value = site_value(site)
+    if value is None:
+        return None
+    qci_users = [u for u in value.users if _is_qci_node(gm, u)]
     if not qci_users:
-        return site.node
+        return value
     if qci_users[0].op == "call_module":
         return qci_users[0]
     # inlined QCI: walk its nodes and return the last one (in graph order) used outside it
-    seen, frontier, last = set(), list(qci_users), site.node
+    seen, frontier, last = set(), list(qci_users), value
     while frontier:
         node = frontier.pop()
         if node in seen:
@@ -353,7 +465,5 @@ def _after(a: fx.Node, b: fx.Node) -> bool:
 
 def site_has_csc(gm: fx.GraphModule, site: Site) -> bool:
     """Whether CSC is already applied right after the site (after its QCI, if any)."""
-    mod = _module_of(gm, site.node)
-    if isinstance(mod, CosmicSite):
-        return mod.csc is not None
-    return any(is_csc_node(gm, u) for u in site_output(gm, site).users)
+    out = site_output(gm, site)
+    return out is not None and any(is_csc_node(gm, u) for u in out.users)

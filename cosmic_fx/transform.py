@@ -1,16 +1,25 @@
 """``cosmic_fx.transform``: give a model its QCI parameters (and CSC) before anything compiles it.
 
-Two paths, never a crash:
+The result is always an instance of the user's class: a structural copy of the model (module
+objects new, every parameter and buffer shared), so its methods, attributes, ``config``,
+``generate()`` and the forward hooks the user registered keep working, and its ``state_dict`` has
+the model's own keys plus the QCIs' (``cosmic_qci.<site>.*``). Two ways to put the QCIs in:
 
-* **symbolic_trace** — the model is traced with :class:`~cosmic_fx.tracer.CosmicTracer` and the
-  passes rewrite the graph; the result is a ``GraphModule`` sharing the model's modules, with the new
-  QCIs under ``cosmic_qci.<site name>``.
+* **symbolic_trace** — the copy is traced with :class:`~cosmic_fx.tracer.CosmicTracer`, the passes
+  rewrite the graph (QCI and CSC nodes), and the rewritten graph's ``forward`` is bound to the copy.
+  ``transform_info(result).graph_module`` is that graph (sharing the copy's modules);
+  :func:`cosmic_fx.explain` shows it.
 * **module_swap** — for models that do not trace (data-dependent control flow, most third-party
-  models): a structural copy of the model (parameters and buffers shared, module objects new) gets
-  each qualifying ``nn.Linear`` / ``nn.Conv2d`` replaced by a :class:`~cosmic_fx.modules.CosmicSite`
-  holding the original layer as ``base_layer``; output CSC is a forward hook on the copy.
+  models), or whose non-leaf submodules carry forward hooks a graph would bypass: every site's
+  layer stays in place and a forward hook applies its QCI (see :mod:`cosmic_fx.site_hooks` for why
+  hooks rather than wrappers).
 
-The user's model is never modified: its modules, parameters and mode stay as they were.
+Which layers are sites is the table in :mod:`cosmic_fx.sites`. The user's model is never modified.
+
+On the traced path the QCIs live in ``forward``'s graph: another method of the model that calls a
+layer directly (``self.fc1(x)`` in a custom ``encode``) runs it without its QCI. On the module-swap
+path every call of a layer gets its QCI. An ``nn.Sequential`` result still indexes, iterates and
+counts its own layers only (:mod:`cosmic_fx.sequential`).
 """
 
 from __future__ import annotations
@@ -18,17 +27,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import types
 
 import torch
 from torch import fx, nn
 
-from . import policy
 from .config import CosmicConfig, CSCPlacement
-from .modules import CosmicSite, make_csc, make_qci
 from .runtime import STATE_NAME, CosmicRuntime, CosmicState
 from .runtime.distributed import check_not_wrapped
-from .runtime.eager import is_site_module
-from .tracer import COSMIC_MODULES, Site, SiteKind, find_sites, qualify, symbolic_trace
+from .sequential import keep_sequential_face
+from .site_hooks import CSC_ROOT, QCI_ROOT, attach_output_csc, attach_sites
+from .site import Site, SiteInfo, check_materialized, check_selection
+from .sites import NOT_SITES, describe_kinds, module_sites, site_module_kinds
+from .tracer import META_KEY, CosmicTracer, find_sites, output_layer_params, symbolic_trace
 
 __all__ = ["TransformInfo", "transform", "transform_info"]
 
@@ -43,16 +54,19 @@ class TransformInfo:
     Attributes:
         path: ``"symbolic_trace"`` or ``"module_swap"``.
         config: the config used.
-        sites: every Linear/Conv2d site found, with whether it qualified.
-        rewritten: names of the sites that got a QCI (and CSC when ``csc="sites"``).
-        trace_error: why symbolic tracing failed (module_swap path only).
+        sites: every site found (:class:`~cosmic_fx.sites.SiteInfo`), with whether it qualified.
+        rewritten: names of the sites that got a QCI (and CSC when ``csc="sites"``), read from what
+            the passes inserted (traced path) or the hooks attached (module swap), in order.
+        trace_error: why symbolic tracing was not used (module_swap path only).
+        graph_module: traced path: the rewritten graph, whose ``forward`` the result runs.
     """
 
     path: str
     config: CosmicConfig
-    sites: list[tuple[str, str, int | None, bool, str]]
+    sites: list[SiteInfo]
     rewritten: list[str]
     trace_error: str | None = None
+    graph_module: fx.GraphModule | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def transform_info(model: nn.Module) -> TransformInfo | None:
@@ -60,25 +74,39 @@ def transform_info(model: nn.Module) -> TransformInfo | None:
     return getattr(model, INFO_ATTR, None)
 
 
-def _site_summary(sites: list[Site]) -> list[tuple[str, str, int | None, bool, str]]:
-    return [(s.name, s.kind.value, s.width, s.qualifies, s.reason) for s in sites]
+def as_config(config: object, where: str) -> CosmicConfig:
+    """``config`` if it is a :class:`CosmicConfig` (``None``: the default); else a ``TypeError`` that
+    says what to pass instead."""
+    if config is None:
+        return CosmicConfig()
+    if isinstance(config, CosmicConfig):
+        return config
+    hint = {dict: "CosmicConfig.from_options(your_dict)", str: f"CosmicConfig.from_options({{'preset': {config!r}}})"}
+    raise TypeError(
+        f"{where}: config must be a CosmicConfig; got a {type(config).__name__}. Pass "
+        f"{hint.get(type(config), 'CosmicConfig(...)')} (an options dict as torch.compile(..., options=...) takes "
+        "becomes a config with CosmicConfig.from_options; presets are CosmicConfig.seed() and CosmicConfig.off())."
+    )
 
 
 def _check_has_sites(model: nn.Module, sites: list[Site], config: CosmicConfig) -> None:
     if not sites:
+        others = sorted({cls.__name__ for m in model.modules() for cls in NOT_SITES if isinstance(m, cls)})
+        note = (f" It has {', '.join(others)}, which are not sites (see cosmic_fx.sites.NOT_SITES for why)."
+                if others else "")
         raise ValueError(
-            f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer: cosmic_fx has nothing to rewrite. "
-            "The passes act on Linear/Conv2d sites only."
+            f"{type(model).__name__} has no site: no layer that cosmic_fx can rewrite. The site kinds are "
+            f"{describe_kinds()}.{note}"
         )
     if (config.targets or config.exclude) and not any(s.qualifies for s in sites):
         raise ValueError(
-            f"no Linear or Conv2d layer matched targets={list(config.targets)} exclude={list(config.exclude)} "
+            f"no site matched targets={list(config.targets)} exclude={list(config.exclude)} "
             f"(width > {config.min_width}); the model has: {', '.join(f'{s.name} ({s.width})' for s in sites)}"
         )
 
 
 def transform(model: nn.Module, config: CosmicConfig | None = None) -> nn.Module:
-    """Insert QCI and CSC into ``model`` per ``config``; returns a new module, the input is untouched.
+    """Insert QCI and CSC into ``model`` per ``config``; returns a new model of the same class.
 
     The result shares the original weights and owns the new QCI parameters (they are in
     ``.parameters()`` and ``state_dict()``, so an optimizer built on the result trains them). With the
@@ -86,19 +114,27 @@ def transform(model: nn.Module, config: CosmicConfig | None = None) -> nn.Module
     ``cosmic_fx.transform_info(result)`` says which path was taken and what was rewritten.
 
     Args:
-        model: any ``nn.Module``.
+        model: any ``nn.Module`` (left untouched).
         config: a :class:`CosmicConfig` (default: ``CosmicConfig()``).
+
+    Returns:
+        an instance of ``type(model)``.
+
+    Raises:
+        TypeError: ``model`` is not a module, or ``config`` is not a ``CosmicConfig``.
+        ValueError: the model has no site, no site matches ``targets``, a lazy module is not
+            materialised yet, or the model was transformed already.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
         >>> tm = cosmic_fx.transform(model, cosmic_fx.CosmicConfig(csc="none"))
-        >>> cosmic_fx.transform_info(tm).rewritten
-        ['0']
+        >>> cosmic_fx.transform_info(tm).rewritten, isinstance(tm, torch.nn.Sequential)
+        (['0'], True)
         >>> x = torch.randn(2, 8)
         >>> torch.equal(tm(x), model(x))
         True
     """
-    config = config or CosmicConfig()
+    config = as_config(config, "cosmic_fx.transform")
     if not isinstance(model, nn.Module):
         raise TypeError(f"cosmic_fx.transform expects an nn.Module; got {type(model).__name__}")
     check_not_wrapped(model, "cosmic_fx.transform")
@@ -107,30 +143,16 @@ def transform(model: nn.Module, config: CosmicConfig | None = None) -> nn.Module
             "this model was already transformed by cosmic_fx.transform; transform the original model "
             "instead (transforming twice would stack a second QCI on every site)"
         )
+    check_materialized(model)
+    out = _structural_copy(model)
+    kinds = site_module_kinds(out)
     try:
-        gm = symbolic_trace(model)
+        _check_no_bypassed_hooks(out, kinds)
+        gm = symbolic_trace(out, kinds)
     except Exception as err:  # noqa: BLE001 - any trace failure means: use the fallback path
-        log.info("cosmic_fx.transform: symbolic_trace failed (%s); using module swap", err)
-        return _module_swap(model, config, f"{type(err).__name__}: {err}".splitlines()[0])
-    return _rewrite_traced(model, gm, config)
-
-
-def _rewrite_traced(model: nn.Module, gm: fx.GraphModule, config: CosmicConfig) -> fx.GraphModule:
-    from cosmic_fx.passes import InsertCSC, InsertQCI
-
-    sites = find_sites(gm, config)
-    _check_has_sites(model, sites, config)
-    if config.qci:
-        InsertQCI(config)(gm)
-    InsertCSC(config)(gm)
-    gm.train(model.training)
-    setattr(gm, INFO_ATTR, TransformInfo(
-        path="symbolic_trace",
-        config=config,
-        sites=_site_summary(sites),
-        rewritten=[s.name for s in sites if s.qualifies and (config.qci or config.csc is CSCPlacement.SITES)],
-    ))
-    return _add_runtime(gm, config, _traced_output_layer(gm))
+        log.info("cosmic_fx.transform: not traced (%s); using module swap", err)
+        return _module_swap(model, out, config, kinds, f"{type(err).__name__}: {err}".splitlines()[0])
+    return _rewrite_traced(model, out, gm, config)
 
 
 def _add_runtime(result: nn.Module, config: CosmicConfig, output_layer: list[str] | None) -> nn.Module:
@@ -144,65 +166,88 @@ def _add_runtime(result: nn.Module, config: CosmicConfig, output_layer: list[str
     return result
 
 
-def _traced_output_layer(gm: fx.GraphModule) -> list[str]:
-    """The output layer of a traced graph (:func:`cosmic_fx.policy.output_layer` over its calls)."""
-    functional_sites = (torch.nn.functional.linear, torch.conv2d, torch.nn.functional.conv2d)
-    calls = []
-    for node in gm.graph.nodes:
-        if node.op not in ("call_module", "call_function", "call_method"):
-            continue
-        reads = [str(a.target) for a in node.all_input_nodes if a.op == "get_attr"]
-        site = node.op == "call_function" and node.target in functional_sites
-        if node.op == "call_module":
-            mod = gm.get_submodule(str(node.target))
-            site = is_site_module(mod.base_layer if isinstance(mod, CosmicSite) else mod)
-            reads += [f"{node.target}.{n}" for n, _ in mod.named_parameters()]
-        calls.append(policy.Call(site, tuple(reads)))
-    return [str(n) for n in policy.output_layer(calls)]
-
-
 def _structural_copy(model: nn.Module) -> nn.Module:
     """A copy of the module tree that shares every parameter and buffer with ``model``."""
     memo = {id(t): t for t in model.parameters()}
     memo.update({id(t): t for t in model.buffers()})
-    return copy.deepcopy(model, memo)
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as err:
+        raise TypeError(
+            f"cosmic_fx.transform copies the module tree of {type(model).__name__} (sharing its parameters and "
+            f"buffers) and could not: {type(err).__name__}: {err}. Make the model deep-copyable (keep handles "
+            "such as open files or locks out of module attributes)."
+        ) from err
 
 
-def _module_swap(model: nn.Module, config: CosmicConfig, trace_error: str) -> nn.Module:
-    sites = []
+def _check_no_bypassed_hooks(model: nn.Module, kinds) -> None:
+    """A traced graph inlines every non-leaf submodule: forward hooks on one would never run (and
+    tracing would run them once, on proxies). Checked before tracing."""
+    tracer = CosmicTracer(kinds)
+    leaves: list[str] = []
     for name, mod in model.named_modules():
-        if isinstance(mod, COSMIC_MODULES):
+        if not name or any(name.startswith(f"{leaf}.") for leaf in leaves):
             continue
-        if isinstance(mod, nn.Conv2d):
-            sites.append(qualify(Site(name, SiteKind.CONV2D, mod.out_channels, node=None), config))  # type: ignore[arg-type]
-        elif isinstance(mod, nn.Linear):
-            sites.append(qualify(Site(name, SiteKind.LINEAR, mod.out_features, node=None), config))  # type: ignore[arg-type]
+        if tracer.is_leaf_module(mod, name):
+            leaves.append(name)
+        elif mod._forward_hooks or mod._forward_pre_hooks:
+            raise RuntimeError(f"submodule {name} has forward hooks, which a traced graph would bypass")
+
+
+def _rewrite_traced(model: nn.Module, out: nn.Module, gm: fx.GraphModule, config: CosmicConfig) -> nn.Module:
+    from cosmic_fx.passes import InsertCSC, InsertQCI
+
+    sites = find_sites(gm, config)
     _check_has_sites(model, sites, config)
-    out = _structural_copy(model)
-    rewritten = []
-    for site in sites:
-        if not site.qualifies or not (config.qci or config.csc is CSCPlacement.SITES):
-            continue
-        parent_name, _, child = site.name.rpartition(".")
-        parent = out.get_submodule(parent_name) if parent_name else out
-        layer = getattr(parent, child)
-        like = next(layer.parameters(), None)
-        qci = make_qci(site.width, site.feature_dim, config, like) if config.qci else None
-        csc = make_csc(config, site.feature_dim) if config.csc is CSCPlacement.SITES else None
-        setattr(parent, child, CosmicSite(layer, qci, csc))
-        rewritten.append(site.name)
+    check_selection(sites, config)
+    if config.qci:
+        InsertQCI(config)(gm)
+    InsertCSC(config)(gm)
+    _bind_graph(out, gm)
+    keep_sequential_face(out)
+    info = TransformInfo("symbolic_trace", config, [s.info() for s in sites], _inserted_sites(gm), graph_module=gm)
+    setattr(out, INFO_ATTR, info)
+    return _add_runtime(out, config, output_layer_params(gm))
+
+
+def _inserted_sites(gm: fx.GraphModule) -> list[str]:
+    """Names of the sites the passes inserted a QCI or CSC after, in graph order."""
+    names = (n.meta.get(META_KEY, {}) for n in gm.graph.nodes)
+    return list(dict.fromkeys(m["site"] for m in names if m.get("inserted_by") and "site" in m))
+
+
+def _bind_graph(out: nn.Module, gm: fx.GraphModule) -> None:
+    """Make ``out`` run ``gm``'s code: the new modules move to ``out`` and ``gm.forward`` is bound to it.
+
+    ``gm`` was traced from ``out``, so its code's ``self.<path>`` names exist on ``out``.
+    """
+    for root in (QCI_ROOT, CSC_ROOT):
+        if hasattr(gm, root) and not hasattr(out, root):
+            getattr(gm, root).train(out.training)
+            out.add_module(root, getattr(gm, root))
+    for node in gm.graph.nodes:  # tensor constants the tracer created (`_tensor_constant0`)
+        if node.op == "get_attr" and not _has_path(out, str(node.target)):
+            setattr(out, str(node.target), getattr(gm, str(node.target)))
+    out.forward = types.MethodType(type(gm).forward, out)
+
+
+def _has_path(module: nn.Module, target: str) -> bool:
+    obj = module
+    for part in target.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+def _module_swap(model: nn.Module, out: nn.Module, config: CosmicConfig, kinds, trace_error: str) -> nn.Module:
+    sites = module_sites(out, config, kinds=kinds)
+    _check_has_sites(model, sites, config)
+    check_selection(sites, config)
+    rewritten = attach_sites(out, sites, config)
     if config.csc is CSCPlacement.OUTPUT:
-        csc = make_csc(config, passthrough=True)
-        out.register_forward_hook(lambda m, a, o: _map_output(o, csc))
-    setattr(out, INFO_ATTR, TransformInfo("module_swap", config, _site_summary(sites), rewritten, trace_error))
+        attach_output_csc(out, config)
+    keep_sequential_face(out)
+    info = TransformInfo("module_swap", config, [s.info() for s in sites], rewritten, trace_error)
+    setattr(out, INFO_ATTR, info)
     return _add_runtime(out, config, None)  # the output layer is known at the first forward
-
-
-def _map_output(out, csc: nn.Module):
-    if isinstance(out, tuple):
-        return tuple(_map_output(o, csc) for o in out)
-    if isinstance(out, list):
-        return [_map_output(o, csc) for o in out]
-    if isinstance(out, dict):
-        return {k: _map_output(v, csc) for k, v in out.items()}
-    return csc(out)

@@ -50,7 +50,7 @@ class BackendReport:
 
         rows = []
         for r in self.graphs:
-            qualifying = [s for s in r.sites if s[3]]
+            qualifying = [s for s in r.sites if s.qualifies]
             rows.append((r.compile_id, len(r.sites), len(qualifying) - len(r.missing_qci),
                          ", ".join(r.missing_qci) or "-", r.csc_inserted, r.hooked_params, r.lowering,
                          "yes" if r.graph_break else "no"))

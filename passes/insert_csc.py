@@ -11,27 +11,31 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from cosmic_fx.config import CosmicConfig, CSCPlacement
 from cosmic_fx.modules import make_csc
+from cosmic_fx.outputs import primary_path, replace_at_path
 from cosmic_fx.tracer import META_KEY, find_sites, is_csc_node, site_has_csc, site_output
+
+from .site_value import ensure_site_value
 
 log = logging.getLogger(__name__)
 
 CSC_ROOT = "cosmic_csc"
 
 
-def _is_float_value(node: fx.Node) -> bool:
-    """False only when the graph's metadata says the value is not a floating-point tensor."""
+def _is_float_value(node: fx.Node, min_dim: int = 0) -> bool:
+    """False only when the graph's metadata says the value is not a floating-point tensor with at
+    least ``min_dim`` dimensions."""
     value = node.meta.get("val", node.meta.get("example_value"))
     if value is None:
         return True  # symbolic_trace graphs carry no metadata: the output CSC passes non-floats through
-    return isinstance(value, torch.Tensor) and value.is_floating_point()
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= min_dim
 
 
 class InsertCSC(PassBase):
     """Insert ``CosmicStateCompression`` modules where ``config.csc`` says (output / sites / none).
 
     ``"sites"`` puts CSC after each qualifying site (after its QCI, if one follows), as submodule
-    ``cosmic_csc.<site name>``; ``"output"`` wraps every floating-point value the graph returns with
-    ``cosmic_csc.output``. CSC is a module call (not an inlined function) so that a later dynamo trace
+    ``cosmic_csc.<site name>``; ``"output"`` wraps the primary value the graph returns (the logits of a
+    dict or tuple output, see :mod:`cosmic_fx.outputs`) with ``cosmic_csc.output``. CSC is a module call (not an inlined function) so that a later dynamo trace
     of the rewritten model still sees where it is and the backend never applies it twice. A dynamo
     graph that ends in a graph break returns values that are not the model's output: ``"output"``
     leaves such graphs alone.
@@ -64,8 +68,9 @@ class InsertCSC(PassBase):
 
     def _after_sites(self, gm: fx.GraphModule) -> int:
         sites = [s for s in find_sites(gm, self.config) if s.qualifies and not site_has_csc(gm, s)]
-        anchors = [site_output(gm, s) for s in sites]
-        for site, anchor in zip(sites, anchors):
+        for site in sites:
+            ensure_site_value(gm, site, "insert_csc")
+            anchor = site_output(gm, site)
             target = f"{CSC_ROOT}.{site.name}"
             gm.add_submodule(target, make_csc(self.config, site.feature_dim))
             with gm.graph.inserting_after(anchor):
@@ -80,19 +85,21 @@ class InsertCSC(PassBase):
             log.debug("insert_csc: graph ends in a graph break; its outputs are not the model output")
             return 0
         output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-        leaves: list[fx.Node] = []
-        fx.node.map_arg(output.args, leaves.append)
-        wrap = [
-            n for n in dict.fromkeys(leaves)
-            if n.op not in ("placeholder", "get_attr") and _is_float_value(n) and not is_csc_node(gm, n)
-        ]
-        if not wrap:
+        (returned,) = output.args
+        # in a tuple or dict the prediction has a dimension (a 0-d loss is not it)
+        path = primary_path(returned, lambda n: isinstance(n, fx.Node) and _is_float_value(n, min_dim=1))
+        if path is None:
             return 0
+        leaf = returned
+        for key in path:
+            leaf = leaf[key]
+        if not isinstance(leaf, fx.Node) or not _is_float_value(leaf):
+            return 0
+        if leaf.op in ("placeholder", "get_attr") or is_csc_node(gm, leaf):
+            return 0  # returns an input unchanged, or CSC is there already
         target = f"{CSC_ROOT}.output"
         gm.add_submodule(target, make_csc(self.config, -1, passthrough=True))
-        replaced: dict[fx.Node, fx.Node] = {}
-        for leaf in wrap:
-            with gm.graph.inserting_before(output):
-                replaced[leaf] = self._new_node(gm, target, leaf)
-        output.args = fx.node.map_arg(output.args, lambda n: replaced.get(n, n))
-        return len(replaced)
+        with gm.graph.inserting_before(output):
+            new = self._new_node(gm, target, leaf)
+        output.args = (replace_at_path(returned, path, new),)
+        return 1

@@ -281,7 +281,7 @@ def test_watch_backend_reports_graphs_hooks_and_recompiles():
     report = watch.report
     assert len(report.graphs) == 1 and report.graph_breaks == 0 and report.recompiles == 0
     (graph,) = report.graphs
-    assert [s[0] for s in graph.sites] == ["0", "2", "4"] and graph.missing_qci == []
+    assert [s.name for s in graph.sites] == ["0", "2", "4"] and graph.missing_qci == []
     assert "cosmic_qci" in graph.graph_before and graph.graph_after != graph.graph_before  # E_out output added
     n_params = len(list(tm.parameters()))
     assert report.hooked_params == n_params == graph.hooked_params

@@ -54,12 +54,12 @@ def test_sites_in_symbolic_dynamo_and_aten_graphs(name):
     factory, make_input, expected = MODELS[name]
     model = factory()
     want = module_sites(model)
-    got_sym = sorted((s.name, s.kind.value, s.width) for s in find_sites(symbolic_trace(model)))
+    got_sym = sorted((s.name, s.kind.name, s.width) for s in find_sites(symbolic_trace(model)))
     assert got_sym == want
     (gm,) = dynamo_graphs(model, make_input())
-    got_dyn = sorted((s.name, s.kind.value, s.width) for s in find_sites(gm))
+    got_dyn = sorted((s.name, s.kind.name, s.width) for s in find_sites(gm))
     assert got_dyn == want
-    got_aten = sorted((s.kind.value, s.width) for s in find_sites(aten_graph(model, make_input())))
+    got_aten = sorted((s.kind.name, s.width) for s in find_sites(aten_graph(model, make_input())))
     assert got_aten == sorted((k, w) for _, k, w in want)
     assert sorted(s.name for s in find_sites(gm) if s.qualifies) == sorted(expected)
 

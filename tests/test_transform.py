@@ -63,13 +63,14 @@ def test_module_swap_path_matches_traced_path_numerically():
     tm = transform(model, CosmicConfig(qci_init="seed", csc="sites"))
     info = transform_info(tm)
     assert info.path == "module_swap" and info.trace_error
-    assert isinstance(tm.fc1, cosmic_fx.CosmicSite) and tm.fc1.base_layer.weight is model.fc1.weight
-    assert not isinstance(model.fc1, cosmic_fx.CosmicSite)
+    # the layer keeps its class and its weight; its QCI is registered beside it and applied by a hook
+    assert type(tm.fc1) is nn.Linear and tm.fc1 is not model.fc1 and tm.fc1.weight is model.fc1.weight
+    assert not model.fc1._forward_hooks and len(tm.fc1._forward_hooks) == 1
     x = torch.rand(2, 8)
-    h = cosmic_fx.cosmic_state_compression(tm.fc1.qci(model.fc1(x)))
+    h = cosmic_fx.cosmic_state_compression(tm.cosmic_qci.fc1(model.fc1(x)))
     h = torch.relu(h)
     h = h * 2 if h.sum() > 0 else h
-    h = cosmic_fx.cosmic_state_compression(tm.fc2.qci(model.fc2(h)))
+    h = cosmic_fx.cosmic_state_compression(tm.cosmic_qci.fc2(model.fc2(h)))
     assert_close(tm(x), model.head(torch.relu(h)))
 
 
@@ -82,9 +83,9 @@ def test_training_mode_is_preserved():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="has no nn.Linear or nn.Conv2d layer"):
+    with pytest.raises(ValueError, match=r"Sequential has no site: .* The site kinds are linear: nn\.Linear"):
         transform(nn.Sequential(nn.ReLU()))
-    with pytest.raises(ValueError, match=r"no Linear or Conv2d layer matched targets=\['fc.\*'\].*the model has: 0 \(16\), 2 \(3\)"):
+    with pytest.raises(ValueError, match=r"no site matched targets=\['fc.\*'\].*the model has: 0 \(16\), 2 \(3\)"):
         transform(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)), CosmicConfig(targets=["fc.*"]))
     with pytest.raises(TypeError, match="expects an nn.Module"):
         transform(lambda x: x)

@@ -10,13 +10,9 @@ import torch
 from torch import nn
 
 from .. import policy
+from ..sites import is_site_module
 
-__all__ = ["OutputTracker", "first_float_tensor", "is_site_module"]
-
-
-def is_site_module(module: nn.Module) -> bool:
-    """Whether a module is a linear-like site for the output-layer rule."""
-    return isinstance(module, (nn.Linear, nn.Conv2d))
+__all__ = ["OutputTracker", "first_float_tensor"]
 
 
 def first_float_tensor(out: Any) -> torch.Tensor | None:
@@ -43,8 +39,10 @@ class OutputTracker:
         self._order: list[nn.Module] = []
         # the root's own hook fires after every child's, so its direct parameters (a positional
         # embedding, say) would look like the output layer: leave the root out, as the backend does
+        # prepend: on the module-swap path a site's QCI is a forward hook on its layer, and the layer
+        # must be recorded before the QCI's modules it runs
         self._probe = [] if runtime._protected_known or not probe else [
-            m.register_forward_hook(self._record)
+            m.register_forward_hook(self._record, prepend=True)
             for m in model.modules()
             if m is not model and any(True for _ in m.parameters(recurse=False))
         ]

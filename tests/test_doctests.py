@@ -1,0 +1,17 @@
+"""The docstring examples of the site modules run (and stay true)."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["cosmic_fx.outputs", "cosmic_fx.sequential", "cosmic_fx.site", "cosmic_fx.site_hooks",
+           "cosmic_fx.sites", "cosmic_fx.tracer"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_examples(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
+    assert result.attempted > 0
