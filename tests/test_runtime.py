@@ -343,9 +343,10 @@ def test_ddp_two_processes_take_identical_decisions_and_keep_identical_parameter
             opt.step()
             ref_losses.append(loss.item())
         assert cosmic_fx.runtime_of(tm).freeze_events == a["events"]
-        assert max(abs(p - q) for p, q in zip(a["losses"], ref_losses)) < 1e-4
+        # measured (examples/ddp_digits.py, 300 steps): loss 4.8e-7, parameters 3.6e-7
+        assert max(abs(p - q) for p, q in zip(a["losses"], ref_losses)) < 1e-5
         for n, p in tm.named_parameters():
-            assert_close(a["params"][n], p.detach(), rtol=1e-4, atol=1e-5, msg=f"{engine} {n}")
+            assert_close(a["params"][n], p.detach(), rtol=1e-5, atol=2e-6, msg=f"{engine} {n}")
         torch._dynamo.reset()
 
 
