@@ -55,7 +55,9 @@ def test_result_is_the_users_class_with_its_keys_and_hooks(case):
     assert len(seen) == 2  # the user's forward hook ran on the transformed model too
     added = [k for k in tm.state_dict() if k not in before_keys]
     assert list(tm.state_dict())[: len(before_keys)] == before_keys
-    assert added == [f"cosmic_qci.{s}.{p}" for s in info.rewritten for p in ("beta", "weight", "bias")]
+    qci_keys = [f"cosmic_qci.{s}.{p}" for s in info.rewritten for p in ("beta", "weight", "bias")]
+    # then the CDG/CCE runtime's state (tests/test_runtime.py checks what it holds)
+    assert added == qci_keys + [k for k in added if k.startswith("cosmic_state.")]
     tm.load_state_dict(tm.state_dict())
     if case == "traced":
         assert tm.encode(x).shape == (3, 32) and tm.scale == 2.0 and torch.equal(tm.offset, model.offset)
