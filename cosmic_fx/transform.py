@@ -148,7 +148,7 @@ def transform(model: nn.Module, config: CosmicConfig | None = None) -> nn.Module
     kinds = site_module_kinds(out)
     try:
         _check_no_bypassed_hooks(out, kinds)
-        gm = symbolic_trace(out, kinds)
+        gm = _trace_in_both_modes(out, kinds)
     except Exception as err:  # noqa: BLE001 - any trace failure means: use the fallback path
         log.info("cosmic_fx.transform: not traced (%s); using module swap", err)
         return _module_swap(model, out, config, kinds, f"{type(err).__name__}: {err}".splitlines()[0])
@@ -178,6 +178,28 @@ def _structural_copy(model: nn.Module) -> nn.Module:
             f"buffers) and could not: {type(err).__name__}: {err}. Make the model deep-copyable (keep handles "
             "such as open files or locks out of module attributes)."
         ) from err
+
+
+def _trace_in_both_modes(model: nn.Module, kinds) -> fx.GraphModule:
+    """Trace ``model``; refuse (module swap then) a forward whose graph depends on ``self.training``.
+
+    ``symbolic_trace`` reads ``self.training`` as a Python bool, so code outside the leaf modules that
+    branches on it (timm's ``BatchNormAct2d``, torchvision's ``StochasticDepth``) would be frozen in
+    the mode the model had when it was traced: ``.eval()`` would no longer change it. Tracing in both
+    modes and comparing the graphs finds it.
+    """
+    gm = symbolic_trace(model, kinds)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(not model.training)
+        other = symbolic_trace(model, kinds)
+    finally:
+        for m, training in modes:
+            m.training = training
+    if other.code != gm.code:
+        raise RuntimeError("its forward depends on self.training, which a traced graph would fix in the "
+                           "mode it was traced in")
+    return gm
 
 
 def _check_no_bypassed_hooks(model: nn.Module, kinds) -> None:

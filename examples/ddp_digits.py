@@ -14,6 +14,7 @@ freeze event.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 
 import torch
@@ -78,6 +79,11 @@ def main() -> None:
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
     final = {n: p.detach().clone() for n, p in tm.named_parameters()}
+    # release DDP (its reducers hold the process group) while every rank is still here: a gloo group
+    # torn down at interpreter exit with work in flight can deadlock
+    del run, ddp
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()  # what follows runs in one process, rank 0 alone
     if rank != 0:
         return

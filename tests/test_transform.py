@@ -92,3 +92,33 @@ def test_errors():
     tm = transform(nn.Sequential(nn.Linear(4, 16)))
     with pytest.raises(ValueError, match="already transformed"):
         transform(tm)
+
+
+class ModeDependent(nn.Module):
+    """Branches on self.training outside any leaf module (as timm's BatchNormAct2d does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.training:
+            h = h * 0.5
+        return self.b(h)
+
+
+def test_a_forward_that_reads_self_training_is_not_frozen_in_one_mode():
+    torch.manual_seed(0)
+    model = ModeDependent()
+    tm = cosmic_fx.transform(model, CosmicConfig(csc="none"))
+    info = cosmic_fx.transform_info(tm)
+    assert info.path == "module_swap" and "depends on self.training" in info.trace_error
+    x = torch.randn(3, 8)
+    for mode in (False, True, False):
+        model.train(mode)
+        tm.train(mode)
+        assert torch.equal(tm(x), model(x)), mode  # identity init: the model's own function in each mode
+    # leaf modules that read self.training (Dropout, BatchNorm) do not stop tracing
+    seq = nn.Sequential(nn.Linear(8, 32), nn.Dropout(0.1), nn.BatchNorm1d(32), nn.Linear(32, 4))
+    assert cosmic_fx.transform_info(cosmic_fx.transform(seq)).path == "symbolic_trace"
