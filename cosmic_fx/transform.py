@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import re
 import types
 
 import torch
@@ -180,6 +181,9 @@ def _structural_copy(model: nn.Module) -> nn.Module:
         ) from err
 
 
+_CONSTANT = re.compile(r"_tensor_constant\d+")
+
+
 def _trace_in_both_modes(model: nn.Module, kinds) -> fx.GraphModule:
     """Trace ``model``; refuse (module swap then) a forward whose graph depends on ``self.training``.
 
@@ -190,13 +194,17 @@ def _trace_in_both_modes(model: nn.Module, kinds) -> fx.GraphModule:
     """
     gm = symbolic_trace(model, kinds)
     modes = [(m, m.training) for m in model.modules()]
+    before = set(vars(model))
     try:
         model.train(not model.training)
         other = symbolic_trace(model, kinds)
     finally:
         for m, training in modes:
             m.training = training
-    if other.code != gm.code:
+        for name in set(vars(model)) - before:  # tensor constants the second trace stored on the root
+            delattr(model, name)
+    # the tracer numbers the tensor constants it stores on the root, so a second trace renames them
+    if _CONSTANT.sub("_tensor_constant", other.code) != _CONSTANT.sub("_tensor_constant", gm.code):
         raise RuntimeError("its forward depends on self.training, which a traced graph would fix in the "
                            "mode it was traced in")
     return gm
