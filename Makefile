@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/cosmic-fx demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 bench-claims: $(STAMP)
 	$(BIN)/cosmic-fx bench claims

@@ -21,8 +21,14 @@ torch.set_num_threads(1)
 PRESETS = {"default": CosmicConfig, "seed": CosmicConfig.seed}
 
 
+# The default preset's mechanisms on a shorter schedule (E(p) every 2 steps and a calibrated-CDG decision
+# every 10, instead of 10 and 50), so that a few dozen steps cross several decisions. The seed preset
+# measures every step already.
+SCHEDULE = {"default": {"cdg_interval": 10, "efficiency_every": 2}, "seed": {}}
+
+
 def config(preset: str) -> CosmicConfig:
-    return PRESETS[preset](lower="aot_eager")
+    return PRESETS[preset](lower="aot_eager", **SCHEDULE[preset])
 
 
 def make_model(seed: int) -> nn.Module:

@@ -26,12 +26,25 @@ from .test_hooks import hand_efficiency
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fresh_process(*args: str, timeout: int = 600) -> None:
-    """Run ``python -m tests.recipes ARGS`` in a new interpreter (nothing shared with this one)."""
+def start_fresh_process(*args: str) -> subprocess.Popen:
+    """Start ``python -m tests.recipes ARGS`` in a new interpreter (nothing shared with this one); the
+    test goes on with its own work meanwhile and calls :func:`finish`."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "tests.recipes", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    return subprocess.Popen([sys.executable, "-m", "tests.recipes", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: int = 900) -> None:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, out[-6000:]
+
+
+def fresh_process(*args: str) -> None:
+    finish(start_fresh_process(*args))
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -46,7 +59,9 @@ def test_sequential_sweep_trains_each_model_as_if_alone(tmp_path):
     """Issue 8's repro: two models, one after the other, same config (the default preset). Both train,
     through several CDG decisions, and each ends bit-identical to the same model trained alone in a
     fresh process."""
-    steps, engine = 105, "compile"  # two calibrated-CDG decisions (cdg_interval 50), cosmic_fx.compile
+    steps, engine = 25, "compile"  # two calibrated-CDG decisions (recipes.SCHEDULE), cosmic_fx.compile
+    alone = {seed: start_fresh_process("alone", "default", engine, str(seed), str(steps), str(tmp_path / f"alone{seed}.pt"))
+             for seed in (0, 1)}
     results = {}
     for seed in (0, 1):
         tm, run = recipes.prepare(recipes.make_model(seed), recipes.config("default"), engine)
@@ -55,9 +70,8 @@ def test_sequential_sweep_trains_each_model_as_if_alone(tmp_path):
         assert rt.steps == steps and len(rt.cdg.events) >= 1  # CDG froze something in each run
         results[seed] = {k: v.detach().clone() for k, v in tm.state_dict().items()}
     for seed in (0, 1):
-        out = tmp_path / f"alone{seed}.pt"
-        fresh_process("alone", "default", engine, str(seed), str(steps), str(out))
-        assert_same_state(results[seed], torch.load(out, weights_only=True))
+        finish(alone[seed])
+        assert_same_state(results[seed], torch.load(tmp_path / f"alone{seed}.pt", weights_only=True))
 
 
 def _two_runtimes(engine: str):
@@ -269,7 +283,7 @@ def test_graph_breaks_every_trainable_parameter_is_hooked_and_reported(name):
 @pytest.mark.parametrize("preset", ["default", "seed"])
 def test_state_dict_round_trip_restores_the_runtime(engine, preset):
     tm, run = recipes.prepare(recipes.make_model(0), recipes.config(preset), engine)
-    recipes.train(run, recipes.optimizer(tm), 0, 0, 57)
+    recipes.train(run, recipes.optimizer(tm), 0, 0, 23)
     state = tm.state_dict()
     assert {"cosmic_state.meta", "cosmic_state.steps", "cosmic_state.cdg.frozen"} <= set(state)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
@@ -277,7 +291,7 @@ def test_state_dict_round_trip_restores_the_runtime(engine, preset):
     other.load_state_dict(state)
     a, b = cosmic_fx.runtime_of(tm), cosmic_fx.runtime_of(other)
     assert_same_state(a.state_dict(), b.state_dict())
-    assert b.steps == 57 and b.frozen == a.frozen
+    assert b.steps == 23 and b.frozen == a.frozen
     assert [n for n, p in other.named_parameters() if not p.requires_grad] == a.frozen
 
 
@@ -285,7 +299,7 @@ def test_safetensors_saves_and_loads_a_transformed_model(tmp_path):
     from safetensors.torch import load_file, save_file
 
     tm, run = recipes.prepare(recipes.make_model(0), recipes.config("default"), "eager")
-    recipes.train(run, recipes.optimizer(tm), 0, 0, 60)
+    recipes.train(run, recipes.optimizer(tm), 0, 0, 23)
     save_file(tm.state_dict(), str(tmp_path / "model.safetensors"))
     other = cosmic_fx.transform(recipes.make_model(3), recipes.config("default"))
     other.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
@@ -295,8 +309,9 @@ def test_safetensors_saves_and_loads_a_transformed_model(tmp_path):
 def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
     """2N steps in one run == N steps, checkpoint (model + optimizer), rebuild in a fresh process,
     load, N more steps: for the default and seed presets, eager and compiled (aot_eager both runs).
-    N = 57 crosses a calibrated-CDG decision on each side and stops between two E(p) measurements."""
-    n = 57
+    N = 13 crosses a calibrated-CDG decision on each side and stops between two E(p) measurements
+    (recipes.SCHEDULE: a decision every 10 steps, E(p) every 2)."""
+    n = 13
     jobs, expected = [], []
     for preset in ("default", "seed"):
         for engine in ("eager", "compile"):
@@ -324,13 +339,29 @@ def test_ddp_two_processes_take_identical_decisions_and_keep_identical_parameter
     different data per rank, eager DDP and torch.compile(DDP(transform(model))). Every rank hooks
     every parameter, takes the same decisions and ends with the same parameters (QCIs included);
     one process on the full batch agrees within float rounding."""
-    steps = 105
+    steps = 25  # two calibrated-CDG decisions (recipes.SCHEDULE)
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "tests.recipes", "ddp", str(steps), str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "tests.recipes", "ddp", str(steps), str(out)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # meanwhile, one process on the full batch, the reference for both engines
+    reference = {}
+    for engine in ("eager", "compile"):
+        tm, run = recipes.prepare(recipes.make_model(0), recipes.config("default"), engine)
+        opt = recipes.optimizer(tm)
+        ref_losses = []
+        for step in range(steps):
+            x, y = recipes.full_batch(step, 2)
+            loss = nn.functional.cross_entropy(run(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ref_losses.append(loss.item())
+        reference[engine] = (cosmic_fx.runtime_of(tm).freeze_events, ref_losses,
+                             {n: p.detach().clone() for n, p in tm.named_parameters()})
+        torch._dynamo.reset()
+    finish(proc)
     ranks = [torch.load(f"{out}.rank{r}", weights_only=False) for r in (0, 1)]
     for engine in ("eager", "compile"):
         a, b = (r[engine] for r in ranks)
@@ -342,22 +373,13 @@ def test_ddp_two_processes_take_identical_decisions_and_keep_identical_parameter
             assert torch.equal(a["params"][n], b["params"][n]), (engine, n)
         assert a["uncompiled_steps"] == 0
         # one process on the full batch: the same decisions, the same curve up to float rounding
-        tm, run = recipes.prepare(recipes.make_model(0), recipes.config("default"), engine)
-        opt = recipes.optimizer(tm)
-        ref_losses = []
-        for step in range(steps):
-            x, y = recipes.full_batch(step, 2)
-            loss = nn.functional.cross_entropy(run(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            ref_losses.append(loss.item())
-        assert cosmic_fx.runtime_of(tm).freeze_events == a["events"]
+        events, ref_losses, ref_params = reference[engine]
+        assert events == a["events"]
         # measured (examples/ddp_digits.py, 300 steps): loss 4.8e-7, parameters 3.6e-7
         assert max(abs(p - q) for p, q in zip(a["losses"], ref_losses)) < 1e-5
-        for n, p in tm.named_parameters():
-            assert_close(a["params"][n], p.detach(), rtol=1e-5, atol=2e-6, msg=f"{engine} {n}")
-        torch._dynamo.reset()
+        assert ref_params.keys() == a["params"].keys()
+        for n, p in ref_params.items():
+            assert_close(a["params"][n], p, rtol=1e-5, atol=2e-6, msg=f"{engine} {n}")
 
 
 # ------------------------------------------------------------------ bad input
