@@ -1,9 +1,9 @@
-"""The modules the passes insert: cosmic state compression (CSC) and the QuantumClassicalInterface.
+"""The modules the passes insert: cosmic state compression (CSC, in ``csc.py``) and the
+QuantumClassicalInterface, plus the module-swap wrapper ``CosmicSite``.
 
 Both follow the source text's formulas exactly (see DESIGN.md); their implementations are written
-for speed: CSC is one fused ``autograd.Function`` (one ``exp`` per element for ``p`` and ``log p``, a
-hand-derived backward that saves only the input and one value per row), QCI computes the projector
-and the entropy estimator as a single matmul of width ``dim + 1``. Measurements: docs/perf.md.
+for speed: CSC is one fused ``autograd.Function`` (see ``csc.py``), QCI computes the projector and the
+entropy estimator as a single matmul of width ``dim + 1``. Measurements: docs/perf.md.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CosmicConfig, QCIInit
+from .csc import CosmicStateCompression, cosmic_state_compression
 from .quantities import DEFAULT_EPS
 
 __all__ = [
@@ -23,140 +24,6 @@ __all__ = [
     "QuantumClassicalInterface",
     "cosmic_state_compression",
 ]
-
-# sigmoid(z) rounds to exactly 1.0 in float32 and float64 for every z >= 40; clamping there keeps the
-# result bit-identical while avoiding exp() of huge negative arguments (slow on vectorised CPU paths).
-_SIGMOID_SATURATION = 40.0
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _log_p_floor(dtype: torch.dtype, eps: float) -> float:
-    """A floor for ``log p`` below which ``s = -p log p`` is invisible next to ``eps``.
-
-    At ``log p = -(60 - log eps)``, ``s < 1e-24 * eps``: ``s + eps == eps`` in float32 and float64, so
-    clamping there does not change the result. It keeps ``exp(log p)`` out of the denormal range,
-    where a vectorised exp is 10-40x slower (measured: docs/perf.md). Capped where ``exp`` of the
-    floor is still a normal number of the dtype.
-    """
-    cap = 700.0 if dtype == torch.float64 else 87.0
-    return -min(cap, 60.0 - math.log(eps))
-
-
-def _csc_composite(x: torch.Tensor, alpha: float, dim: int, eps: float) -> torch.Tensor:
-    """CSC written out of place, for autograd to differentiate (double backward only)."""
-    log_p = torch.log_softmax(x, dim).clamp_min(_log_p_floor(x.dtype, eps))
-    s = -(log_p.exp() * log_p)
-    return x * torch.sigmoid((x.abs() / (s + eps) - alpha).clamp_max(_SIGMOID_SATURATION))
-
-
-class _CSCFunction(torch.autograd.Function):
-    """Fused CSC: the forward saves only ``x`` and the row-wise ``logsumexp``; the backward is derived
-    by hand (one row reduction plus elementwise work), so Inductor emits one kernel for each.
-
-    With ``p = softmax(x)``, ``l = log p``, ``r = 1 / (s + eps)``, ``z = |x| r - alpha``,
-    ``sigma = sigmoid(z)``, ``w = g sigma' (z + alpha)`` and ``c = w x r p (l + 1)``:
-    ``dx = g sigma + w + c - p * sum(c)``. Temporaries are updated in place (the forward runs without
-    autograd; under torch.compile / export functionalization turns them into pure ops).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, alpha: float, dim: int, eps: float) -> torch.Tensor:
-        lse = torch.logsumexp(x, dim, keepdim=True)
-        log_p = (x - lse).clamp_(min=_log_p_floor(x.dtype, eps))
-        denom = log_p.exp().mul_(log_p).sub_(eps).neg_()  # s + eps = eps - p log p
-        out = x.abs().div_(denom).sub_(alpha).clamp_(max=_SIGMOID_SATURATION).sigmoid_().mul_(x)
-        ctx.save_for_backward(x, lse)
-        ctx.alpha, ctx.dim, ctx.eps = alpha, dim, eps
-        return out
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        x, lse = ctx.saved_tensors
-        alpha, dim, eps = ctx.alpha, ctx.dim, ctx.eps
-        if torch.is_grad_enabled():  # create_graph=True: a gradient that is itself differentiable
-            out = _csc_composite(x, alpha, dim, eps)
-            return torch.autograd.grad(out, x, g, create_graph=True)[0], None, None, None
-        floor = _log_p_floor(x.dtype, eps)
-        log_p = x - lse
-        clamped = log_p <= floor  # there s is constant (its derivative is below float resolution)
-        log_p.clamp_(min=floor)
-        p = log_p.exp()
-        r = (p * log_p).sub_(eps).neg_().reciprocal_()
-        z_plus_alpha = (x.abs() * r).clamp_(max=_SIGMOID_SATURATION + alpha)
-        sig = (z_plus_alpha - alpha).sigmoid_()
-        w = (1 - sig).mul_(sig).mul_(z_plus_alpha).mul_(g)
-        c = (w * x).mul_(r).mul_(p).mul_(log_p.add_(1)).masked_fill_(clamped, 0.0)
-        dx = (g * sig).add_(w).add_(c).sub_(p.mul_(c.sum(dim, keepdim=True)))
-        return dx, None, None, None
-
-
-def _check_alpha_eps(alpha: float, eps: float) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"CSC alpha must be a finite number >= 0; got {alpha!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 1e-2:
-        raise ValueError(f"CSC eps must be a number in (0, 1e-2]; got {eps!r}")
-
-
-def cosmic_state_compression(
-    t: torch.Tensor, alpha: float = 0.5, dim: int = -1, eps: float = DEFAULT_EPS
-) -> torch.Tensor:
-    """Cosmic state compression: ``T * sigmoid(|T| / (s + eps) - alpha)``.
-
-    ``s = -softmax(T, dim) * log_softmax(T, dim)`` elementwise. A soft mask: it never produces exact
-    zeros from nonzero inputs. Computed in float32 for float16/bfloat16 inputs; returns ``t``'s dtype.
-    The implementation is fused (one exp per element for ``p`` and ``log p``, a hand-derived
-    backward that saves only ``t`` and one value per row); it matches the literal formula within
-    float32 rounding, also for large magnitudes, and traces under ``torch.compile`` and
-    ``torch.export``.
-
-    Args:
-        t: a floating-point tensor.
-        alpha: the entropy threshold, finite and >= 0.
-        dim: the softmax dimension.
-        eps: the epsilon of the formula.
-
-    Example:
-        >>> y = cosmic_state_compression(torch.randn(4, 10), alpha=0.5)
-        >>> y.shape
-        torch.Size([4, 10])
-    """
-    _check_alpha_eps(alpha, eps)
-    if not t.is_floating_point():
-        raise TypeError(
-            f"cosmic_state_compression needs a floating-point tensor; got {t.dtype}. "
-            "Cast integer data to float before the model (e.g. x.float())."
-        )
-    x = t.float() if t.dtype in _LOW_PRECISION else t
-    if x.dim() == 0:
-        return _CSCFunction.apply(x.reshape(1), float(alpha), -1, float(eps)).reshape(()).to(t.dtype)
-    return _CSCFunction.apply(x, float(alpha), dim, float(eps)).to(t.dtype)
-
-
-class CosmicStateCompression(nn.Module):
-    """Module form of :func:`cosmic_state_compression` (no parameters).
-
-    With ``passthrough=True`` (used at model outputs) values that are not floating-point tensors
-    (integer predictions, masks, ``None``) are returned unchanged instead of raising.
-
-    Example:
-        >>> csc = CosmicStateCompression(alpha=0.3)
-        >>> csc(torch.randn(2, 5)).shape
-        torch.Size([2, 5])
-    """
-
-    def __init__(self, alpha: float = 0.5, dim: int = -1, eps: float = DEFAULT_EPS, *, passthrough: bool = False) -> None:
-        super().__init__()
-        _check_alpha_eps(alpha, eps)
-        self.alpha, self.dim, self.eps, self.passthrough = float(alpha), int(dim), float(eps), passthrough
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.passthrough and not (isinstance(x, torch.Tensor) and x.is_floating_point()):
-            return x
-        return cosmic_state_compression(x, self.alpha, self.dim, self.eps)
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, dim={self.dim}, eps={self.eps}" + (", passthrough=True" if self.passthrough else "")
-
 
 class QuantumClassicalInterface(nn.Module):
     """The quantum-classical interface: a learned gate between a projection of ``x`` and ``x``.
