@@ -13,11 +13,18 @@ from torch import nn
 
 from .adapter import load_adapter
 from .backend import backend_records, cosmic_backend
-from .config import CCEMode, CDGMode, CosmicConfig, CSCPlacement, Lowering, QCIInit
+from .config import CCEMode, CDGMode, CosmicConfig, CSCPlacement, Lowering, QCIForm, QCIInit
 from .export import export
 from .hooks import CosmicHooks, attach_hooks, detach_hooks, hooks_of
 from .inspect import explain
-from .modules import CosmicSite, CosmicStateCompression, QuantumClassicalInterface, cosmic_state_compression
+from .modules import (
+    CosmicSite,
+    CosmicStateCompression,
+    DiagonalQCI,
+    LowRankQCI,
+    QuantumClassicalInterface,
+    cosmic_state_compression,
+)
 from .quantities import efficiency, entropy, info
 from .report import Report
 from .tracer import Site, find_sites
@@ -55,7 +62,10 @@ __all__ = [
     "CosmicHooks",
     "CosmicSite",
     "CosmicStateCompression",
+    "DiagonalQCI",
+    "LowRankQCI",
     "Lowering",
+    "QCIForm",
     "QCIInit",
     "QuantumClassicalInterface",
     "Report",
