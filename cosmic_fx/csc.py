@@ -106,13 +106,14 @@ class _CompiledKernels:
     cannot compile here (no C++ compiler, no Triton), a warning says so once and eager ATen ops are used.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, backend: str = "inductor") -> None:
+        self.backend = backend
         self.forward = None
         self.backward = None
         self.failed: str | None = None
 
     def _build(self) -> None:
-        opts = {"dynamic": True, "fullgraph": True}
+        opts = {"backend": self.backend, "dynamic": True, "fullgraph": True}
         self.forward = torch.compile(_csc_forward, **opts)
         self.backward = torch.compile(_csc_backward, **opts)
 
