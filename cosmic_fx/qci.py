@@ -81,9 +81,10 @@ class QuantumClassicalInterface(nn.Module):
         self.init = QCIInit.parse(init, "qci_init")
         factory = {"device": device, "dtype": dtype}
         self.beta = nn.Parameter(torch.tensor(float(beta), **factory))
-        # every form: bias[:dim] is P's bias, bias[dim] is h's
-        self.bias = nn.Parameter(torch.empty(dim + 1, **factory))
         self._create_parameters(factory)
+        # every form: bias[:dim] is P's bias, bias[dim] is h's (registered last: the dense form keeps
+        # the parameter order beta, weight, bias of earlier versions)
+        self.bias = nn.Parameter(torch.empty(dim + 1, **factory))
         self.reset_parameters()
 
     # ------------------------------------------------------------------ per form

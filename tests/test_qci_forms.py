@@ -129,7 +129,7 @@ def test_projector_and_estimator_views_mean_what_the_text_means(form):
 def test_dense_constructor_and_layout_unchanged():
     qci = QuantumClassicalInterface(10, 0.5, init="seed", feature_dim=-3)
     assert type(qci) is QuantumClassicalInterface and qci.form is QCIForm.DENSE
-    assert [n for n, _ in qci.named_parameters()] == ["beta", "bias", "weight"]
+    assert [n for n, _ in qci.named_parameters()] == ["beta", "weight", "bias"]
     assert qci.weight.shape == (11, 10) and qci.beta.item() == 0.5
     assert qci.projector_weight.data_ptr() == qci.weight.data_ptr()  # still a view
 
