@@ -3,7 +3,7 @@
 Every form computes, over the feature dimension ``f``::
 
     g   = sigmoid(beta * mean_f(|P(x)|) / (sigmoid(h(x)) + eps))
-    out = g * P(x) + (1 - g) * x          evaluated as  x + g * (P(x) - x)
+    out = g * P(x) + (1 - g) * x          evaluated as  lerp(x, P(x), g) = x + g * (P(x) - x)
 
 with ``h = Linear(dim, 1)`` and a learnable scalar ``beta``. The forms differ in ``P``:
 
@@ -12,11 +12,14 @@ form       ``P(x)``                              cost per site (GEMM FLOPs per r
 ========== ===================================== ============================================
 dense      ``W x + b`` (``Linear(dim, dim)``)    ``2 dim (dim + 1)``, as the source text
 lowrank    ``x + B (A x) + b``, rank ``r``       ``2 dim (2 r + 1)``
-diagonal   ``s * x + b``                         ``2 dim`` (``h`` only; elementwise work)
+diagonal   ``s * x + b``                         ``2 dim`` (``h`` only), elementwise work
 ========== ===================================== ============================================
 
 With ``init="identity"`` (``W = I``; ``B = 0``; ``s = 1``; ``b = 0``) every form returns ``x``
-exactly until trained: ``P(x) - x`` is exactly zero, whatever the gate. Measurements: docs/perf.md.
+exactly until trained: ``P(x)`` is exactly ``x``, so the lerp returns ``x`` whatever the gate.
+Under torch.compile / torch.export the forms use ops Inductor fuses into one pass over the
+activations; eagerly, fused ATen kernels (an L1 norm, a GEMV, addcmul, lerp) that avoid temporaries.
+Measurements: docs/perf.md.
 """
 
 from __future__ import annotations
@@ -97,8 +100,8 @@ class QuantumClassicalInterface(nn.Module):
         if self.init is QCIInit.IDENTITY:
             self.weight[: self.dim].copy_(torch.eye(self.dim))
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(P(x), P(x) - x, h(x))`` with the features on ``self.feature_dim``."""
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P(x), h(x))`` with the features on ``self.feature_dim``."""
         fd = self.feature_dim
         # channel features go through the same matmul on a channels-last view (not a 1x1 conv:
         # cuDNN's default TF32 convolutions would break the exact identity at init)
@@ -106,7 +109,7 @@ class QuantumClassicalInterface(nn.Module):
         if fd != -1:
             z = z.movedim(-1, fd)
         proj, h = z.split([self.dim, 1], dim=fd)
-        return proj, proj - x, h
+        return proj, h
 
     @property
     def projector_weight(self) -> torch.Tensor:
@@ -146,9 +149,16 @@ class QuantumClassicalInterface(nn.Module):
                 f"{type(self).__name__}(dim={self.dim}) expects {self.dim} features on the {where} "
                 f"dimension; got input of shape {tuple(x.shape)}"
             )
-        proj, delta, h = self._project(x)
-        gate = torch.sigmoid(self.beta * proj.abs().mean(fd, keepdim=True) / (torch.sigmoid(h) + self.eps))
-        return x + gate * delta
+        proj, h = self._project(x)
+        if torch.compiler.is_compiling():
+            mean_abs = proj.abs().mean(fd, keepdim=True)  # Inductor fuses it into the pass that makes proj
+        else:
+            # eagerly one fused kernel and no |P(x)| temporary (measured: docs/perf.md)
+            mean_abs = torch.linalg.vector_norm(proj, 1, dim=fd, keepdim=True) / self.dim
+        gate = torch.sigmoid(self.beta * mean_abs / (torch.sigmoid(h) + self.eps))
+        # lerp(x, P(x), g) = x + g (P(x) - x) = g P(x) + (1 - g) x in one pass; it returns x exactly
+        # whenever P(x) == x (the identity init), whatever the gate
+        return torch.lerp(x, proj, gate)
 
     def _feature_view(self, v: torch.Tensor) -> torch.Tensor:
         """A per-feature vector shaped to broadcast against inputs with features on ``feature_dim``."""
@@ -199,16 +209,16 @@ class LowRankQCI(QuantumClassicalInterface):
         else:
             self.up.uniform_(-1.0 / math.sqrt(self.rank), 1.0 / math.sqrt(self.rank))
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fd = self.feature_dim
         xl = x if fd == -1 else x.movedim(fd, -1)
-        # one GEMM for A x and h(x); B's output is exactly 0 while B = 0, so delta is too
+        # one GEMM for A x and h(x); B's output is exactly 0 while B = 0, so P(x) is exactly x
         t = F.linear(xl, torch.cat([self.down, self.h_weight]), F.pad(self.bias[self.dim:], (self.rank, 0)))
         a, h = t.split([self.rank, 1], dim=-1)
-        delta = F.linear(a, self.up, self.bias[: self.dim])
+        proj = F.linear(a, self.up, self.bias[: self.dim]) + xl
         if fd != -1:
-            delta, h = delta.movedim(-1, fd), h.movedim(-1, fd)
-        return x + delta, delta, h
+            proj, h = proj.movedim(-1, fd), h.movedim(-1, fd)
+        return proj, h
 
     @property
     def projector_weight(self) -> torch.Tensor:
@@ -255,11 +265,15 @@ class DiagonalQCI(QuantumClassicalInterface):
         else:
             self.scale.uniform_(-bound, bound)
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fd, view = self.feature_dim, self._feature_view
-        proj = x * view(self.scale) + view(self.bias[: self.dim])
-        h = (x * view(self.h_weight[0])).sum(fd, keepdim=True) + self.bias[self.dim]
-        return proj, proj - x, h
+        proj = torch.addcmul(view(self.bias[: self.dim]), x, view(self.scale))
+        if fd == -1 and not torch.compiler.is_compiling():
+            h = F.linear(x, self.h_weight, self.bias[self.dim:])  # eagerly: one GEMV, no temporary
+        else:
+            # a product and a sum: Inductor computes it in the same pass over x as mean |P(x)|
+            h = (x * view(self.h_weight[0])).sum(fd, keepdim=True) + self.bias[self.dim]
+        return proj, h
 
     @property
     def projector_weight(self) -> torch.Tensor:
