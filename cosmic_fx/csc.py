@@ -101,9 +101,10 @@ class _CompiledKernels:
 
     Every input is viewed as ``(outer, d, inner)`` with the reduction on dim 1 and dynamic sizes, and
     ``alpha`` is a 0-d tensor: shapes, dims and alpha values share a handful of compiled graphs (per
-    dtype, ``eps`` and whether ``inner == 1``) instead of one per combination. (``eps`` and the floor
-    stay Python constants: as tensors they make Inductor keep ``p`` and ``r`` in memory, 30% slower.) If Inductor
-    cannot compile here (no C++ compiler, no Triton), a warning says so once and eager ATen ops are used.
+    dtype, ``eps`` and whether ``outer``/``inner`` is 1) instead of one per combination. ``eps`` and
+    the floor stay Python constants: as tensors they make Inductor keep ``p`` and ``r`` in memory
+    (30% slower). If Inductor cannot compile here (no C++ compiler, no Triton), a warning says so once
+    and eager ATen ops are used from then on.
     """
 
     def __init__(self, backend: str = "inductor") -> None:

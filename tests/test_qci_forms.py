@@ -290,3 +290,13 @@ def test_adapter_round_trips_every_form(form, tmp_path):
     x = make_input(5)
     with torch.no_grad():
         assert torch.equal(loaded(x), tm(x))
+
+
+def test_docstring_examples_of_the_modules_run():
+    import doctest
+
+    from cosmic_fx import csc, qci
+
+    for module in (qci, csc):
+        result = doctest.testmod(module, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
