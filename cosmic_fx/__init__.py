@@ -13,11 +13,17 @@ from torch import nn
 
 from .adapter import load_adapter
 from .backend import cosmic_backend
-from .config import CCEMode, CDGMode, CosmicConfig, CSCPlacement, Lowering, QCIInit
+from .config import CCEMode, CDGMode, CosmicConfig, CSCPlacement, Lowering, QCIForm, QCIInit
 from .export import export
 from .runtime import CosmicRuntime, attach_hooks, detach_hooks, hooks_of, runtime_of
 from .inspect import explain
-from .modules import CosmicStateCompression, QuantumClassicalInterface, cosmic_state_compression
+from .modules import (
+    CosmicStateCompression,
+    DiagonalQCI,
+    LowRankQCI,
+    QuantumClassicalInterface,
+    cosmic_state_compression,
+)
 from .quantities import efficiency, entropy, info
 from .report import Report
 from .sites import SITE_KINDS, Site, SiteInfo, SiteKind, module_sites
@@ -77,7 +83,10 @@ __all__ = [
     "CosmicConfig",
     "CosmicRuntime",
     "CosmicStateCompression",
+    "DiagonalQCI",
+    "LowRankQCI",
     "Lowering",
+    "QCIForm",
     "QCIInit",
     "QuantumClassicalInterface",
     "Report",

@@ -21,6 +21,7 @@ __all__ = [
     "CSCPlacement",
     "CosmicConfig",
     "Lowering",
+    "QCIForm",
     "QCIInit",
 ]
 
@@ -59,6 +60,14 @@ class QCIInit(_Choice):
     SEED = "seed"  # nn.Linear's default init, as in the source text
 
 
+class QCIForm(_Choice):
+    """The form of the projector ``P`` of a QuantumClassicalInterface (the gate is the text's in all)."""
+
+    DENSE = "dense"  # P = Linear(dim, dim), as the text: a dim x (dim + 1) GEMM per site
+    LOWRANK = "lowrank"  # P = I + B A (+ bias), rank qci_rank: two thin GEMMs
+    DIAGONAL = "diagonal"  # P = diag(scale) (+ bias): elementwise work only
+
+
 class CDGMode(_Choice):
     """Cosmic dynamic graph: which parameters get no update."""
 
@@ -86,6 +95,7 @@ class Lowering(_Choice):
 _CHOICES: dict[str, type[_Choice]] = {
     "csc": CSCPlacement,
     "qci_init": QCIInit,
+    "qci_form": QCIForm,
     "cdg": CDGMode,
     "cce": CCEMode,
     "lower": Lowering,
@@ -100,6 +110,13 @@ class CosmicConfig:
         qci: insert a QuantumClassicalInterface after every qualifying site.
         qci_init: ``"identity"`` (default; function-preserving) or ``"seed"`` (random, as the text).
         qci_beta: initial value of the learnable gate temperature ``beta``.
+        qci_form: the projector ``P``: ``"dense"`` (default; ``Linear(dim, dim)`` as the text),
+            ``"lowrank"`` (``P = I + B A``, ``B`` zero at insertion) or ``"diagonal"`` (a per-feature
+            scale and bias). Every form keeps the text's data-dependent gate and, with
+            ``qci_init="identity"``, returns its input exactly at insertion. Cost per form:
+            docs/perf.md.
+        qci_rank: the rank of ``B A`` for ``qci_form="lowrank"`` (an int >= 1); a site narrower than
+            the rank uses its width.
         min_width: a site qualifies when its output width is greater than this (the text: 10).
         targets: regexes (full match on the qualified module name); when given, only matching sites
             qualify.
@@ -143,6 +160,8 @@ class CosmicConfig:
     qci: bool = True
     qci_init: QCIInit | str = QCIInit.IDENTITY
     qci_beta: float = 1.0
+    qci_form: QCIForm | str = QCIForm.DENSE
+    qci_rank: int = 16
     min_width: int = 10
     targets: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -173,7 +192,7 @@ class CosmicConfig:
                 raise ValueError(f"CosmicConfig.{name} must be a bool; got {getattr(self, name)!r}")
         for name in ("targets", "exclude"):
             set_(name, _regex_tuple(getattr(self, name), name))
-        for name, low in (("min_width", 0), ("cdg_patience", 1), ("cdg_interval", 1), ("cdg_max_sets", 1),
+        for name, low in (("min_width", 0), ("qci_rank", 1), ("cdg_patience", 1), ("cdg_interval", 1), ("cdg_max_sets", 1),
                           ("efficiency_every", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:

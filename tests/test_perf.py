@@ -26,8 +26,9 @@ def test_quick_mode_prints_every_target_with_finite_ratios(capsys):
     rows = table_rows("\n".join(table))
     sizes = perf.Sizes.quick()
     expected = {
-        "1 CSC": 2 * len(sizes.csc_shapes),
+        "1 CSC": 4 * len(sizes.csc_shapes),  # fwd, fwd+bwd: vs a clone, and eager vs compiled
         "2 QCI": 2,
+        "2 QCI forms": (1 + sizes.qci_forms_compiled) * len(sizes.qci_forms) * len(sizes.qci_form_widths),
         "3 backend": 3,
         "3 pipeline": len(sizes.graph_nodes) + 1,
         "4 CDG": 4,
@@ -44,8 +45,13 @@ def test_quick_mode_prints_every_target_with_finite_ratios(capsys):
     # the reference arms the issue asks for are all in the table
     text = "\n".join(" ".join(r) for r in rows)
     compiled = sizes.compiled_name  # quick mode: aot_eager stands in for Inductor
-    for arm in ("literal eager", f"literal {compiled}", "plain Linear", f"{compiled} alone", "clone"):
+    for arm in ("literal eager", f"literal {compiled}", "plain Linear", f"{compiled} alone", "clone",
+                "public function called eagerly", "ATen ops"):
         assert arm in text, arm
+    modes = (compiled, "eager") if sizes.qci_forms_compiled else ("eager",)
+    for form in sizes.qci_forms:  # every QCI form against its site's own layer
+        for mode in modes:
+            assert sum(f"+ QCI {form}" in r[1] and f", {mode}," in r[1] for r in rows) == len(sizes.qci_form_widths)
 
 
 def test_row_status_compares_with_the_goal():

@@ -7,7 +7,10 @@ with ``--threads`` > 1). The targets (issue 5):
 
 1. CSC forward <= 5x ``t.clone()``, forward+backward <= 10x (fast CSC under Inductor, which is what
    the cosmic backend runs); references: the literal formula eager and under Inductor, fast CSC eager.
-2. QCI forward+backward <= 1.15x ``Linear(dim, dim + 1)`` forward+backward on the same input.
+   The public function called eagerly within 2x of its compiled form (issue 10).
+2. QCI forward+backward <= 1.15x ``Linear(dim, dim + 1)`` forward+backward on the same input; every
+   QCI form after ``Linear(w, w)`` against ``Linear(w, w)`` alone at widths 256-1024, eager and
+   compiled: the cheap forms (low-rank, diagonal) add <= 10% at width >= 512 (issue 10).
 3. Backend overhead: all passes/hooks off vs Inductor alone (step <= 1.03x, compile <= 1.2x);
    default preset vs the same rewritten model written by hand and compiled with Inductor (<= 1.1x);
    the pass pipeline's ms per 1,000 nodes for graphs of 100 to 10,000 nodes (grows linearly).
@@ -18,7 +21,8 @@ with ``--threads`` > 1). The targets (issue 5):
    the idle RSS during the steps), eager and under ``torch.compile``.
 
 ``--quick`` is a smoke test (under a minute): small sizes, few repetitions, and ``aot_eager`` instead
-of Inductor for the compiled arms; its figures are not the targets' figures.
+of Inductor for the compiled arms (the QCI forms: eager arms only); its figures are not the targets'
+figures.
 
 The interleaved timer is in ``timing.py``; the measurements that need a fresh process (cold compile
 time, peak memory) are in ``perf_probes.py``.
@@ -28,44 +32,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 import statistics
 from collections.abc import Callable
 from typing import Any
 
 from .common import linear_relu_stack, progress, relu_mlp, write_results
+from .perf_modules import bench_csc, bench_qci, bench_qci_forms
 from .perf_probes import compile_times, peak_memory
+from .perf_table import COLUMNS, Row
 from .timing import Timer, ms, torch_threads
 
-__all__ = ["Row", "Sizes", "register_cli", "run"]
-
-COLUMNS = ["#", "target", "measured", "goal", "status", "reference arms"]
-
-
-@dataclasses.dataclass
-class Row:
-    """One line of the table: ``measured`` passes when it is at most ``goal`` (``None``: report only)."""
-
-    item: str
-    target: str
-    measured: float
-    goal: float | None
-    references: str = ""
-    unit: str = "x"
-
-    @property
-    def status(self) -> str:
-        if self.goal is None:
-            return "info"
-        if not math.isfinite(self.measured):
-            return "error"
-        return "pass" if self.measured <= self.goal else "short"
-
-    def cells(self) -> list[str]:
-        goal = "—" if self.goal is None else f"≤ {self.goal:g}{self.unit}"
-        return [self.item, self.target, f"{self.measured:.3g}{self.unit}", goal, self.status, self.references]
-
+__all__ = ["COLUMNS", "Row", "Sizes", "register_cli", "run"]
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
@@ -73,6 +51,10 @@ class Sizes:
 
     csc_shapes: tuple[tuple[int, ...], ...] = ((4096, 1024), (64, 128, 768))
     qci: tuple[int, int] = (4096, 256)  # (rows, dim)
+    qci_form_rows: int = 1024  # rows of the input of Linear(w, w) [+ QCI] at every width
+    qci_form_widths: tuple[int, ...] = (256, 512, 1024)
+    qci_forms: tuple[str, ...] = ("dense", "lowrank", "diagonal")
+    qci_forms_compiled: bool = True  # quick mode: eager only (four more compilations would double its QCI part)
     mlp: tuple[int, int, int] = (128, 512, 4)  # (batch, width, hidden layers) for the backend rows
     cdg_mlp: tuple[int, int, int] = (256, 1024, 8)  # (batch, width, Linear layers)
     mem_mlp: tuple[int, int, int] = (16, 2048, 8)  # (batch, width, Linear layers): parameters dominate
@@ -90,101 +72,11 @@ class Sizes:
     @classmethod
     def quick(cls) -> Sizes:
         return cls(
-            csc_shapes=((8, 32, 192),), qci=(512, 128), mlp=(32, 128, 2), cdg_mlp=(64, 256, 4),
+            csc_shapes=((8, 32, 192),), qci=(512, 128), qci_form_rows=128, qci_form_widths=(64,),
+            qci_forms_compiled=False, mlp=(32, 128, 2), cdg_mlp=(64, 256, 4),
             mem_mlp=(8, 512, 4), compiler="aot_eager", graph_nodes=(100, 1000), rounds=2, reps=3, compile_reps=1,
             fresh_process_compile=False,
         )
-
-
-# ---------------------------------------------------------------------------------------------- 1. CSC
-def literal_csc(t, alpha: float = 0.5, dim: int = -1, eps: float = 1e-8):
-    """The source text's formula, verbatim (the reference arms)."""
-    import torch
-
-    s = -(t.softmax(dim) * t.log_softmax(dim))
-    return t * torch.sigmoid(t.abs() / (s + eps) - alpha)
-
-
-def _bench_csc(shape: tuple[int, ...], timer: Timer, compiler: str, cname: str) -> list[Row]:
-    import torch
-
-    from ..modules import cosmic_state_compression
-
-    torch.manual_seed(0)
-    x = torch.randn(shape)
-    xg = x.clone().requires_grad_()
-    g = torch.randn(shape)
-    impls = {
-        "literal eager": literal_csc,
-        f"literal {cname}": torch.compile(literal_csc, backend=compiler, dynamic=False),
-        "fast eager": cosmic_state_compression,
-        f"fast {cname}": torch.compile(cosmic_state_compression, backend=compiler, dynamic=False),
-    }
-
-    def fwd(f):
-        return lambda: f(x)
-
-    def fwd_bwd(f):
-        def run():
-            xg.grad = None
-            f(xg).backward(g)
-        return run
-
-    arms: dict[str, Callable[[], Any]] = {"clone": lambda: x.clone()}
-    for name, f in impls.items():
-        arms[f"{name} fwd"] = fwd(f)
-        arms[f"{name} fwd+bwd"] = fwd_bwd(f)
-    t = timer.compare(arms)
-    clone = t["clone"]
-    label = "x".join(map(str, shape))
-    rows = []
-    for kind, goal in (("fwd", 5.0), ("fwd+bwd", 10.0)):
-        refs = "; ".join(
-            [f"clone {ms(clone)}"]
-            + [f"{n} {t[f'{n} {kind}'] / clone:.3g}x" for n in ("literal eager", f"literal {cname}", "fast eager")]
-            + [f"fast {cname} {ms(t[f'fast {cname} {kind}'])}"]
-        )
-        rows.append(Row("1 CSC", f"CSC {kind} ({label}) / clone, fast CSC under {cname}",
-                        t[f"fast {cname} {kind}"] / clone, goal, refs))
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------- 2. QCI
-def _bench_qci(rows_dim: tuple[int, int], timer: Timer, compiler: str, cname: str) -> list[Row]:
-    import torch
-    from torch import nn
-
-    from ..modules import QuantumClassicalInterface
-
-    n, d = rows_dim
-    torch.manual_seed(0)
-    qci = QuantumClassicalInterface(d, init="seed")
-    lin = nn.Linear(d, d + 1)
-    x = torch.randn(n, d, requires_grad=True)
-    g, g1 = torch.randn(n, d), torch.randn(n, d + 1)
-
-    def step(module, grad):
-        def run():
-            x.grad = None
-            module.zero_grad(set_to_none=True)
-            module(x).backward(grad)
-        return run
-
-    arms = {
-        "Linear eager": step(lin, g1),
-        "QCI eager": step(qci, g),
-        f"Linear {cname}": step(torch.compile(lin, backend=compiler, dynamic=False), g1),
-        f"QCI {cname}": step(torch.compile(qci, backend=compiler, dynamic=False), g),
-    }
-    t = timer.compare(arms)
-    rows = []
-    for mode in (cname, "eager"):
-        rows.append(Row(
-            "2 QCI", f"QCI fwd+bwd / Linear({d}, {d + 1}) fwd+bwd, {mode}, input {n}x{d}",
-            t[f"QCI {mode}"] / t[f"Linear {mode}"], 1.15,
-            f"plain Linear {mode} {ms(t[f'Linear {mode}'])}; QCI {mode} {ms(t[f'QCI {mode}'])}",
-        ))
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------- 3. backend
@@ -398,16 +290,19 @@ def run(quick: bool = False, threads: int = 1, sections: tuple[str, ...] = SECTI
     if unknown:
         raise ValueError(f"unknown perf section(s) {unknown}; valid: {', '.join(SECTIONS)}")
     sizes = Sizes.quick() if quick else Sizes()
-    total = sizes.rounds * (len(sizes.csc_shapes) * ("csc" in sections) + ("qci" in sections)
+    total = sizes.rounds * (len(sizes.csc_shapes) * ("csc" in sections)
+                            + (1 + len(sizes.qci_form_widths)) * ("qci" in sections)
                             + ("backend" in sections) + ("cdg" in sections)) + ("memory" in sections)
     rows: list[Row] = []
     with progress(total, "bench perf", show_progress) as bar, torch_threads(threads):
         timer = Timer(threads, sizes.rounds, sizes.reps, tick=bar.update)
         if "csc" in sections:
             for shape in sizes.csc_shapes:
-                rows += _bench_csc(shape, timer, sizes.compiler, sizes.compiled_name)
+                rows += bench_csc(shape, timer, sizes.compiler, sizes.compiled_name)
         if "qci" in sections:
-            rows += _bench_qci(sizes.qci, timer, sizes.compiler, sizes.compiled_name)
+            rows += bench_qci(sizes.qci, timer, sizes.compiler, sizes.compiled_name)
+            rows += bench_qci_forms(sizes.qci_form_rows, sizes.qci_form_widths, sizes.qci_forms, timer,
+                                    sizes.compiler if sizes.qci_forms_compiled else None, sizes.compiled_name)
         if "backend" in sections:
             rows += _bench_backend(sizes, timer, threads)
         if "cdg" in sections:

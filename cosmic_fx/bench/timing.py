@@ -43,8 +43,9 @@ def no_gc() -> Iterator[None]:
 
 
 class Timer:
-    """Interleaved, median-of-many timing. An arm's call is timed, unless it returns an ``int``: the
-    nanoseconds it measured itself (e.g. the backward only)."""
+    """Interleaved, median-of-many timing: ``rounds x reps`` calls per arm, the arms taking turns call
+    by call. An arm's call is timed, unless it returns an ``int``: the nanoseconds it measured itself
+    (e.g. the backward only)."""
 
     def __init__(self, threads: int, rounds: int, reps: int, tick: Callable[[], None] = lambda: None) -> None:
         self.clock = time.thread_time_ns if threads == 1 else time.perf_counter_ns
@@ -59,8 +60,10 @@ class Timer:
         samples: dict[str, list[float]] = {k: [] for k in arms}
         with no_gc():
             for _ in range(self.rounds):
-                for name, fn in arms.items():
-                    for _ in range(self.reps):
+                # one call per arm in turn: load that drifts within a round (neighbours on a shared
+                # machine) hits every arm alike, not the arm that happened to run then
+                for _ in range(self.reps):
+                    for name, fn in arms.items():
                         t0 = self.clock()
                         own = fn()
                         samples[name].append(own if isinstance(own, int) else self.clock() - t0)

@@ -1,0 +1,308 @@
+"""The quantum-classical interface (QCI) in three forms of its projector ``P``; the gate is the text's.
+
+Every form computes, over the feature dimension ``f``::
+
+    g   = sigmoid(beta * mean_f(|P(x)|) / (sigmoid(h(x)) + eps))
+    out = g * P(x) + (1 - g) * x          evaluated as  lerp(x, P(x), g) = x + g * (P(x) - x)
+
+with ``h = Linear(dim, 1)`` and a learnable scalar ``beta``. The forms differ in ``P``:
+
+========== ===================================== ============================================
+form       ``P(x)``                              cost per site (GEMM FLOPs per row)
+========== ===================================== ============================================
+dense      ``W x + b`` (``Linear(dim, dim)``)    ``2 dim (dim + 1)``, as the source text
+lowrank    ``x + B (A x) + b``, rank ``r``       ``2 dim (2 r + 1)``
+diagonal   ``s * x + b``                         ``2 dim`` (``h`` only), elementwise work
+========== ===================================== ============================================
+
+With ``init="identity"`` (``W = I``; ``B = 0``; ``s = 1``; ``b = 0``) every form returns ``x``
+exactly until trained: ``P(x)`` is exactly ``x``, so the lerp returns ``x`` whatever the gate.
+Under torch.compile / torch.export the forms use ops Inductor fuses into one pass over the
+activations; eagerly, fused ATen kernels (an L1 norm, a GEMV, addcmul, lerp) that avoid temporaries.
+Measurements: docs/perf.md.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CosmicConfig, QCIForm, QCIInit
+from .quantities import DEFAULT_EPS
+
+__all__ = ["QCI_FORMS", "DiagonalQCI", "LowRankQCI", "QuantumClassicalInterface", "make_qci"]
+
+
+class QuantumClassicalInterface(nn.Module):
+    """The quantum-classical interface with the source text's dense projector ``P = Linear(dim, dim)``.
+
+    ``mean_f`` averages over the feature dimension: the last dim for Linear outputs
+    (``feature_dim=-1``), the channel dim for Conv2d outputs (``feature_dim=-3``, i.e. dim 1 of NCHW,
+    and dim 0 of an unbatched CHW tensor). ``P`` and ``h`` are stored as one ``(dim + 1, dim)``
+    ``weight`` (rows ``[0, dim)`` are ``P``, row ``dim`` is ``h``) and ``bias``, and computed as one
+    matmul (on a channels-last view for channel features). The cheaper forms, :class:`LowRankQCI`
+    and :class:`DiagonalQCI`, subclass it: ``isinstance(m, QuantumClassicalInterface)`` holds for all.
+
+    Args:
+        dim: the number of features.
+        beta: initial gate temperature.
+        init: ``"identity"`` (``P`` = identity, so the module returns ``x`` exactly until trained)
+            or ``"seed"`` (``nn.Linear``'s default init for both ``P`` and ``h``, as the source text).
+        feature_dim: -1 (Linear outputs) or -3 (Conv2d outputs).
+        eps: the epsilon of the gate.
+
+    Example:
+        >>> qci = QuantumClassicalInterface(16)
+        >>> x = torch.randn(4, 16)
+        >>> torch.equal(qci(x), x)   # identity init is exact
+        True
+    """
+
+    form: ClassVar[QCIForm] = QCIForm.DENSE
+
+    def __init__(
+        self,
+        dim: int,
+        beta: float = 1.0,
+        *,
+        init: QCIInit | str = QCIInit.IDENTITY,
+        feature_dim: int = -1,
+        eps: float = DEFAULT_EPS,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"{type(self).__name__} dim must be a positive int; got {dim!r}")
+        if feature_dim not in (-1, -3):
+            raise ValueError(f"feature_dim must be -1 (Linear outputs) or -3 (Conv2d outputs); got {feature_dim}")
+        self.dim, self.feature_dim, self.eps = dim, feature_dim, float(eps)
+        self.init = QCIInit.parse(init, "qci_init")
+        factory = {"device": device, "dtype": dtype}
+        self.beta = nn.Parameter(torch.tensor(float(beta), **factory))
+        self._create_parameters(factory)
+        # every form: bias[:dim] is P's bias, bias[dim] is h's (registered last: the dense form keeps
+        # the parameter order beta, weight, bias of earlier versions)
+        self.bias = nn.Parameter(torch.empty(dim + 1, **factory))
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ per form
+    def _create_parameters(self, factory: dict) -> None:
+        self.weight = nn.Parameter(torch.empty(self.dim + 1, self.dim, **factory))
+
+    def _init_projector(self, bound: float) -> None:
+        """Initialise the form's parameters in place (under ``no_grad``); ``bias`` is already drawn."""
+        self.weight.uniform_(-bound, bound)
+        if self.init is QCIInit.IDENTITY:
+            self.weight[: self.dim].copy_(torch.eye(self.dim))
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P(x), h(x))`` with the features on ``self.feature_dim``."""
+        fd = self.feature_dim
+        # channel features go through the same matmul on a channels-last view (not a 1x1 conv:
+        # cuDNN's default TF32 convolutions would break the exact identity at init)
+        z = F.linear(x if fd == -1 else x.movedim(fd, -1), self.weight, self.bias)
+        if fd != -1:
+            z = z.movedim(-1, fd)
+        proj, h = z.split([self.dim, 1], dim=fd)
+        return proj, h
+
+    @property
+    def projector_weight(self) -> torch.Tensor:
+        """``P.weight`` of the source text, ``(dim, dim)``: a view of ``weight`` here; computed from the
+        form's parameters (``I + B A``, ``diag(scale)``) in the subclasses."""
+        return self.weight[: self.dim]
+
+    @property
+    def estimator_weight(self) -> torch.Tensor:
+        """``h.weight`` of the source text, shape ``(1, dim)`` (a view)."""
+        return self.weight[self.dim :]
+
+    # ------------------------------------------------------------------ shared
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.dim)  # nn.Linear's default init for fan_in = dim
+        with torch.no_grad():
+            self.bias.uniform_(-bound, bound)
+            if self.init is QCIInit.IDENTITY:
+                self.bias[: self.dim].zero_()
+            self._init_projector(bound)
+
+    @property
+    def projector_bias(self) -> torch.Tensor:
+        """``P.bias`` of the source text (a view of ``bias``)."""
+        return self.bias[: self.dim]
+
+    @property
+    def estimator_bias(self) -> torch.Tensor:
+        """``h.bias`` of the source text, shape ``(1,)`` (a view of ``bias``)."""
+        return self.bias[self.dim :]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fd = self.feature_dim
+        if x.dim() < -fd or x.shape[fd] != self.dim:
+            where = "last" if fd == -1 else "channel"
+            raise ValueError(
+                f"{type(self).__name__}(dim={self.dim}) expects {self.dim} features on the {where} "
+                f"dimension; got input of shape {tuple(x.shape)}"
+            )
+        proj, h = self._project(x)
+        if torch.compiler.is_compiling():
+            mean_abs = proj.abs().mean(fd, keepdim=True)  # Inductor fuses it into the pass that makes proj
+        else:
+            # eagerly one fused kernel and no |P(x)| temporary (measured: docs/perf.md)
+            mean_abs = torch.linalg.vector_norm(proj, 1, dim=fd, keepdim=True) / self.dim
+        gate = torch.sigmoid(self.beta * mean_abs / (torch.sigmoid(h) + self.eps))
+        # lerp(x, P(x), g) = x + g (P(x) - x) = g P(x) + (1 - g) x in one pass; it returns x exactly
+        # whenever P(x) == x (the identity init), whatever the gate
+        return torch.lerp(x, proj, gate)
+
+    def _feature_view(self, v: torch.Tensor) -> torch.Tensor:
+        """A per-feature vector shaped to broadcast against inputs with features on ``feature_dim``."""
+        return v if self.feature_dim == -1 else v.view(-1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, feature_dim={self.feature_dim}, init={self.init.value}, form={self.form.value}"
+
+
+class LowRankQCI(QuantumClassicalInterface):
+    """QCI with a low-rank projector ``P(x) = x + B (A x) + b`` (``P = I + B A``), rank ``r``.
+
+    Parameters: ``down`` = ``A`` ``(rank, dim)``, ``up`` = ``B`` ``(dim, rank)``, ``h_weight``
+    ``(1, dim)``, ``bias`` ``(dim + 1)`` (``P``'s then ``h``'s), ``beta``. ``A`` and ``h`` share one
+    matmul of width ``rank + 1``. ``init="identity"`` zeroes ``B`` and ``P``'s bias (LoRA-style: ``A``
+    random, so ``B`` gets a gradient at once); ``"seed"`` draws everything from ``nn.Linear``'s init.
+
+    Args:
+        dim, beta, init, feature_dim, eps, device, dtype: as :class:`QuantumClassicalInterface`.
+        rank: the rank ``r``, in ``[1, dim]``.
+
+    Example:
+        >>> qci = LowRankQCI(64, rank=8)
+        >>> x = torch.randn(4, 64)
+        >>> torch.equal(qci(x), x), tuple(qci.up.shape)
+        (True, (64, 8))
+    """
+
+    form = QCIForm.LOWRANK
+
+    def __init__(self, dim: int, beta: float = 1.0, *, rank: int = 16, **kwargs) -> None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max(dim, 1):
+            raise ValueError(f"LowRankQCI rank must be an int in [1, dim={dim}]; got {rank!r}")
+        # set before nn.Module.__init__ (a plain int is allowed there): _create_parameters reads it
+        self.rank = rank
+        super().__init__(dim, beta, **kwargs)
+
+    def _create_parameters(self, factory: dict) -> None:
+        self.down = nn.Parameter(torch.empty(self.rank, self.dim, **factory))
+        self.up = nn.Parameter(torch.empty(self.dim, self.rank, **factory))
+        self.h_weight = nn.Parameter(torch.empty(1, self.dim, **factory))
+
+    def _init_projector(self, bound: float) -> None:
+        self.down.uniform_(-bound, bound)
+        self.h_weight.uniform_(-bound, bound)
+        if self.init is QCIInit.IDENTITY:
+            self.up.zero_()
+        else:
+            self.up.uniform_(-1.0 / math.sqrt(self.rank), 1.0 / math.sqrt(self.rank))
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fd = self.feature_dim
+        xl = x if fd == -1 else x.movedim(fd, -1)
+        # one GEMM for A x and h(x); B's output is exactly 0 while B = 0, so P(x) is exactly x
+        t = F.linear(xl, torch.cat([self.down, self.h_weight]), F.pad(self.bias[self.dim:], (self.rank, 0)))
+        a, h = t.split([self.rank, 1], dim=-1)
+        proj = F.linear(a, self.up, self.bias[: self.dim]) + xl
+        if fd != -1:
+            proj, h = proj.movedim(-1, fd), h.movedim(-1, fd)
+        return proj, h
+
+    @property
+    def projector_weight(self) -> torch.Tensor:
+        """``P = I + B A``, ``(dim, dim)``, computed (not a view)."""
+        return torch.eye(self.dim, dtype=self.up.dtype, device=self.up.device) + self.up @ self.down
+
+    @property
+    def estimator_weight(self) -> torch.Tensor:
+        return self.h_weight
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", rank={self.rank}"
+
+
+class DiagonalQCI(QuantumClassicalInterface):
+    """QCI with a diagonal projector ``P(x) = scale * x + b`` (per-feature scale and bias).
+
+    Parameters: ``scale`` ``(dim)``, ``h_weight`` ``(1, dim)``, ``bias`` ``(dim + 1)`` (``P``'s then
+    ``h``'s), ``beta``. No GEMM but ``h``'s: ``h(x)`` is written as a product and a sum over the
+    features, so that under Inductor it shares one pass over ``x`` with ``mean_f |P(x)|``.
+    ``init="identity"``: ``scale = 1``, ``b = 0``; ``"seed"``: the diagonal and bias of an
+    ``nn.Linear``-initialised ``P``.
+
+    Args:
+        dim, beta, init, feature_dim, eps, device, dtype: as :class:`QuantumClassicalInterface`.
+
+    Example:
+        >>> qci = DiagonalQCI(32, feature_dim=-3)   # after a Conv2d with 32 output channels
+        >>> x = torch.randn(2, 32, 5, 5)
+        >>> torch.equal(qci(x), x)
+        True
+    """
+
+    form = QCIForm.DIAGONAL
+
+    def _create_parameters(self, factory: dict) -> None:
+        self.scale = nn.Parameter(torch.empty(self.dim, **factory))
+        self.h_weight = nn.Parameter(torch.empty(1, self.dim, **factory))
+
+    def _init_projector(self, bound: float) -> None:
+        self.h_weight.uniform_(-bound, bound)
+        if self.init is QCIInit.IDENTITY:
+            self.scale.fill_(1.0)
+        else:
+            self.scale.uniform_(-bound, bound)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fd, view = self.feature_dim, self._feature_view
+        proj = torch.addcmul(view(self.bias[: self.dim]), x, view(self.scale))
+        if fd == -1 and not torch.compiler.is_compiling():
+            h = F.linear(x, self.h_weight, self.bias[self.dim:])  # eagerly: one GEMV, no temporary
+        else:
+            # a product and a sum: Inductor computes it in the same pass over x as mean |P(x)|
+            h = (x * view(self.h_weight[0])).sum(fd, keepdim=True) + self.bias[self.dim]
+        return proj, h
+
+    @property
+    def projector_weight(self) -> torch.Tensor:
+        """``P = diag(scale)``, ``(dim, dim)``, computed (not a view)."""
+        return torch.diag(self.scale)
+
+    @property
+    def estimator_weight(self) -> torch.Tensor:
+        return self.h_weight
+
+
+QCI_FORMS: dict[QCIForm, type[QuantumClassicalInterface]] = {
+    QCIForm.DENSE: QuantumClassicalInterface,
+    QCIForm.LOWRANK: LowRankQCI,
+    QCIForm.DIAGONAL: DiagonalQCI,
+}
+
+
+def make_qci(width: int, feature_dim: int, config: CosmicConfig, like: torch.Tensor | None) -> QuantumClassicalInterface:
+    """The QCI ``config`` asks for (form, init, beta, eps) at a site of ``width`` features, on the
+    device and dtype of ``like`` (the site's weight). A low-rank site narrower than ``qci_rank`` uses
+    its width as the rank.
+
+    Example:
+        >>> make_qci(64, -1, CosmicConfig(qci_form="lowrank", qci_rank=8), None).rank
+        8
+    """
+    factory = {} if like is None else {"device": like.device, "dtype": like.dtype}
+    kwargs = {"init": config.qci_init, "feature_dim": feature_dim, "eps": config.eps, **factory}
+    if config.qci_form is QCIForm.LOWRANK:
+        kwargs["rank"] = min(config.qci_rank, width)
+    return QCI_FORMS[config.qci_form](width, config.qci_beta, **kwargs)
