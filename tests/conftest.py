@@ -86,3 +86,23 @@ def _reset_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+def literal_csc(t, alpha=0.5, dim=-1, eps=1e-8):
+    """The source text's CSC, verbatim, in float64 (autograd differentiates it)."""
+    x = t.double()
+    s = -(x.softmax(dim) * x.log_softmax(dim))
+    return x * torch.sigmoid(x.abs() / (s + eps) - alpha)
+
+
+def assert_double_backward_matches(fn, reference, t: torch.Tensor) -> None:
+    """First and second derivatives of ``sum(fn(t)^2)`` equal those of ``reference`` (create_graph)."""
+    grads = []
+    for f in (fn, reference):
+        x = t.clone().requires_grad_()
+        (g,) = torch.autograd.grad(f(x).pow(2).sum(), x, create_graph=True)
+        (gg,) = torch.autograd.grad(g.sum(), x)
+        grads.append((g, gg))
+    (gx, ggx), (gr, ggr) = grads
+    torch.testing.assert_close(gx, gr)
+    torch.testing.assert_close(ggx, ggr)

@@ -15,12 +15,7 @@ from torch.testing import assert_close
 from cosmic_fx import csc as csc_mod
 from cosmic_fx.csc import _COMPILE_MIN_NUMEL, _CompiledKernels, cosmic_state_compression
 
-
-def literal_csc(t, alpha=0.5, dim=-1, eps=1e-8):
-    """The source text's CSC, verbatim, in float64 (autograd differentiates it)."""
-    x = t.double()
-    s = -(x.softmax(dim) * x.log_softmax(dim))
-    return x * torch.sigmoid(x.abs() / (s + eps) - alpha)
+from .conftest import assert_double_backward_matches, literal_csc
 
 
 def out_and_grad(fn, t, g, *args, **kwargs):
@@ -117,14 +112,7 @@ def test_expanded_gradients_and_double_backward_on_the_compiled_path(kernels):
     r = t.clone().requires_grad_()
     literal_csc(r).sum().backward()
     assert_close(x.grad, r.grad)
-    x = t.clone().requires_grad_()
-    (gx,) = torch.autograd.grad(cosmic_state_compression(x, compiled=True).pow(2).sum(), x, create_graph=True)
-    (ggx,) = torch.autograd.grad(gx.sum(), x)
-    r = t.clone().requires_grad_()
-    (gr,) = torch.autograd.grad(literal_csc(r).pow(2).sum(), r, create_graph=True)
-    (ggr,) = torch.autograd.grad(gr.sum(), r)
-    assert_close(gx, gr)
-    assert_close(ggx, ggr)
+    assert_double_backward_matches(lambda x: cosmic_state_compression(x, compiled=True), literal_csc, t)
 
 
 def test_tracers_and_modes_never_see_the_compiled_kernel(kernels):

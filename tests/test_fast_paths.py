@@ -9,14 +9,7 @@ from torch.testing import assert_close
 
 from cosmic_fx.modules import cosmic_state_compression
 
-from .conftest import mlp_batches, small_mlp
-
-
-def literal_csc(t, alpha=0.5, dim=-1, eps=1e-8):
-    """The source text's CSC, verbatim, in float64 (autograd differentiates it)."""
-    x = t.double()
-    s = -(x.softmax(dim) * x.log_softmax(dim))
-    return x * torch.sigmoid(x.abs() / (s + eps) - alpha)
+from .conftest import assert_double_backward_matches, literal_csc, mlp_batches, small_mlp
 
 
 def csc_and_grad(fn, t, g, *args):
@@ -81,14 +74,7 @@ def test_csc_gradcheck_in_float64(eps):
 def test_csc_double_backward_matches_the_literal_formula():
     torch.manual_seed(0)
     t = torch.randn(4, 7, dtype=torch.float64)
-    x = t.clone().requires_grad_()
-    (gx,) = torch.autograd.grad(cosmic_state_compression(x).pow(2).sum(), x, create_graph=True)
-    (ggx,) = torch.autograd.grad(gx.sum(), x)
-    r = t.clone().requires_grad_()
-    (gr,) = torch.autograd.grad(literal_csc(r).pow(2).sum(), r, create_graph=True)
-    (ggr,) = torch.autograd.grad(gr.sum(), r)
-    assert_close(gx, gr)
-    assert_close(ggx, ggr)
+    assert_double_backward_matches(lambda x: cosmic_state_compression(x), literal_csc, t)
 
 
 def test_csc_edge_shapes_have_gradients():

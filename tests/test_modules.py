@@ -5,12 +5,7 @@ from torch.testing import assert_close
 
 from cosmic_fx.modules import CosmicStateCompression, QuantumClassicalInterface, cosmic_state_compression
 
-
-def literal_csc(t, alpha=0.5, dim=-1, eps=1e-8):
-    """The source text's formula, verbatim, in float64."""
-    x = t.double()
-    s = -(x.softmax(dim) * x.log_softmax(dim))
-    return x * torch.sigmoid(x.abs() / (s + eps) - alpha)
+from .conftest import literal_csc
 
 
 @pytest.mark.parametrize("scale", [0.01, 1.0, 30.0, 1e4])
