@@ -141,6 +141,7 @@ def fused_optimizer(model: nn.Module) -> FusedOptimizer:
             to :func:`cosmic_fx.attach_hooks` (also compiled or DDP-wrapped).
 
     Example:
+        >>> import cosmic_fx
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
         >>> cfg = cosmic_fx.CosmicConfig.off(cce_fused="sgd", cce_fused_lr=0.1, cce_fused_momentum=0.9)
         >>> opt = cosmic_fx.fused_optimizer(cosmic_fx.transform(model, cfg))
