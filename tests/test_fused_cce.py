@@ -134,6 +134,12 @@ def test_checkpoint_round_trip_resumes_bit_for_bit(kind):
     b = resumed(True)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert cosmic_fx.runtime_of(b).steps == cosmic_fx.runtime_of(a).steps == 6
+    # loaded into a run whose state already exists (copied into the tensors a compiled backward holds)
+    ckpt = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    a.load_state_dict(ckpt["model"])
+    aopt.load_state_dict(ckpt["fused"])
+    train(a, aopt, batches[3:])
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     # the update state matters: resuming without it is another run
     c = resumed(False)
     assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
@@ -247,9 +253,12 @@ def test_fused_optimizer_bad_input():
         opt.load_state_dict({"state": {}})
 
 
-def test_seed_cdg_cannot_run_in_a_compiled_fused_backward():
+def test_seed_cdg_cannot_run_in_a_compiled_fused_backward_and_a_plain_backward_warns():
     cfg = CosmicConfig.seed(lower="aot_eager", cce_fused_lr=0.1)
     run = cosmic_fx.compile(cosmic_fx.transform(small_mlp(), cfg))
     x, y = _batches(1)[0]
     with pytest.raises(RuntimeError, match="cdg='seed' skips another set of parameters every step"):
         cosmic_fx.fused_optimizer(run).backward(_loss(run, x, y))
+    # a plain backward still updates, and says that it saves no memory on a compiled model
+    with pytest.warns(UserWarning, match="no memory is saved. Call cosmic_fx.fused_optimizer"):
+        _loss(run, x, y).backward()

@@ -26,6 +26,7 @@ that is garbage-collected frees its runtime and two models never share one.
 from __future__ import annotations
 
 import logging
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -130,6 +131,7 @@ class CosmicRuntime:
         self.cce = CCEState(config)
         self.fused = FusedUpdate(config, 0)
         self._traced = False  # inside traced_backward: the hooks only apply the fused update
+        self._warned_untraced = False
         self.backwards_since_step = 0  # for FusedOptimizer.step's gradient-accumulation check
         self.accounting = CompileAccounting()
         self._in_backward = False
@@ -419,6 +421,16 @@ class CosmicRuntime:
         if p.grad is None:
             return
         if self._decide(i, p) and self.config.cce_fused is not CCEFused.OFF:
+            if self.mode == "compiled" and not self._warned_untraced:
+                self._warned_untraced = True
+                warnings.warn(
+                    "cosmic_fx: the fused update ran after a plain loss.backward() on a compiled model: it is "
+                    "correct, but the compiled backward returned every gradient before the first update, so no "
+                    "memory is saved. Call cosmic_fx.fused_optimizer(model).backward(loss) instead (compiled "
+                    "autograd; README, 'Fused updates'). (Warned once per model.)",
+                    UserWarning,
+                    stacklevel=2,
+                )
             if not self.fused.allocated:
                 self.fused.allocate(self._params(), with_scale=False)
             self.fused.apply(i, p, p.grad)

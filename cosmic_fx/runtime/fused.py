@@ -150,13 +150,14 @@ class FusedUpdate:
                 raise RuntimeError(f"fused-optimizer state of {names[i]!r} has keys {sorted(entry)}; this config "
                                    f"keeps {sorted(self.keys)} (was it saved with other cce_fused_* settings?)")
             p = params[i]
+            if p is None:  # a parameter of a model being collected: nothing to restore it into
+                continue
             for k, t in entry.items():
-                want = () if k == "step" else (tuple(p.shape) if p is not None else tuple(t.shape))
+                want = () if k == "step" else tuple(p.shape)
                 if tuple(t.shape) != want:
                     raise RuntimeError(f"fused-optimizer state {names[i]!r}.{k} has shape {tuple(t.shape)}; "
                                        f"the parameter needs {want}")
-            device = p.device if p is not None else None
-            new[i] = {k: t.detach().to(device=device, dtype=torch.float32 if k == "step" else p.dtype, copy=True)
+            new[i] = {k: t.detach().to(device=p.device, dtype=torch.float32 if k == "step" else p.dtype, copy=True)
                       for k, t in entry.items()}
         if self.allocated:  # copy into the existing tensors: a compiled backward reads these objects
             for i, entry in enumerate(new):
