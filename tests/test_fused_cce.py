@@ -262,3 +262,28 @@ def test_seed_cdg_cannot_run_in_a_compiled_fused_backward_and_a_plain_backward_w
     # a plain backward still updates, and says that it saves no memory on a compiled model
     with pytest.warns(UserWarning, match="no memory is saved. Call cosmic_fx.fused_optimizer"):
         _loss(run, x, y).backward()
+
+
+def test_parameters_frozen_by_cdg_get_no_fused_update_and_keep_their_state():
+    cfg = CosmicConfig.off(cdg="calibrated", cdg_patience=1, cdg_interval=1, cdg_max_frozen=0.5, efficiency_every=1,
+                           **KINDS["adamw"][0])
+    model = small_mlp()
+    rt = cosmic_fx.attach_hooks(model, cfg)
+    opt = cosmic_fx.fused_optimizer(model)
+    batches = _batches(6)
+    for x, y in batches[:3]:
+        opt.backward(_loss(model, x, y))
+        opt.step()
+        if rt.frozen:
+            break
+    frozen = rt.frozen
+    assert frozen, "the schedule above should freeze some parameters"
+    before, steps = _params(model), {n: float(opt.state_dict()["state"][rt.index_of(n)]["step"]) for n in rt.names}
+    x, y = batches[4]
+    opt.backward(_loss(model, x, y))
+    after = {n: float(opt.state_dict()["state"][rt.index_of(n)]["step"]) for n in rt.names}
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, before[name]) and after[name] == steps[name], name
+        else:
+            assert not torch.equal(p, before[name]) and after[name] == steps[name] + 1, name
