@@ -11,7 +11,7 @@ Each parameter's hook runs as soon as its gradient is accumulated: it reads ``E(
 (:class:`~cosmic_fx.runtime.readings.Readings`), applies seed CDG's skip, counts calibrated CDG's
 low readings (:class:`~cosmic_fx.runtime.cdg.CDGState`), scales the gradient by CCE's multiplier and
 optionally applies the fused update (:class:`~cosmic_fx.runtime.fused.FusedUpdate`). Under
-``torch.compile``, :meth:`CosmicRuntime.traced_backward` runs the backward through compiled autograd:
+``torch.compile``, :func:`~cosmic_fx.runtime.fused_optimizer.traced_backward` runs the backward through compiled autograd:
 the readings and multipliers are taken just before it, and the hooks, traced into the compiled
 backward, only apply the fused update (so each gradient is freed as soon as it is used). At the end of each
 backward the runtime closes the step: the relative-CCE mean, compile accounting
@@ -61,21 +61,6 @@ def runtimes_of_param(p: torch.Tensor) -> list[CosmicRuntime]:
 
 def _queue_callback(fn: Callable[[], None]) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(fn)
-
-
-def _leaves_reached(loss: torch.Tensor) -> list[torch.Tensor]:
-    """The leaf tensors whose gradients ``loss.backward()`` accumulates (its graph's AccumulateGrad nodes)."""
-    seen, stack, leaves = set(), [loss.grad_fn], []
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        var = getattr(fn, "variable", None)
-        if var is not None:
-            leaves.append(var)
-        stack.extend(nxt for nxt, _ in fn.next_functions)
-    return leaves
 
 
 def _remove_handles(handles: list) -> None:
@@ -465,43 +450,6 @@ class CosmicRuntime:
         return True
 
     # ------------------------------------------------------------------ compiled fused backward
-    def traced_backward(self, loss: torch.Tensor, **backward_kwargs: Any) -> None:
-        """``loss.backward()`` through compiled autograd, the fused update traced into it.
-
-        Called by :meth:`cosmic_fx.runtime.fused_optimizer.FusedOptimizer.backward` for a compiled
-        model. Every decision (``E(p)`` readings, CDG, the CCE multiplier) is taken here, before the
-        backward, for the parameters the backward will reach: they read only the parameters, which
-        are not updated before their own hook, so the decisions equal the eager hooks'. The hooks,
-        traced into the compiled backward, then scale each gradient by its 0-d multiplier tensor,
-        apply the update and free the gradient; one compiled graph serves every step.
-        """
-        from torch._dynamo import compiled_autograd
-
-        from .fused_optimizer import compiled_autograd_compiler
-
-        if self.config.cdg is CDGMode.SEED:
-            raise RuntimeError(
-                "cosmic fused backward: cdg='seed' skips another set of parameters every step, which a compiled "
-                "backward cannot follow without recompiling each time. Use cdg='off' or 'calibrated', or call "
-                "loss.backward() (the update still happens inside backward, without the memory saving under "
-                "torch.compile)."
-            )
-        reached = self.indices_of(_leaves_reached(loss))
-        params = self._params()
-        self.fused.allocate(params, with_scale=self.config.cce is not CCEMode.OFF)
-        for i in sorted(reached):
-            p = params[i]
-            if p is not None and p.requires_grad:
-                self._decide(i, p)
-        compiler = compiled_autograd_compiler(self.config)
-        self._traced = True
-        try:
-            with compiled_autograd._enable(compiler):
-                loss.backward(**backward_kwargs)
-        finally:
-            self._traced = False
-        self._end_of_backward()
-
     def _traced_update(self, i: int, p: torch.Tensor) -> None:
         grad = p.grad
         if self.fused.scale is not None:

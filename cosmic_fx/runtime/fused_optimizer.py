@@ -34,9 +34,9 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from ..config import CCEFused, CosmicConfig
+from ..config import CCEFused, CCEMode, CDGMode, CosmicConfig
 
-__all__ = ["FusedOptimizer", "compiled_autograd_compiler", "fused_optimizer", "watch_double_updates"]
+__all__ = ["FusedOptimizer", "compiled_autograd_compiler", "fused_optimizer", "traced_backward", "watch_double_updates"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,7 +97,7 @@ class FusedOptimizer:
                 "Compile it with cosmic_fx.compile(model, config) or call cosmic_fx.attach_hooks(model) first."
             )
         if rt.mode == "compiled":
-            rt.traced_backward(loss, **kwargs)
+            traced_backward(rt, loss, **kwargs)
         else:
             loss.backward(**kwargs)
 
@@ -164,6 +164,57 @@ def fused_optimizer(model: nn.Module) -> FusedOptimizer:
             "or 'adamw' with cce_fused_lr, or use a torch.optim optimizer as usual."
         )
     return FusedOptimizer(rt)
+
+
+# ---------------------------------------------------------------------------------------------- compiled backward
+def _leaves_reached(loss: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors whose gradients ``loss.backward()`` accumulates (its graph's AccumulateGrad nodes)."""
+    seen, stack, leaves = set(), [loss.grad_fn], []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            leaves.append(var)
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return leaves
+
+
+def traced_backward(rt, loss: torch.Tensor, **backward_kwargs: Any) -> None:
+    """``loss.backward()`` through compiled autograd, the fused update traced into it.
+
+    Called by :meth:`FusedOptimizer.backward` for a compiled model (``rt``: its runtime). Every decision (``E(p)`` readings, CDG, the CCE multiplier) is taken here, before the
+    backward, for the parameters the backward will reach: they read only the parameters, which
+    are not updated before their own hook, so the decisions equal the eager hooks'. The hooks,
+    traced into the compiled backward, then scale each gradient by its 0-d multiplier tensor,
+    apply the update and free the gradient; one compiled graph serves every step.
+    """
+    if rt.config.cdg is CDGMode.SEED:
+        raise RuntimeError(
+            "cosmic fused backward: cdg='seed' skips another set of parameters every step, which a compiled "
+            "backward cannot follow without recompiling each time. Use cdg='off' or 'calibrated', or call "
+            "loss.backward() (the update still happens inside backward, without the memory saving under "
+            "torch.compile)."
+        )
+    reached = rt.indices_of(_leaves_reached(loss))
+    params = rt._params()
+    rt.fused.allocate(params, with_scale=rt.config.cce is not CCEMode.OFF)
+    for i in sorted(reached):
+        p = params[i]
+        if p is not None and p.requires_grad:
+            rt._decide(i, p)
+    from torch._dynamo import compiled_autograd
+
+    compiler = compiled_autograd_compiler(rt.config)
+    rt._traced = True
+    try:
+        with compiled_autograd._enable(compiler):
+            loss.backward(**backward_kwargs)
+    finally:
+        rt._traced = False
+    rt._end_of_backward()
 
 
 # ---------------------------------------------------------------------------------------------- double updates
