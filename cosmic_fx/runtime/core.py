@@ -11,10 +11,10 @@ Each parameter's hook runs as soon as its gradient is accumulated: it reads ``E(
 (:class:`~cosmic_fx.runtime.readings.Readings`), applies seed CDG's skip, counts calibrated CDG's
 low readings (:class:`~cosmic_fx.runtime.cdg.CDGState`), scales the gradient by CCE's multiplier and
 optionally applies the fused update (:class:`~cosmic_fx.runtime.fused.FusedUpdate`). Under
-``torch.compile``, :func:`~cosmic_fx.runtime.fused_optimizer.traced_backward` runs the backward through compiled autograd:
-the readings and multipliers are taken just before it, and the hooks, traced into the compiled
-backward, only apply the fused update (so each gradient is freed as soon as it is used). At the end of each
-backward the runtime closes the step: the relative-CCE mean, compile accounting
+``torch.compile``, :func:`~cosmic_fx.runtime.fused_optimizer.traced_backward` runs the backward
+through compiled autograd: the readings and multipliers are taken just before it, and the hooks,
+traced into the compiled backward, only apply the fused update (each gradient is freed as soon as
+it is used). At the end of each backward the runtime closes the step: the relative-CCE mean, compile accounting
 (:class:`~cosmic_fx.runtime.accounting.CompileAccounting`) and, every ``cdg_interval`` steps, the
 frozen set. Every decision is a function of :mod:`cosmic_fx.policy`.
 

@@ -89,8 +89,8 @@ class FusedOptimizer:
         """
         rt = self.runtime
         if not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
-            raise TypeError(f"FusedOptimizer.backward expects a loss tensor with a graph (grad_fn); got "
-                            f"{type(loss).__name__ if not isinstance(loss, torch.Tensor) else 'a tensor without grad_fn'}")
+            got = type(loss).__name__ if not isinstance(loss, torch.Tensor) else "a tensor without grad_fn"
+            raise TypeError(f"FusedOptimizer.backward expects a loss tensor with a graph (grad_fn); got {got}")
         if rt.mode is None:
             raise RuntimeError(
                 "FusedOptimizer.backward: the model's cosmic hooks are not active, so nothing would update it. "
@@ -185,8 +185,9 @@ def _leaves_reached(loss: torch.Tensor) -> list[torch.Tensor]:
 def traced_backward(rt, loss: torch.Tensor, **backward_kwargs: Any) -> None:
     """``loss.backward()`` through compiled autograd, the fused update traced into it.
 
-    Called by :meth:`FusedOptimizer.backward` for a compiled model (``rt``: its runtime). Every decision (``E(p)`` readings, CDG, the CCE multiplier) is taken here, before the
-    backward, for the parameters the backward will reach: they read only the parameters, which
+    Called by :meth:`FusedOptimizer.backward` for a compiled model (``rt``: its runtime). Every
+    decision (``E(p)`` readings, CDG, the CCE multiplier) is taken here, before the backward, for
+    the parameters the backward will reach: they read only the parameters, which
     are not updated before their own hook, so the decisions equal the eager hooks'. The hooks,
     traced into the compiled backward, then scale each gradient by its 0-d multiplier tensor,
     apply the update and free the gradient; one compiled graph serves every step.
