@@ -13,9 +13,9 @@ from torch import nn
 
 from .adapter import load_adapter
 from .backend import cosmic_backend
-from .config import CCEMode, CDGMode, CosmicConfig, CSCPlacement, Lowering, QCIForm, QCIInit
+from .config import CCEFused, CCEMode, CDGMode, CosmicConfig, CSCPlacement, Lowering, QCIForm, QCIInit
 from .export import export
-from .runtime import CosmicRuntime, attach_hooks, detach_hooks, hooks_of, runtime_of
+from .runtime import CosmicRuntime, FusedOptimizer, attach_hooks, detach_hooks, fused_optimizer, hooks_of, runtime_of
 from .inspect import explain
 from .modules import (
     CosmicStateCompression,
@@ -77,6 +77,7 @@ def compile(model: nn.Module, config: CosmicConfig | None = None, **compile_kwar
 
 
 __all__ = [
+    "CCEFused",
     "CCEMode",
     "CDGMode",
     "CSCPlacement",
@@ -84,6 +85,7 @@ __all__ = [
     "CosmicRuntime",
     "CosmicStateCompression",
     "DiagonalQCI",
+    "FusedOptimizer",
     "LowRankQCI",
     "Lowering",
     "QCIForm",
@@ -105,6 +107,7 @@ __all__ = [
     "explain",
     "export",
     "find_sites",
+    "fused_optimizer",
     "hooks_of",
     "info",
     "load_adapter",

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "CCEFused",
     "CCEMode",
     "CDGMode",
     "CSCPlacement",
@@ -84,6 +85,14 @@ class CCEMode(_Choice):
     RELATIVE = "relative"  # grad <- m(p) * grad, m = clamp(1 + gamma * (E(p) - mean E), lo, hi) > 0
 
 
+class CCEFused(_Choice):
+    """The optimizer applied to each parameter inside backward (fused CCE), or none."""
+
+    OFF = "off"  # the hooks only scale p.grad; your optimizer steps after backward
+    SGD = "sgd"  # torch.optim.SGD per parameter: momentum (dampening 0), weight decay, nesterov
+    ADAMW = "adamw"  # torch.optim.AdamW per parameter
+
+
 class Lowering(_Choice):
     """What the backend hands the rewritten graph to."""
 
@@ -98,6 +107,7 @@ _CHOICES: dict[str, type[_Choice]] = {
     "qci_form": QCIForm,
     "cdg": CDGMode,
     "cce": CCEMode,
+    "cce_fused": CCEFused,
     "lower": Lowering,
 }
 
@@ -136,12 +146,24 @@ class CosmicConfig:
         cce: ``"off"``, ``"seed"`` (literal) or ``"relative"``.
         cce_gamma, cce_min, cce_max: the relative CCE multiplier
             ``clamp(1 + gamma * (E(p) - mean E), cce_min, cce_max)``.
-        cce_fused_lr: ``None`` (default: the hooks only scale ``p.grad`` and your optimizer steps)
-            or a learning rate > 0: the update ``p <- p - lr * m(p) * grad`` (plain SGD; ``m`` the
-            CCE factor, 1 with ``cce="off"``) happens inside each parameter's
-            post-accumulate-grad hook and ``p.grad`` is freed at once, so gradients never all exist
-            together (lower peak memory; see docs/perf.md). Do not step another optimizer over
-            these parameters; every backward updates (no gradient accumulation).
+        cce_fused: ``"off"`` (default: the hooks only scale ``p.grad`` and your optimizer steps),
+            ``"sgd"`` or ``"adamw"``: that optimizer's update of each parameter happens inside its
+            post-accumulate-grad hook, on the gradient already scaled by CCE's multiplier (1 with
+            ``cce="off"``), and ``p.grad`` is freed at once, so gradients never all exist together
+            (lower peak memory). Frozen parameters (CDG) are skipped, like parameters without a
+            gradient in ``torch.optim``. The update state (momentum, Adam moments) checkpoints through
+            :func:`cosmic_fx.fused_optimizer`; under ``torch.compile`` call its ``backward(loss)``
+            for the memory saving. Every backward is a step: no gradient accumulation, no clipping
+            by global norm, and no other optimizer over these parameters (an error). See README,
+            "Fused updates".
+        cce_fused_lr: the fused update's learning rate (> 0), required with ``cce_fused``. Given
+            alone (the former API) it means ``cce_fused="sgd"`` without momentum: ``p <- p - lr * m(p) * grad``.
+        cce_fused_momentum: SGD momentum in [0, 1) (dampening 0, as ``torch.optim.SGD``'s default).
+        cce_fused_nesterov: SGD with Nesterov momentum (needs ``cce_fused_momentum > 0``).
+        cce_fused_weight_decay: ``None`` (default: ``torch.optim``'s default, 0 for SGD and 0.01 for
+            AdamW) or a number >= 0: L2 added to the gradient (SGD) or decoupled decay (AdamW).
+        cce_fused_betas: AdamW's ``(beta1, beta2)``, each in [0, 1).
+        cce_fused_eps: AdamW's epsilon, > 0.
         efficiency_every: the hooks measure each parameter's ``E(p)`` every this many steps and
             reuse the reading (CDG's low/high verdict, CCE's multiplier) in between. ``E(p)`` is a
             softmax over the whole parameter: measuring it every step costs about one extra pass over
@@ -178,7 +200,13 @@ class CosmicConfig:
     cce_gamma: float = 1.0
     cce_min: float = 0.5
     cce_max: float = 2.0
+    cce_fused: CCEFused | str = CCEFused.OFF
     cce_fused_lr: float | None = None
+    cce_fused_momentum: float = 0.0
+    cce_fused_nesterov: bool = False
+    cce_fused_weight_decay: float | None = None
+    cce_fused_betas: tuple[float, float] = (0.9, 0.999)
+    cce_fused_eps: float = 1e-8
     efficiency_every: int = 10
     lower: Lowering | str = Lowering.INDUCTOR
 
@@ -187,7 +215,7 @@ class CosmicConfig:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         for name, kind in _CHOICES.items():
             set_(name, kind.parse(getattr(self, name), name))
-        for name in ("qci", "cdg_protect_output"):
+        for name in ("qci", "cdg_protect_output", "cce_fused_nesterov"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"CosmicConfig.{name} must be a bool; got {getattr(self, name)!r}")
         for name in ("targets", "exclude"):
@@ -214,11 +242,7 @@ class CosmicConfig:
             if not math.isfinite(value) or not low <= value <= high:
                 raise ValueError(f"CosmicConfig.{name} must be finite and in [{low}, {high}]; got {value!r}")
             set_(name, value)
-        if self.cce_fused_lr is not None:
-            lr = self.cce_fused_lr
-            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-                raise ValueError(f"CosmicConfig.cce_fused_lr must be None or a finite learning rate > 0; got {lr!r}")
-            set_("cce_fused_lr", float(lr))
+        self._validate_fused(set_)
         if self.eps == 0.0:
             raise ValueError("CosmicConfig.eps must be > 0 (it keeps the efficiency's denominator away from 0)")
         if self.cce_min == 0.0 or self.cce_min > 1.0 or self.cce_max < 1.0 or self.cce_min > self.cce_max:
@@ -226,6 +250,55 @@ class CosmicConfig:
                 "CosmicConfig needs 0 < cce_min <= 1 <= cce_max (the relative CCE multiplier is positive "
                 f"and 1 at the mean efficiency); got cce_min={self.cce_min}, cce_max={self.cce_max}"
             )
+
+    def _validate_fused(self, set_) -> None:
+        lr = self.cce_fused_lr
+        if lr is not None:
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+                raise ValueError(f"CosmicConfig.cce_fused_lr must be None or a finite learning rate > 0; got {lr!r}")
+            set_("cce_fused_lr", float(lr))
+            if self.cce_fused is CCEFused.OFF:  # the former API: cce_fused_lr alone is plain SGD
+                set_("cce_fused", CCEFused.SGD)
+        elif self.cce_fused is not CCEFused.OFF:
+            raise ValueError(f"CosmicConfig.cce_fused={self.cce_fused.value!r} needs cce_fused_lr (a learning rate > 0)")
+        numbers = {"cce_fused_momentum": (0.0, 1.0, False), "cce_fused_eps": (0.0, 1.0, True)}
+        if self.cce_fused_weight_decay is not None:
+            numbers["cce_fused_weight_decay"] = (0.0, math.inf, False)
+        for name, (low, high, open_low) in numbers.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < low or value >= high or (open_low and value == low):
+                bounds = f"{'(' if open_low else '['}{low:g}, {high:g})"
+                raise ValueError(f"CosmicConfig.{name} must be a number in {bounds}; got {value!r}")
+            set_(name, float(value))
+        betas = self.cce_fused_betas
+        if isinstance(betas, Sequence) and not isinstance(betas, str) and len(betas) == 2 and all(
+                not isinstance(b, bool) and isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+            set_("cce_fused_betas", (float(betas[0]), float(betas[1])))
+        else:
+            raise ValueError(f"CosmicConfig.cce_fused_betas must be two numbers (beta1, beta2), each in [0, 1); got {betas!r}")
+        if self.cce_fused_nesterov and self.cce_fused_momentum == 0.0:
+            raise ValueError("CosmicConfig.cce_fused_nesterov needs cce_fused_momentum > 0 (as torch.optim.SGD)")
+        # a knob that the chosen update ignores is a mistake worth stopping
+        used = {CCEFused.OFF: set(), CCEFused.SGD: {"cce_fused_momentum", "cce_fused_nesterov", "cce_fused_weight_decay"},
+                CCEFused.ADAMW: {"cce_fused_betas", "cce_fused_eps", "cce_fused_weight_decay"}}[self.cce_fused]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        ignored = sorted(k for k in ("cce_fused_momentum", "cce_fused_nesterov", "cce_fused_weight_decay",
+                                     "cce_fused_betas", "cce_fused_eps")
+                         if k not in used and getattr(self, k) != defaults[k])
+        if ignored:
+            raise ValueError(
+                f"CosmicConfig: {', '.join(ignored)} set, but cce_fused={self.cce_fused.value!r} does not use "
+                f"{'it' if len(ignored) == 1 else 'them'}; the SGD knobs are cce_fused_momentum/nesterov/weight_decay, the AdamW ones "
+                f"cce_fused_betas/eps/weight_decay (and cce_fused needs cce_fused_lr)"
+            )
+
+    @property
+    def fused_weight_decay(self) -> float:
+        """The fused update's weight decay: the field, or ``torch.optim``'s default for the kind."""
+        if self.cce_fused_weight_decay is not None:
+            return self.cce_fused_weight_decay
+        return 0.01 if self.cce_fused is CCEFused.ADAMW else 0.0
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -307,7 +380,7 @@ class CosmicConfig:
 
     @property
     def hooks_enabled(self) -> bool:
-        return self.cdg is not CDGMode.OFF or self.cce is not CCEMode.OFF or self.cce_fused_lr is not None
+        return self.cdg is not CDGMode.OFF or self.cce is not CCEMode.OFF or self.cce_fused is not CCEFused.OFF
 
 
 def _regex_tuple(value: Any, field: str) -> tuple[str, ...]:

@@ -32,7 +32,7 @@ def test_quick_mode_prints_every_target_with_finite_ratios(capsys):
         "3 backend": 3,
         "3 pipeline": len(sizes.graph_nodes) + 1,
         "4 CDG": 4,
-        "5 CCE fused": 2,
+        "5 CCE fused": 1 + 2 * len(sizes.fused_kinds),  # memory eager; memory and step time compiled
     }
     assert {item: sum(r[0] == item for r in rows) for item in expected} == expected
     assert len(rows) == sum(expected.values())

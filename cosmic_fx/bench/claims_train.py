@@ -136,11 +136,16 @@ def train_run(task: Task, arm: Arm, seed: int, tick: Callable[[], None] | None =
         if _frames_compiled() != frames:
             compile_time += time.perf_counter() - t0  # the compile happened here, not in step 1
 
+    fused = arm.config is not None and arm.config.cce_fused.value != "off"
+
     def one_step(x, y):
         loss = task.loss(train_mod(x), y)
         if opt is not None:
             opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if fused:  # compiled: the backward through compiled autograd, each gradient freed at its update
+            cosmic_fx.fused_optimizer(train_mod).backward(loss)
+        else:
+            loss.backward()
         if opt is not None:
             opt.step()
 

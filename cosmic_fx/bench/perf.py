@@ -16,9 +16,11 @@ with ``--threads`` > 1). The targets (issue 5):
    the pass pipeline's ms per 1,000 nodes for graphs of 100 to 10,000 nodes (grows linearly).
 4. CDG: backward time with half of an MLP's Linear weights frozen (``requires_grad=False``) <= 0.75x
    nothing frozen.
-5. CCE fused into backward (``cce_fused_lr``): peak training-step memory <= 0.8x the same model with
-   a separate optimizer step, each arm in a fresh process (the parameters plus the peak RSS above
-   the idle RSS during the steps), eager and under ``torch.compile``.
+5. CCE fused into backward (``cce_fused``): peak training-step memory <= 0.8x the same model with
+   the same optimizer (SGD with momentum, AdamW) stepping after backward, each arm in a fresh
+   process (the parameters plus the peak RSS above the idle RSS during the steps), eager and under
+   ``torch.compile`` (the fused arm's backward by compiled autograd, both arms the same lowering);
+   and the compiled step time of the two, interleaved (issue 10: <= 1x).
 
 ``--quick`` is a smoke test (under a minute): small sizes, few repetitions, and ``aot_eager`` instead
 of Inductor for the compiled arms (the QCI forms: eager arms only); its figures are not the targets'
@@ -58,6 +60,7 @@ class Sizes:
     mlp: tuple[int, int, int] = (128, 512, 4)  # (batch, width, hidden layers) for the backend rows
     cdg_mlp: tuple[int, int, int] = (256, 1024, 8)  # (batch, width, Linear layers)
     mem_mlp: tuple[int, int, int] = (16, 2048, 8)  # (batch, width, Linear layers): parameters dominate
+    fused_kinds: tuple[str, ...] = ("sgd", "adamw")  # compiled fused-CCE arms (eager: SGD only)
     compiler: str = "inductor"  # what the compiled arms use (quick mode: aot_eager, seconds less per graph)
     graph_nodes: tuple[int, ...] = (100, 300, 1000, 3000, 10000)
     rounds: int = 5
@@ -74,7 +77,7 @@ class Sizes:
         return cls(
             csc_shapes=((8, 32, 192),), qci=(512, 128), qci_form_rows=128, qci_form_widths=(64,),
             qci_forms_compiled=False, mlp=(32, 128, 2), cdg_mlp=(64, 256, 4),
-            mem_mlp=(8, 512, 4), compiler="aot_eager", graph_nodes=(100, 1000), rounds=2, reps=3, compile_reps=1,
+            mem_mlp=(8, 512, 4), fused_kinds=("sgd",), compiler="aot_eager", graph_nodes=(100, 1000), rounds=2, reps=3, compile_reps=1,
             fresh_process_compile=False,
         )
 
@@ -257,22 +260,56 @@ def _bench_cdg(sizes: Sizes, timer: Timer) -> list[Row]:
 
 
 # ---------------------------------------------------------------------------------------------- 5. CCE fused
-def _bench_memory(sizes: Sizes) -> list[Row]:
-    if not os.path.exists("/proc/self/clear_refs"):
-        return [Row("5 CCE fused", f"peak step memory, fused / separate optimizer step, {mode} (needs Linux /proc)",
-                    float("nan"), 0.8, "not measured on this platform") for mode in ("eager", "torch.compile")]
-    out = peak_memory(sizes.mem_mlp, (None, sizes.compiler))
+def _fused_label(kind: str) -> str:
+    return {"sgd": "SGD momentum 0.9", "adamw": "AdamW"}[kind]
+
+
+def _bench_memory(sizes: Sizes, timer: Timer) -> list[Row]:
+    """Fused CCE (the update inside backward) against the same update by ``torch.optim`` after
+    backward: peak step memory (fresh processes) and, compiled, step time (interleaved here)."""
+    import torch
+
+    from .perf_probes import fused_training_step
+
     batch, width, layers = sizes.mem_mlp
+    cname = sizes.compiled_name
+    cases = ((None, "sgd"), *((sizes.compiler, kind) for kind in sizes.fused_kinds))
+    what = f"({layers}x Linear({width}, {width}), batch {batch})"
     rows = []
-    for lower in (None, sizes.compiler):
-        sep, fused = out[("separate", lower)], out[("fused", lower)]
-        mode = "eager" if lower is None else f"torch.compile, {sizes.compiled_name}"
-        rows.append(Row(
-            "5 CCE fused", f"peak training-step memory, update in backward hook / separate SGD step "
-            f"({layers}x Linear({width}, {width}), batch {batch}), {mode}",
-            fused["peak_mib"] / sep["peak_mib"], 0.8,
-            f"separate {sep['peak_mib']:.4g} MiB; fused {fused['peak_mib']:.4g} MiB; parameters {sep['params_mib']:.4g} MiB",
-        ))
+    if not os.path.exists("/proc/self/clear_refs"):
+        rows += [Row("5 CCE fused", f"peak step memory, fused / separate {_fused_label(kind)} step, "
+                     f"{'eager' if lower is None else cname} (needs Linux /proc)", float("nan"), 0.8,
+                     "not measured on this platform") for lower, kind in cases]
+    else:
+        out = peak_memory(sizes.mem_mlp, cases)
+        for lower, kind in cases:
+            sep, fused = out[("separate", lower, kind)], out[("fused", lower, kind)]
+            mode = "eager" if lower is None else f"torch.compile, {cname}, backward by compiled autograd"
+            rows.append(Row(
+                "5 CCE fused", f"peak training-step memory, {_fused_label(kind)} inside backward / after backward "
+                f"{what}, {mode}", fused["peak_mib"] / sep["peak_mib"], 0.8,
+                f"separate {sep['peak_mib']:.4g} MiB; fused {fused['peak_mib']:.4g} MiB; parameters "
+                f"{sep['params_mib']:.4g} MiB",
+            ))
+    torch.manual_seed(0)
+    base = linear_relu_stack(width, layers)
+    x, y = torch.randn(batch, width), torch.randn(batch, width)
+    arms, hooks = {}, []
+    for lower, kind in cases:
+        if lower is None:
+            continue
+        for arm in ("separate", "fused"):
+            step, h = fused_training_step(arm, kind, copy.deepcopy(base), lower)
+            hooks.append(h)
+            arms[(arm, kind)] = (lambda step=step: step(x, y))
+    t = timer.compare(arms, stat="mean")  # mean: the steps that measure E(p) count
+    for h in hooks:
+        h.remove()
+    for kind in sorted({k for _, k in arms}, key=["sgd", "adamw"].index):
+        sep, fused = t[("separate", kind)], t[("fused", kind)]
+        rows.append(Row("5 CCE fused", f"training step (mean), {_fused_label(kind)} inside backward / after backward "
+                        f"{what}, torch.compile, {cname}", fused / sep, 1.0,
+                        f"separate {ms(sep)}; fused {ms(fused)}"))
     return rows
 
 
@@ -292,7 +329,7 @@ def run(quick: bool = False, threads: int = 1, sections: tuple[str, ...] = SECTI
     sizes = Sizes.quick() if quick else Sizes()
     total = sizes.rounds * (len(sizes.csc_shapes) * ("csc" in sections)
                             + (1 + len(sizes.qci_form_widths)) * ("qci" in sections)
-                            + ("backend" in sections) + ("cdg" in sections)) + ("memory" in sections)
+                            + ("backend" in sections) + ("cdg" in sections) + ("memory" in sections))
     rows: list[Row] = []
     with progress(total, "bench perf", show_progress) as bar, torch_threads(threads):
         timer = Timer(threads, sizes.rounds, sizes.reps, tick=bar.update)
@@ -308,8 +345,7 @@ def run(quick: bool = False, threads: int = 1, sections: tuple[str, ...] = SECTI
         if "cdg" in sections:
             rows += _bench_cdg(sizes, timer)
         if "memory" in sections:
-            rows += _bench_memory(sizes)
-            bar.update()
+            rows += _bench_memory(sizes, timer)
     markdown = tabulate([r.cells() for r in rows], headers=COLUMNS, tablefmt="github")
     clock = "thread CPU time" if threads == 1 else "wall time"
     header = (f"torch {torch.__version__}, {threads} thread(s), {clock}, median of "

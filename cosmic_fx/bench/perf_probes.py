@@ -19,7 +19,7 @@ from typing import Any
 
 from .common import linear_relu_stack, relu_mlp
 
-__all__ = ["compile_times", "first_step_seconds", "peak_memory", "peak_step_memory"]
+__all__ = ["FUSED_HP", "compile_times", "first_step_seconds", "fused_training_step", "peak_memory", "peak_step_memory"]
 
 _PROBE = """
 import json, torch
@@ -92,64 +92,95 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_step_memory(arm: str, mlp: tuple[int, int, int], lower: str | None) -> dict[str, float]:
-    """Peak memory (MiB) of a training step: the parameters plus the peak RSS above the idle RSS
-    (model built, two warm-up steps done) over ``efficiency_every + 1`` steps, so that a step in
-    which the hooks measure E(p) is included (Linux). ``lower=None``: eager hooks; else
-    ``torch.compile`` with the cosmic backend and that lowering."""
+FUSED_HP = {"sgd": {"lr": 0.01, "momentum": 0.9}, "adamw": {"lr": 1e-3, "weight_decay": 0.01}}
+
+
+def fused_training_step(arm: str, kind: str, model, lower: str | None):
+    """One training-step function ``step(x, y)`` of the fused-CCE comparison, and the runtime of
+    the model it trains.
+
+    ``arm="separate"``: CCE scales the gradients in the hooks and ``torch.optim`` (SGD with momentum,
+    or AdamW) steps after backward; ``arm="fused"``: the same update inside backward
+    (``cce_fused=kind``), driven by :func:`cosmic_fx.fused_optimizer` (compiled autograd when compiled).
+    ``lower=None``: eager hooks; else ``torch.compile`` with the cosmic backend and that lowering.
+    """
     import torch
     from torch import nn
 
+    import cosmic_fx
+
     from ..config import CosmicConfig
-    from ..runtime import attach_hooks, hooks_of
+    from ..runtime import attach_hooks, runtime_of
+
+    hp = FUSED_HP[kind]
+    fused = arm == "fused"
+    knobs = {"cce_fused_momentum": hp["momentum"]} if kind == "sgd" else {"cce_fused_weight_decay": hp["weight_decay"]}
+    cfg = CosmicConfig.off(cce="relative", lower=lower or "eager",
+                           **({"cce_fused": kind, "cce_fused_lr": hp["lr"], **knobs} if fused else {}))
+    if lower is None:
+        runtime, run = attach_hooks(model, cfg), model
+    else:
+        run = cosmic_fx.compile(model, cfg)  # trains a transformed copy (here: the same layers, no QCI)
+        runtime = runtime_of(run)
+    if fused:
+        opt = cosmic_fx.fused_optimizer(run)
+    else:
+        opt = (torch.optim.SGD if kind == "sgd" else torch.optim.AdamW)(run.parameters(), **hp)
+
+    def step(x, y):
+        loss = nn.functional.mse_loss(run(x), y)
+        if fused:
+            opt.backward(loss)
+            opt.step()
+        else:
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return step, runtime
+
+
+def peak_step_memory(arm: str, mlp: tuple[int, int, int], lower: str | None, kind: str = "sgd") -> dict[str, float]:
+    """Peak memory (MiB) of a training step: the parameters plus the peak RSS above the idle RSS
+    (model built, two warm-up steps done: the optimizer state exists) over ``efficiency_every + 1``
+    steps, so that a step in which the hooks measure E(p) is included (Linux). The arms:
+    :func:`fused_training_step`."""
+    import torch
+
+    from ..config import CosmicConfig
 
     batch, width, layers = mlp
     torch.manual_seed(0)
     model = linear_relu_stack(width, layers)
     x, y = torch.randn(batch, width), torch.randn(batch, width)
-    fused = arm == "fused"
-    cfg = CosmicConfig.off(cce="relative", cce_fused_lr=0.01 if fused else None, lower=lower or "eager")
-    if lower is None:
-        hooks, run = attach_hooks(model, cfg), model
-    else:
-        hooks, run = None, torch.compile(model, backend="cosmic", options={"config": cfg})
-    opt = None if fused else torch.optim.SGD(model.parameters(), lr=0.01)
-
-    def step():
-        loss = nn.functional.mse_loss(run(x), y)
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+    step, runtime = fused_training_step(arm, kind, model, lower)
     for _ in range(2):
-        step()  # warm-up (and compilation): one-time allocations are not a step's memory
+        step(x, y)  # warm-up (and compilation): one-time allocations are not a step's memory
     gc.collect()
     idle = _rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # reset the peak (VmHWM) to the current RSS
-    for _ in range(cfg.efficiency_every + 1):
-        step()
+    for _ in range(CosmicConfig().efficiency_every + 1):
+        step(x, y)
     transient = (_rss_kib("VmHWM") - idle) / 1024
-    (hooks or hooks_of(model)).remove()
+    runtime.remove()
     params = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     return {"peak_mib": params + transient, "params_mib": params, "transient_mib": transient}
 
 
-def peak_memory(mlp: tuple[int, int, int], lowers: tuple[str | None, ...]
-                ) -> dict[tuple[str, str | None], dict[str, float]]:
-    """:func:`peak_step_memory` of the ``"separate"`` and ``"fused"`` arms for each lowering
-    (``None``: eager), each arm in its own fresh process (Linux)."""
+def peak_memory(mlp: tuple[int, int, int], cases: tuple[tuple[str | None, str], ...]
+                ) -> dict[tuple[str, str | None, str], dict[str, float]]:
+    """:func:`peak_step_memory` of the ``"separate"`` and ``"fused"`` arms for each ``(lowering, kind)``
+    (lowering ``None``: eager), each arm in its own fresh process (Linux)."""
     # large blocks come straight from mmap and go back at free: RSS follows live tensors exactly
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     # one fresh process per arm; memory, not time, is measured, so they may run concurrently
-    arms = [(arm, lower) for lower in lowers for arm in ("separate", "fused")]
+    arms = [(arm, lower, kind) for lower, kind in cases for arm in ("separate", "fused")]
     procs = {
-        key: subprocess.Popen(_probe_argv("peak_step_memory", (key[0], mlp, key[1]), threads=1),
+        key: subprocess.Popen(_probe_argv("peak_step_memory", (key[0], mlp, key[1], key[2]), threads=1),
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for key in arms
     }
-    out: dict[tuple[str, str | None], dict[str, float]] = {}
+    out: dict[tuple[str, str | None, str], dict[str, float]] = {}
     for key, proc in procs.items():
         stdout, stderr = proc.communicate()
         out[key] = _probe_answer(f"memory probe {key}", proc.returncode, stdout, stderr)

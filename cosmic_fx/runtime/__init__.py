@@ -9,10 +9,11 @@ from ..config import CosmicConfig
 from .core import CosmicRuntime, runtimes_of_param
 from .distributed import check_not_wrapped
 from .eager import OutputTracker
+from .fused_optimizer import FusedOptimizer, fused_optimizer
 from .state import CosmicState
 
-__all__ = ["STATE_NAME", "CosmicRuntime", "CosmicState", "attach_hooks", "detach_hooks", "hooks_of", "runtime_of",
-           "runtimes_of_param"]
+__all__ = ["STATE_NAME", "CosmicRuntime", "CosmicState", "FusedOptimizer", "attach_hooks", "detach_hooks",
+           "fused_optimizer", "hooks_of", "runtime_of", "runtimes_of_param"]
 
 STATE_NAME = "cosmic_state"
 _PLAIN_ATTR = "_cosmic_runtime"  # the runtime of a plain (not transformed) model given to attach_hooks

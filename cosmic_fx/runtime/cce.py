@@ -2,8 +2,8 @@
 
 The multiplier is :func:`cosmic_fx.policy.cce_multiplier`; relative CCE measures it against the mean
 efficiency of the parameters, refreshed at the end of every step in which ``E(p)`` was measured
-(the first step uses the mean over every hooked parameter, computed once). With ``cce_fused_lr`` the
-update itself (plain SGD) happens inside the parameter's hook and the gradient is freed at once.
+(the first step uses the mean over every hooked parameter, computed once). With ``cce_fused`` the
+update itself happens inside the parameter's hook, on the scaled gradient: see :mod:`.fused`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ __all__ = ["CCEState"]
 
 
 class CCEState:
-    """The relative-CCE reference point and the fused update."""
+    """The relative-CCE reference point."""
 
     def __init__(self, config: CosmicConfig) -> None:
         self.config = config
@@ -38,12 +38,6 @@ class CCEState:
             mean = policy.mean_efficiency(measured)
             if mean is not None:
                 self.mean_e = mean
-
-    def fused_update(self, p: torch.Tensor) -> None:
-        """``p <- p - lr * grad`` inside backward, then free ``p.grad`` (``cce_fused_lr``)."""
-        with torch.no_grad():
-            p.add_(p.grad, alpha=-self.config.cce_fused_lr)
-        p.grad = None  # freed now: the next layer's gradient can reuse the memory
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -10,8 +10,11 @@ Parameters that run in eager regions after a graph break are hooked like the res
 Each parameter's hook runs as soon as its gradient is accumulated: it reads ``E(p)``
 (:class:`~cosmic_fx.runtime.readings.Readings`), applies seed CDG's skip, counts calibrated CDG's
 low readings (:class:`~cosmic_fx.runtime.cdg.CDGState`), scales the gradient by CCE's multiplier and
-optionally applies the fused update (:class:`~cosmic_fx.runtime.cce.CCEState`). At the end of each
-backward the runtime closes the step: the relative-CCE mean, compile accounting
+optionally applies the fused update (:class:`~cosmic_fx.runtime.fused.FusedUpdate`). Under
+``torch.compile``, :func:`~cosmic_fx.runtime.fused_optimizer.traced_backward` runs the backward
+through compiled autograd: the readings and multipliers are taken just before it, and the hooks,
+traced into the compiled backward, only apply the fused update (each gradient is freed as soon as
+it is used). At the end of each backward the runtime closes the step: the relative-CCE mean, compile accounting
 (:class:`~cosmic_fx.runtime.accounting.CompileAccounting`) and, every ``cdg_interval`` steps, the
 frozen set. Every decision is a function of :mod:`cosmic_fx.policy`.
 
@@ -23,6 +26,7 @@ that is garbage-collected frees its runtime and two models never share one.
 from __future__ import annotations
 
 import logging
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -32,11 +36,12 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import policy
-from ..config import CCEMode, CDGMode, CosmicConfig
+from ..config import CCEFused, CCEMode, CDGMode, CosmicConfig
 from .accounting import CompileAccounting
 from .cce import CCEState
 from .cdg import CDGState
 from .distributed import DistributedContext, active_ddp, check_not_sharded, rebuild_reducer, why_not_rebuildable
+from .fused import FusedUpdate
 from .readings import Readings
 
 __all__ = ["CosmicRuntime", "runtimes_of_param"]
@@ -109,6 +114,10 @@ class CosmicRuntime:
         self.readings = Readings(0, config.eps, config.efficiency_every)
         self.cdg = CDGState(0)
         self.cce = CCEState(config)
+        self.fused = FusedUpdate(config, 0)
+        self._traced = False  # inside traced_backward: the hooks only apply the fused update
+        self._warned_untraced = False
+        self.backwards_since_step = 0  # for FusedOptimizer.step's gradient-accumulation check
         self.accounting = CompileAccounting()
         self._in_backward = False
         self._e_out_seen = False
@@ -148,6 +157,7 @@ class CosmicRuntime:
         n = len(named)
         self.readings = Readings(n, self.config.eps, self.config.efficiency_every)
         self.cdg = CDGState(n)
+        self.fused = FusedUpdate(self.config, n)
         self._bound = True
         self._strong_hooks = hold_by_params
         me = weakref.ref(self)
@@ -172,7 +182,10 @@ class CosmicRuntime:
             def hook(param: torch.Tensor, i: int = i, me=me, strong=strong) -> None:
                 rt = strong if strong is not None else me()
                 if rt is not None and rt.mode is not None:
-                    rt._on_grad(i, param)
+                    if rt._traced:  # traced into a compiled backward: tensor work only
+                        rt._traced_update(i, param)
+                    else:
+                        rt._on_grad(i, param)
 
             frozen_by_us = not p.requires_grad and i in self.cdg.frozen
             if frozen_by_us:
@@ -236,6 +249,10 @@ class CosmicRuntime:
         if self.config.hooks_enabled:
             self._attach_hooks()
         self.mode = mode
+        if self.config.cce_fused is not CCEFused.OFF:
+            from .fused_optimizer import watch_double_updates
+
+            watch_double_updates(self)
 
     def remove(self) -> None:
         """Detach every hook, thaw every parameter CDG froze, and deactivate (the state is kept)."""
@@ -339,11 +356,12 @@ class CosmicRuntime:
         ddp = active_ddp()
         if ddp is None or (self._ddp is not None and self._ddp() is ddp):
             return
-        if self.config.cce_fused_lr is not None:
+        if self.config.cce_fused is not CCEFused.OFF:
             raise RuntimeError(
-                "cosmic_fx: cce_fused_lr cannot be used under DistributedDataParallel: the fused update would "
-                "run on each rank's local gradient before DDP all-reduces it, and the ranks would drift apart. "
-                "Use cce_fused_lr=None (CCE then scales the gradient and your optimizer steps after the all-reduce)."
+                f"cosmic_fx: cce_fused={self.config.cce_fused.value!r} cannot be used under DistributedDataParallel: "
+                "the fused update would run on each rank's local gradient before DDP all-reduces it, and the ranks "
+                "would drift apart. Use cce_fused='off' and cce_fused_lr=None (CCE then scales the gradient and your "
+                "optimizer steps after the all-reduce)."
             )
         why = why_not_rebuildable(ddp) if self.config.cdg is CDGMode.CALIBRATED else None
         if why is not None:
@@ -382,12 +400,31 @@ class CosmicRuntime:
         self._step_grads: set[int] = set()
 
     def _on_grad(self, i: int, p: torch.Tensor) -> None:
-        cfg = self.config
         if not self._in_backward:
             self._in_backward = True
             _queue_callback(self._end_of_backward)
         if p.grad is None:
             return
+        if self._decide(i, p) and self.config.cce_fused is not CCEFused.OFF:
+            if self.mode == "compiled" and not self._warned_untraced:
+                self._warned_untraced = True
+                warnings.warn(
+                    "cosmic_fx: the fused update ran after a plain loss.backward() on a compiled model: it is "
+                    "correct, but the compiled backward returned every gradient before the first update, so no "
+                    "memory is saved. Call cosmic_fx.fused_optimizer(model).backward(loss) instead (compiled "
+                    "autograd; README, 'Fused updates'). (Warned once per model.)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            if not self.fused.allocated:
+                self.fused.allocate(self._params(), with_scale=False)
+            self.fused.apply(i, p, p.grad)
+            p.grad = None  # freed now: the next layer's gradient can reuse the memory
+
+    def _decide(self, i: int, p: torch.Tensor) -> bool:
+        """This step's reading, CDG and CCE for parameter ``i`` (its gradient is scaled in place when
+        it exists); ``False`` when seed CDG skips it (no update)."""
+        cfg = self.config
         self._step_grads.add(i)
         r = self.readings
         fresh = r.due(i, self.steps)
@@ -400,16 +437,25 @@ class CosmicRuntime:
             self._step_skipped.append(i)
             if self._ddp is None:
                 p.grad = None
-            return  # under DDP the gradient is dropped after the all-reduce (it must take part)
+            return False  # under DDP the gradient is dropped after the all-reduce (it must take part)
         if cfg.cdg is CDGMode.CALIBRATED and fresh:
             self.cdg.note_reading(i, value, low)
         if cfg.cce is not CCEMode.OFF:
             scale = self.cce.multiplier(value, self._initial_efficiencies)
-            if scale != 1.0:
+            if p.grad is not None and scale != 1.0:
                 p.grad.mul_(scale)
+            if self.fused.scale is not None:
+                self.fused.scale[i].fill_(scale)
             self._step_scale[i] = scale
-        if cfg.cce_fused_lr is not None:
-            self.cce.fused_update(p)
+        return True
+
+    # ------------------------------------------------------------------ compiled fused backward
+    def _traced_update(self, i: int, p: torch.Tensor) -> None:
+        grad = p.grad
+        if self.fused.scale is not None:
+            grad = grad * self.fused.scale[i]
+        self.fused.apply(i, p, grad)
+        p.grad = None
 
     def _initial_efficiencies(self) -> list[float]:
         from ..quantities import efficiency
@@ -419,6 +465,7 @@ class CosmicRuntime:
 
     def _end_of_backward(self) -> None:
         self._in_backward = False
+        self.backwards_since_step += 1
         step = self.steps
         self.steps += 1
         self.cce.end_of_step(self._step_e.values())

@@ -14,7 +14,7 @@ rank, and a DistributedDataParallel reducer that survives CDG's freeze events.
   the parameters that require grad now, as ``DistributedDataParallel.__setstate__`` does, after DDP's
   own end-of-backward work (a callback queued from the runtime's callback runs after DDP's).
 * Seed CDG's dropped gradient must still take part in the all-reduce: it is dropped after it.
-* The fused update (``cce_fused_lr``) would step on a gradient not yet all-reduced: refused.
+* The fused update (``cce_fused``) would step on a gradient not yet all-reduced: refused.
 * FSDP2 shards dim 0, the dimension ``E(p)``'s softmax runs over: CDG/CCE are refused on sharded
   parameters (the QCI/CSC rewrite itself trains under FSDP2 with ``cdg="off", cce="off"``).
 """

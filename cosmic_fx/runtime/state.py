@@ -68,7 +68,10 @@ def check_meta(runtime, tensor: torch.Tensor) -> None:
             f"{meta.get('cosmic_fx_version', '?')}; this cosmic_fx reads version {FORMAT_VERSION}. Upgrade "
             "cosmic_fx to resume it."
         )
-    mine, saved = _config_options(runtime.config), meta.get("config", {})
+    mine, saved = _config_options(runtime.config), dict(meta.get("config", {}))
+    # a field added after the checkpoint was written: the run that wrote it had the field's default
+    for k, default in _config_options(CosmicConfig()).items():
+        saved.setdefault(k, default)
     diff = [f"{k}={saved.get(k)!r} in the checkpoint vs {mine.get(k)!r} here"
             for k in sorted(set(mine) | set(saved)) if mine.get(k) != saved.get(k)]
     if diff:
