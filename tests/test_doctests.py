@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ["cosmic_fx.outputs", "cosmic_fx.sequential", "cosmic_fx.site", "cosmic_fx.site_hooks",
+MODULES = ["cosmic_fx.compiled", "cosmic_fx.outputs", "cosmic_fx.sequential", "cosmic_fx.site", "cosmic_fx.site_hooks",
            "cosmic_fx.sites", "cosmic_fx.tracer"]
 
 
