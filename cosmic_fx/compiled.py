@@ -3,8 +3,10 @@
 ``torch.compile`` wraps a module in an ``OptimizedModule``, which differs from the model in three ways
 that break training code written for the model itself (the Hugging Face ``Trainer`` among them):
 
-* its ``forward`` is ``(*args, **kwargs)``: code that reads the signature (the Trainer's
-  ``remove_unused_columns`` keeps only the batch keys ``forward`` names) sees no parameter at all;
+* its ``forward`` is ``(*args, **kwargs)`` and its class is ``OptimizedModule``: code that reads the
+  signature (the Trainer's ``remove_unused_columns`` keeps only the batch keys ``forward`` names) sees no
+  parameter at all, and code that reads the class (the Trainer's ``find_labels``: without ``labels``
+  there, ``evaluate()`` computes no loss) sees neither the name nor the labels of the model;
 * its ``state_dict()`` keys start with ``_orig_mod.``: a checkpoint of the compiled model does not
   load into the model, and ``save_pretrained(state_dict=compiled.state_dict())`` cannot match the
   tied weights it knows by their own names;
@@ -14,7 +16,8 @@ that break training code written for the model itself (the Hugging Face ``Traine
   parameters out for good, while the uninterrupted run's optimizer holds them.
 
 :func:`present_as_model` fixes the three on the wrapper only (the model is untouched): the wrapper's
-``forward`` reports the model's signature, its ``state_dict`` has the model's own keys (``load_state_dict``
+``forward`` reports the model's signature, its class is a subclass of ``OptimizedModule`` named after
+the model's class whose ``forward`` has that signature too, its ``state_dict`` has the model's own keys (``load_state_dict``
 takes both those and ``_orig_mod.`` keys), and a checkpoint loaded through it thaws the parameters CDG
 holds frozen until the next forward, when they are frozen again, so that an optimizer built in between
 holds every parameter, as it did before the checkpoint.
@@ -60,6 +63,7 @@ def present_as_model(compiled: nn.Module, model: nn.Module) -> nn.Module:
     if inspect.isfunction(forward):  # dynamo's wrapper of the model's __call__: (*args, **kwargs)
         forward.__signature__ = signature
     compiled.__dict__["__signature__"] = signature  # inspect.signature(compiled) too
+    compiled.__class__ = _face_class(type(compiled), type(model), signature)
     compiled.__dict__[_MARK] = True
     compiled.register_state_dict_post_hook(_strip_orig_mod)
     compiled.register_load_state_dict_pre_hook(_add_orig_mod)
@@ -67,6 +71,22 @@ def present_as_model(compiled: nn.Module, model: nn.Module) -> nn.Module:
     compiled.register_load_state_dict_post_hook(freezer.thaw)
     compiled.register_forward_pre_hook(freezer.refreeze)
     return compiled
+
+
+def _face_class(base: type, model_class: type, signature: inspect.Signature) -> type:
+    """A subclass of ``OptimizedModule`` named after the model's class, whose class-level ``forward`` has
+    the model's signature: the Trainer reads ``model.__class__`` (``find_labels`` for the label names
+    that make ``evaluate()`` compute a loss, ``can_return_loss``, the class name for causal-LM label
+    smoothing). The instance's own ``forward`` (dynamo's) shadows the class one, which only forwards."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__dict__["forward"](*args, **kwargs)
+
+    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    forward.__signature__ = signature.replace(parameters=[this, *signature.parameters.values()])
+    name = model_class.__name__
+    return type(name, (base,), {"forward": forward, "__module__": __name__, "__qualname__": name,
+                                "__doc__": f"torch.compile wrapper presenting itself as {model_class.__qualname__}."})
 
 
 def _rename(mapping: dict, old_prefix: str, new_prefix: str) -> None:

@@ -29,6 +29,9 @@ def test_signature_and_keys_are_the_models():
     tm = cm._orig_mod
     assert list(inspect.signature(cm.forward).parameters) == ["features", "scale"]
     assert inspect.signature(cm) == inspect.signature(tm.forward)
+    # the class too (code that reads model.__class__.forward), still an OptimizedModule
+    assert type(cm).__name__ == "Named" and isinstance(cm, torch._dynamo.eval_frame.OptimizedModule)
+    assert list(inspect.signature(type(cm).forward).parameters) == ["self", "features", "scale"]
     assert list(cm.state_dict()) == list(tm.state_dict())
     assert list(torch.compile(tm).state_dict())[0].startswith("_orig_mod.")  # what torch.compile alone gives
     nested = nn.ModuleDict({"enc": cm}).state_dict()

@@ -145,6 +145,7 @@ def test_the_compiled_model_presents_the_forward_signature_to_the_trainer(tmp_pa
     trainer = Trainer(model=cm, args=args(tmp_path))
     trainer._set_signature_columns_if_needed()
     assert {"input_ids", "attention_mask", "labels"} <= set(trainer._signature_columns)
+    assert trainer.label_names == ["labels"]  # read from the class: evaluate() computes eval_loss
 
 
 def test_save_pretrained_round_trips_through_from_pretrained(tmp_path):
@@ -221,3 +222,21 @@ def test_resuming_a_checkpoint_of_another_config_is_an_error(tmp_path):
     trainer = Trainer(model=other, args=args(tmp_path / "b"), train_dataset=Tokens(), callbacks=[CosmicCallback()])
     with pytest.raises(RuntimeError, match=r"saved with another CosmicConfig: cdg_interval=2 in the checkpoint vs 5 here"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "ckpt"))
+
+
+def test_the_example_runs_quick_and_prints_the_comparison(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"
+    spec = importlib.util.spec_from_file_location("hf_trainer_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    rows = example.main(["--quick", "--steps", "4"])
+    out = capsys.readouterr().out
+    assert [r["arm"] for r in rows] == ["plain (eager)", "cosmic_fx.compile"]
+    for r in rows:
+        assert r["steps run"] == 4 and 0 < r["eval loss"] < 10 and r["train time (s)"] > 0
+        assert f"| {r['arm']}" in out and f"{r['eval loss']:.3f}" in out
+    assert rows[1]["cosmic"]["cosmic/steps"] == 4  # the callback's last entry, printed under the table
+    assert "cosmic_fx.compile: last CosmicCallback entry: steps=4" in out
