@@ -144,7 +144,14 @@ class _FrozenUntilForward:
         self._pending = [weakref.ref(p) for p in frozen]
 
     def refreeze(self, module: nn.Module, args: Any) -> None:
+        from .runtime import runtime_of
+
         if not self._pending:
+            return
+        model = self._model()
+        rt = runtime_of(model) if model is not None else None
+        if rt is None or (rt.mode is None and not rt.num_hooked):  # detached since: it thawed everything
+            self._pending = []
             return
         for ref in self._pending:
             p = ref()

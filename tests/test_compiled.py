@@ -74,4 +74,8 @@ def test_frozen_parameters_stay_trainable_until_the_next_forward():
     assert cosmic_fx.runtime_of(cm).frozen == frozen
     cm(batches[0][0])  # the next forward freezes them again, before dynamo traces it
     assert sorted(n for n, p in named.items() if not p.requires_grad) == frozen
+    # detached between the load and the forward: detach_hooks thaws everything, and nothing freezes again
+    cm.load_state_dict(state)
     cosmic_fx.detach_hooks(cm)
+    cm(batches[0][0])
+    assert all(p.requires_grad for p in named.values())
