@@ -166,8 +166,8 @@ class CosmicCallback(TrainerCallback):
         >>> model = cosmic_fx.compile(model)                                  # doctest: +SKIP
         >>> trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[CosmicCallback()])  # doctest: +SKIP
         >>> trainer.train()                                                   # doctest: +SKIP
-        >>> [e["cosmic/frozen_share"] for e in trainer.state.log_history if "loss" in e]   # doctest: +SKIP
-        [0.0, 0.0312, 0.0312]
+        >>> sorted(k for k in trainer.state.log_history[0] if k.startswith("cosmic/"))[:3]   # doctest: +SKIP
+        ['cosmic/cce_scale_max', 'cosmic/cce_scale_min', 'cosmic/e_out']
     """
 
     def __init__(self) -> None:
@@ -348,8 +348,8 @@ def from_pretrained(model_class: Any, path: str | os.PathLike, *, lower: str | N
     Example:
         >>> cm.save_pretrained("out")                                   # doctest: +SKIP
         >>> tm = from_pretrained(GPT2LMHeadModel, "out")                # doctest: +SKIP
-        >>> cosmic_fx.runtime_of(tm).steps                              # doctest: +SKIP
-        120
+        >>> cosmic_fx.runtime_of(tm).steps == cosmic_fx.runtime_of(cm).steps   # doctest: +SKIP
+        True
     """
     from ..runtime.state import check_meta, saved_config
 
