@@ -45,6 +45,12 @@ def compile(model: nn.Module, config: CosmicConfig | None = None, **compile_kwar
             it or pass the transform's, with any ``lower``).
         **compile_kwargs: passed to ``torch.compile`` (``dynamic=``, ``fullgraph=``, ...).
 
+    Returns:
+        the ``torch.compile`` wrapper (an ``OptimizedModule``; the transformed model is its ``_orig_mod``),
+        made to answer like the model (:mod:`cosmic_fx.compiled`): ``inspect.signature(result.forward)``
+        is the model's, ``result.state_dict()`` has the model's own keys (no ``_orig_mod.`` prefix), and
+        a checkpoint loaded through it restores calibrated CDG's frozen set at the next forward.
+
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
         >>> cm = cosmic_fx.compile(model, cosmic_fx.CosmicConfig(lower="aot_eager"))
@@ -53,6 +59,7 @@ def compile(model: nn.Module, config: CosmicConfig | None = None, **compile_kwar
     """
     import functools
 
+    from .compiled import present_as_model
     from .runtime import _unwrap
     from .runtime.distributed import check_not_wrapped
 
@@ -73,7 +80,10 @@ def compile(model: nn.Module, config: CosmicConfig | None = None, **compile_kwar
     if runtime.config.hooks_enabled:
         runtime.activate("compiled")  # now, so that eager regions after a graph break are treated alike
     backend = functools.partial(cosmic_backend, runtime=runtime, options=options)
-    return torch.compile(target, backend=backend, **compile_kwargs)
+    compiled = torch.compile(target, backend=backend, **compile_kwargs)
+    # training code written for the model (the Hugging Face Trainer) reads its forward signature and
+    # state-dict keys, and builds its optimizer after loading a checkpoint: see cosmic_fx.compiled
+    return present_as_model(compiled, _unwrap(target))
 
 
 __all__ = [

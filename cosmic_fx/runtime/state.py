@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import CosmicConfig
 
-__all__ = ["STATE_KEYS", "CosmicState", "check_meta", "encode_meta"]
+__all__ = ["STATE_KEYS", "CosmicState", "check_meta", "encode_meta", "saved_config"]
 
 FORMAT = "cosmic_fx.runtime"
 FORMAT_VERSION = 1
@@ -56,6 +56,15 @@ def _decode_meta(tensor: torch.Tensor) -> dict[str, Any]:
         raise RuntimeError("cosmic_state.meta is not cosmic runtime metadata (expected format "
                            f"{FORMAT!r}); was this checkpoint written by cosmic_fx?")
     return meta
+
+
+def saved_config(tensor: torch.Tensor) -> dict[str, Any]:
+    """The config options saved in a ``cosmic_state.meta`` tensor (every field but ``lower``), for
+    ``CosmicConfig.from_options``."""
+    config = _decode_meta(tensor).get("config")
+    if not isinstance(config, dict):
+        raise RuntimeError("cosmic_state.meta holds no config; the checkpoint may be corrupt")
+    return dict(config)
 
 
 def check_meta(runtime, tensor: torch.Tensor) -> None:
