@@ -20,6 +20,7 @@ item 0, which is ``out_proj``'s output), and compile to the same graphs as the p
 from __future__ import annotations
 
 import inspect
+import types
 
 from torch import nn
 
@@ -68,14 +69,22 @@ class OutputCSCForward:
     recompiles where plain ``torch.compile`` has 1, in every module-swap model of the zoo). Inside
     ``forward`` the CSC is part of the model's graph, as on the traced path, and runs before every
     forward hook. An object rather than a closure, so that ``copy.deepcopy`` and pickling give the
-    copy a forward that calls the copy; ``inspect.signature`` sees the model's own parameters (Hugging
-    Face ``generate()`` and ``torch.export`` read them).
+    copy a forward that calls the copy; ``inspect.signature`` sees the model's own parameters and
+    ``__code__`` is the model's forward's (Hugging Face ``generate()`` and ``torch.export`` read them).
     """
 
     def __init__(self, module: nn.Module, csc: CosmicStateCompression) -> None:
         self.module, self.csc = module, csc
         self.inner = module.__dict__.get("forward")  # a forward the instance already had, else the class's
         self.__signature__ = inspect.signature(module.forward)
+
+    def _base(self):
+        return self.inner if self.inner is not None else types.MethodType(type(self.module).forward, self.module)
+
+    @property
+    def __code__(self):
+        """The model's own forward's code (``torch.export`` reads ``forward.__code__`` for source locations)."""
+        return self._base().__code__
 
     def __call__(self, *args, **kwargs):
         module = self.module

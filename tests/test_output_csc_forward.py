@@ -75,3 +75,12 @@ def test_forward_keeps_its_signature_and_follows_copies():
     buf.seek(0)
     back = torch.load(buf, weights_only=False)
     assert back.forward.module is back and torch.equal(back(x), tm(x))
+
+
+def test_export_traces_the_forward_with_its_output_csc(tmp_path):
+    torch.manual_seed(0)
+    tm = transform(TrainingBranch(), CosmicConfig(qci_init="seed")).eval()
+    path = cosmic_fx.export(tm, torch.rand(4, 8), tmp_path / "m.pt2", format="pt2")
+    x = torch.rand(7, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(str(path)).module()(x), tm(x))
