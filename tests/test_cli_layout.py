@@ -86,7 +86,7 @@ def test_cli_modules_import_without_a_cycle():
 
     for name in graph:
         visit(name, [])
-    assert "cosmic_fx.cli.main" in graph and graph["cosmic_fx.cli.inspect"] >= {"cosmic_fx.cli.model_args"}
+    assert "cosmic_fx.cli.app" in graph and graph["cosmic_fx.cli.inspect"] >= {"cosmic_fx.cli.model_args"}
 
 
 def test_every_command_is_registered_once_from_its_own_module():
@@ -104,7 +104,7 @@ def test_every_command_is_registered_once_from_its_own_module():
 
 def test_console_script_points_at_the_cli_main():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    assert config["project"]["scripts"]["cosmic-fx"] == "cosmic_fx.cli.main:main"
+    assert config["project"]["scripts"]["cosmic-fx"] == "cosmic_fx.cli.app:main"
     packages = config["tool"]["setuptools"]["packages"]
     # every folder of the package is listed, so a non-editable install has the CLI (and the rest)
     folders = {"cosmic_fx." + ".".join(p.parent.relative_to(PACKAGE).parts)

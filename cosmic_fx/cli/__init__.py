@@ -2,12 +2,12 @@
 
 The library (every module outside this package) never imports it. Every command is a module here
 that defines ``add_parser(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``, listed
-once in :data:`cosmic_fx.cli.main.COMMANDS`.
+once in :data:`cosmic_fx.cli.app.COMMANDS`.
 """
 
 from __future__ import annotations
 
 from .errors import CLIError
-from .main import COMMANDS, build_parser, main
+from .app import COMMANDS, build_parser, main
 
 __all__ = ["COMMANDS", "CLIError", "build_parser", "main"]

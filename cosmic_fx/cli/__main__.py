@@ -2,6 +2,6 @@
 
 import sys
 
-from cosmic_fx.cli.main import main
+from cosmic_fx.cli.app import main
 
 sys.exit(main())
