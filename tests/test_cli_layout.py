@@ -62,9 +62,15 @@ def test_no_library_module_imports_the_cli():
 
 def test_importing_every_library_module_loads_no_cli_module():
     names = sorted(_library_modules())
+    # a module that needs an optional package that is not installed is skipped (its imports are still
+    # checked statically above); any other import error fails the test
     code = ("import importlib, sys\n"
             f"for name in {names!r}:\n"
-            "    importlib.import_module(name)\n"
+            "    try:\n"
+            "        importlib.import_module(name)\n"
+            "    except ModuleNotFoundError as err:\n"
+            "        if (err.name or '').split('.')[0] == 'cosmic_fx':\n"
+            "            raise\n"
             "print(sorted(m for m in sys.modules if m == 'cosmic_fx.cli' or m.startswith('cosmic_fx.cli.')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
