@@ -4,8 +4,8 @@
 :class:`~cosmic_fx.report.Report`: every site (shapes, whether it qualified and why not,
 the nodes, parameters and FLOPs the rewrite added), the efficiency ``E(p)`` of every parameter against
 the output's ``E_out`` (and what CDG would do with it now), the graph before and after as code, their
-unified diff, and a DOT diagram with the inserted nodes highlighted. ``cosmic-fx inspect`` is its
-command line.
+unified diff, and a DOT diagram with the inserted nodes highlighted. ``cosmic-fx inspect``
+(:mod:`cosmic_fx.cli.inspect`) is its command line.
 
 What the ``cosmic`` backend did to the graphs ``torch.compile`` handed it is :func:`watch_backend`
 (in :mod:`cosmic_fx.watch`, importable from here too).
@@ -13,7 +13,6 @@ What the ``cosmic`` backend did to the graphs ``torch.compile`` handed it is :fu
 
 from __future__ import annotations
 
-import argparse
 import re
 from typing import Any
 
@@ -21,7 +20,6 @@ import torch
 from torch import fx, nn
 
 from . import policy
-from .cli_args import add_model_command, model_and_inputs
 from .config import CDGMode, CosmicConfig, CSCPlacement
 from .quantities import efficiency
 from .report import ParamRow, Report, SiteRow, _Node, _shape
@@ -408,51 +406,3 @@ def _param_rows(original: nn.Module, tm: nn.Module, config: CosmicConfig, e_out:
         scale = policy.cce_multiplier(effs[n], mean_e, config) if n in hooked else 1.0
         rows.append(ParamRow(n, tuple(p.shape), effs[n], id(p) not in base, verdict.get(n, ""), scale))
     return rows
-
-
-# ----------------------------------------------------------------------------- CLI
-_INSPECT_EPILOG = """\
-examples:
-  cosmic-fx inspect cosmic_fx.models:DigitsCNN --input-shape 8,1,8,8
-  cosmic-fx inspect my_model.py:build --input-shape 4,64 --format diff
-  cosmic-fx inspect my_model.py:build --input-shape 4,64 --format dot | dot -Tsvg > graph.svg
-  cosmic-fx inspect lm.py:build --input-shape 2,16 --input-dtype int64 --int-high 100 --preset seed
-"""
-
-
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .cli import CLIError
-
-    model, inputs, config = model_and_inputs(args)
-    try:
-        report = explain(model, inputs, config)
-    except (ValueError, TypeError, RuntimeError) as err:
-        raise CLIError(str(err)) from None
-    if args.format == "svg":
-        try:
-            text = report.svg()
-        except RuntimeError as err:
-            raise CLIError(str(err)) from None
-    else:
-        text = {"table": str, "code": lambda r: r.graph_after, "diff": lambda r: r.diff,
-                "dot": lambda r: r.dot, "json": lambda r: r.to_json() + "\n"}[args.format](report)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as fh:
-            fh.write(text)
-    else:
-        print(text, end="")
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    """Add ``cosmic-fx inspect``."""
-    p = add_model_command(
-        subparsers, "inspect", help="show what cosmic does to a model: sites, parameters, graph diff, diagram",
-        description="Transform a model with cosmic_fx and report every change (cosmic_fx.explain).",
-        epilog=_INSPECT_EPILOG,
-    )
-    p.add_argument("--format", choices=["table", "code", "diff", "dot", "svg", "json"], default="table",
-                   help="table: sites and parameters; code: the rewritten graph; diff: before vs after; "
-                        "dot: Graphviz text; svg: rendered by Graphviz (needs `dot`); json: everything")
-    p.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
-    p.set_defaults(func=_cmd_inspect)

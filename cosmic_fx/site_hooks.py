@@ -19,13 +19,16 @@ item 0, which is ``out_proj``'s output), and compile to the same graphs as the p
 
 from __future__ import annotations
 
+import inspect
+import types
+
 from torch import nn
 
 from .modules import CosmicStateCompression, QuantumClassicalInterface, make_csc, make_qci
 from .outputs import map_primary
 from .sites import Site, apply_at
 
-__all__ = ["OutputCSCHook", "SiteHook", "attach_output_csc", "attach_sites", "register_nested"]
+__all__ = ["OutputCSCForward", "SiteHook", "attach_output_csc", "attach_sites", "register_nested"]
 
 QCI_ROOT = "cosmic_qci"
 CSC_ROOT = "cosmic_csc"
@@ -56,14 +59,37 @@ class SiteHook:
         return apply_at(output, self.output_index, self._apply)
 
 
-class OutputCSCHook:
-    """Forward hook on the model that applies CSC to the primary tensor of its output (same type)."""
+class OutputCSCForward:
+    """The model's ``forward`` on the module-swap path: the model's own forward, then CSC on the
+    primary tensor of its output (same type).
 
-    def __init__(self, csc: CosmicStateCompression) -> None:
-        self.csc = csc
+    Installed as the instance's ``forward``, not as a forward hook: ``torch.compile(model)`` compiles
+    ``forward`` and runs the model's own hooks outside that frame, so a hook became a compiled frame of
+    its own, recompiled at every new batch size that ``forward``'s frame had already made dynamic (2
+    recompiles where plain ``torch.compile`` has 1, in every module-swap model of the zoo). Inside
+    ``forward`` the CSC is part of the model's graph, as on the traced path, and runs before every
+    forward hook. An object rather than a closure, so that ``copy.deepcopy`` and pickling give the
+    copy a forward that calls the copy; ``inspect.signature`` sees the model's own parameters and
+    ``__code__`` is the model's forward's (Hugging Face ``generate()`` and ``torch.export`` read them).
+    """
 
-    def __call__(self, module: nn.Module, args, output):
-        return map_primary(output, self.csc)
+    def __init__(self, module: nn.Module, csc: CosmicStateCompression) -> None:
+        self.module, self.csc = module, csc
+        self.inner = module.__dict__.get("forward")  # a forward the instance already had, else the class's
+        self.__signature__ = inspect.signature(module.forward)
+
+    def _base(self):
+        return self.inner if self.inner is not None else types.MethodType(type(self.module).forward, self.module)
+
+    @property
+    def __code__(self):
+        """The model's own forward's code (``torch.export`` reads ``forward.__code__`` for source locations)."""
+        return self._base().__code__
+
+    def __call__(self, *args, **kwargs):
+        module = self.module
+        out = self.inner(*args, **kwargs) if self.inner is not None else type(module).forward(module, *args, **kwargs)
+        return map_primary(out, self.csc)
 
 
 def register_nested(root: nn.Module, target: str, module: nn.Module) -> None:
@@ -125,8 +151,9 @@ def attach_sites(root: nn.Module, sites: list[Site], config) -> list[str]:
 
 
 def attach_output_csc(root: nn.Module, config) -> None:
-    """CSC on the primary tensor of ``root``'s output, as ``cosmic_csc.output``; it runs before any
-    forward hook the user registered on the model (as it would inside a traced forward)."""
+    """CSC on the primary tensor of ``root``'s output, as ``cosmic_csc.output``, inside ``root``'s
+    ``forward`` (:class:`OutputCSCForward`): before any forward hook the user registered on the model,
+    as in a traced forward."""
     csc = make_csc(config, passthrough=True)
     register_nested(root, f"{CSC_ROOT}.output", csc)
-    root.register_forward_hook(OutputCSCHook(csc), prepend=True)
+    root.forward = OutputCSCForward(root, csc)

@@ -45,7 +45,7 @@ from .perf_probes import compile_times, peak_memory
 from .perf_table import COLUMNS, Row
 from .timing import Timer, ms, torch_threads
 
-__all__ = ["COLUMNS", "Row", "Sizes", "register_cli", "run"]
+__all__ = ["COLUMNS", "Row", "SECTIONS", "Sizes", "run"]
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
@@ -354,37 +354,3 @@ def run(quick: bool = False, threads: int = 1, sections: tuple[str, ...] = SECTI
     payload = {"header": header, "rows": [dataclasses.asdict(r) | {"status": r.status} for r in rows]}
     write_results(out_dir, "perf", header + "\n\n" + markdown, payload)
     return {"rows": rows, "markdown": markdown, "header": header}
-
-
-def _cmd(args) -> int:
-    from ..cli import CLIError
-
-    if args.threads < 1:
-        raise CLIError(f"--threads must be >= 1; got {args.threads}")
-    sections = tuple(s.strip() for s in args.sections.split(",")) if args.sections else SECTIONS
-    try:
-        out = run(quick=args.quick, threads=args.threads, sections=sections, out_dir=args.out,
-                  show_progress=not args.no_progress)
-    except (ValueError, RuntimeError) as err:
-        raise CLIError(str(err)) from err
-    print(out["header"])
-    print(out["markdown"])
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    import argparse
-
-    p = subparsers.add_parser(
-        "perf", help="cost of each mechanism and savings of CDG/CCE, as side-by-side ratios (issue 5 targets)",
-        epilog="examples:\n  cosmic-fx bench perf\n  cosmic-fx bench perf --quick\n"
-               "  cosmic-fx bench perf --sections csc,qci --threads 2",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--quick", action="store_true", help="small sizes and few repetitions (under a minute)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: timed with the thread's CPU clock, robust on a shared machine)")
-    p.add_argument("--sections", default=None, help=f"comma list of {','.join(SECTIONS)} (default: all)")
-    p.add_argument("--out", default=None, help="folder for perf.md and perf.json")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_cmd)

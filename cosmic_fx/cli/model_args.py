@@ -10,8 +10,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .config import CosmicConfig
-from .scoped import eval_no_grad
+from ..config import CosmicConfig
+from ..inspect import _first_layer_hint
+from ..scoped import eval_no_grad
+from .errors import CLIError
 
 __all__ = ["add_model_arguments", "add_model_command", "load_factory", "load_weights", "make_inputs",
            "model_and_inputs", "parse_shape"]
@@ -57,9 +59,6 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 def model_and_inputs(args: argparse.Namespace) -> tuple[nn.Module, tuple[torch.Tensor, ...], CosmicConfig]:
     """Build the model, example inputs and config from the shared arguments (errors as ``CLIError``)."""
-    from .cli import CLIError
-    from .inspect import _first_layer_hint
-
     torch.manual_seed(args.seed)
     model = load_factory(args.model)()
     if not isinstance(model, nn.Module):
@@ -88,8 +87,6 @@ def make_inputs(args: argparse.Namespace, shapes: Sequence[tuple[int, ...]]) -> 
 
 def load_weights(model: nn.Module, file: str) -> None:
     """Load a state_dict file into ``model`` without unpickling objects (errors as ``CLIError``)."""
-    from .cli import CLIError
-
     try:
         if file.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -116,8 +113,6 @@ def load_factory(spec: str):
     import importlib.util
     import os
     import sys
-
-    from .cli import CLIError
 
     where, sep, attr = spec.rpartition(":")
     if not sep or not where or not attr:
