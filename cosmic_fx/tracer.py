@@ -16,8 +16,10 @@ static. Nodes that belong to cosmic's own modules (a QCI's matmul) are never sit
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import re
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -57,12 +59,36 @@ class CosmicTracer(fx.Tracer):
         super().__init__()
         self.site_modules = site_modules or {}
 
+    def create_arg(self, a: Any) -> Any:
+        # fx turns every mapping into a plain dict: a forward returning a ``ModelOutput`` (or an
+        # ``OrderedDict`` subclass) would come back as a dict, and ``out.logits`` would fail. A mapping
+        # whose class can be rebuilt from keyword arguments becomes a call of that class instead.
+        if isinstance(a, dict) and type(a) is not dict and _rebuilds_from_kwargs(a):
+            kwargs = {k: self.create_arg(v) for k, v in a.items()}
+            return self.create_node("call_function", type(a), (), kwargs)
+        return super().create_arg(a)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, COSMIC_MODULES) or id(m) in self.site_modules:
             return True
         if type(m).__module__.startswith("torch.nn") and any(id(c) in self.site_modules for c in m.modules()):
             return False
         return super().is_leaf_module(m, module_qualified_name)
+
+
+def _rebuilds_from_kwargs(mapping: dict) -> bool:
+    """``type(mapping)(**mapping)`` gives back an equal object of the same class: dataclass mappings
+    (Hugging Face ``ModelOutput``) and dict subclasses that keep ``dict``'s constructor, with string keys."""
+    cls = type(mapping)
+    if not all(isinstance(k, str) and k.isidentifier() for k in mapping):
+        return False
+    return dataclasses.is_dataclass(cls) or cls.__init__ in (dict.__init__, OrderedDict.__init__)
+
+
+def is_mapping_call(node: Any) -> bool:
+    """A graph node that builds a mapping of the model's own class from its keyword arguments."""
+    return (isinstance(node, fx.Node) and node.op == "call_function" and isinstance(node.target, type)
+            and issubclass(node.target, dict))
 
 
 def symbolic_trace(model: nn.Module, site_modules: dict[int, tuple[SiteKind, ...]] | None = None) -> fx.GraphModule:

@@ -12,7 +12,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from cosmic_fx.config import CosmicConfig, CSCPlacement
 from cosmic_fx.modules import make_csc
 from cosmic_fx.outputs import primary_path, replace_at_path
-from cosmic_fx.tracer import META_KEY, find_sites, is_csc_node, site_has_csc, site_output
+from cosmic_fx.tracer import META_KEY, find_sites, is_csc_node, is_mapping_call, site_has_csc, site_output
 
 from .site_value import ensure_site_value
 
@@ -86,6 +86,9 @@ class InsertCSC(PassBase):
             return 0
         output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
         (returned,) = output.args
+        container = None  # a ModelOutput built by a node of its own: CSC goes into its arguments
+        if is_mapping_call(returned):
+            container, returned = returned, dict(returned.kwargs)
         # in a tuple or dict the prediction has a dimension (a 0-d loss is not it)
         path = primary_path(returned, lambda n: isinstance(n, fx.Node) and _is_float_value(n, min_dim=1))
         if path is None:
@@ -99,7 +102,10 @@ class InsertCSC(PassBase):
             return 0  # returns an input unchanged, or CSC is there already
         target = f"{CSC_ROOT}.output"
         gm.add_submodule(target, make_csc(self.config, -1, passthrough=True))
-        with gm.graph.inserting_before(output):
+        with gm.graph.inserting_before(container if container is not None else output):
             new = self._new_node(gm, target, leaf)
-        output.args = (replace_at_path(returned, path, new),)
+        if container is not None:
+            container.kwargs = replace_at_path(returned, path, new)
+        else:
+            output.args = (replace_at_path(returned, path, new),)
         return 1

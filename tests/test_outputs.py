@@ -42,3 +42,39 @@ def test_model_output_keeps_attribute_access():
     new = map_primary(out, lambda t: t + 1)
     assert type(new) is type(out) and torch.equal(new.logits, LOGITS + 1) and new.loss is LOSS
     assert torch.equal(new["logits"], new.logits)
+
+
+class _MappingOut(torch.nn.Module):
+    """A traceable model returning a mapping of its own class (fx alone would turn it into a dict)."""
+
+    def __init__(self, make) -> None:
+        super().__init__()
+        self.fc, self.make = torch.nn.Linear(8, 16), make
+
+    def forward(self, x):
+        logits = self.fc(x)
+        return self.make(loss=logits.pow(2).mean(), logits=logits)
+
+
+@pytest.mark.parametrize("kind", ["model_output", "ordered_dict"])
+@pytest.mark.parametrize("csc", ["output", "none"])
+def test_traced_path_keeps_the_mapping_class(kind, csc):
+    import cosmic_fx
+
+    if kind == "model_output":
+        outputs = pytest.importorskip("transformers.modeling_outputs", reason="transformers is not installed")
+        make = outputs.CausalLMOutput
+    else:
+        make = collections.OrderedDict
+    torch.manual_seed(0)
+    model = _MappingOut(make)
+    tm = cosmic_fx.transform(model, cosmic_fx.CosmicConfig(csc=csc))
+    assert cosmic_fx.transform_info(tm).path == "symbolic_trace"
+    x = torch.rand(3, 8)
+    out, ref = tm(x), model(x)
+    assert type(out) is make and list(out.keys()) == ["loss", "logits"]
+    torch.testing.assert_close(out["loss"], ref["loss"], rtol=0, atol=0)  # identity-init QCI
+    expected = cosmic_fx.cosmic_state_compression(ref["logits"]) if csc == "output" else ref["logits"]
+    torch.testing.assert_close(out["logits"], expected)
+    if kind == "model_output":
+        assert out.logits is out["logits"]
