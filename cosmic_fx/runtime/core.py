@@ -32,11 +32,12 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import policy
-from ..config import CCEMode, CDGMode, CosmicConfig
+from ..config import CCEMode, CDGMode, CosmicConfig, PrefixSignal
 from .accounting import CompileAccounting
 from .cce import CCEState
 from .cdg import CDGState
 from .distributed import DistributedContext, active_ddp, check_not_sharded, rebuild_reducer, why_not_rebuildable
+from .prefix import PrefixState, param_blocks
 from .readings import Readings
 
 __all__ = ["CosmicRuntime", "runtimes_of_param"]
@@ -108,6 +109,7 @@ class CosmicRuntime:
         self._pending_state: dict[str, torch.Tensor] | None = None
         self.readings = Readings(0, config.eps, config.efficiency_every)
         self.cdg = CDGState(0)
+        self.prefix = PrefixState(0)
         self.cce = CCEState(config)
         self.accounting = CompileAccounting()
         self._in_backward = False
@@ -148,6 +150,9 @@ class CosmicRuntime:
         n = len(named)
         self.readings = Readings(n, self.config.eps, self.config.efficiency_every)
         self.cdg = CDGState(n)
+        self.prefix = PrefixState(n)
+        if self.config.cdg is CDGMode.PREFIX and not isinstance(model, torch.fx.GraphModule):
+            _check_prefix_sites(model)
         self._bound = True
         self._strong_hooks = hold_by_params
         me = weakref.ref(self)
@@ -235,6 +240,12 @@ class CosmicRuntime:
             check_not_sharded(model, self.config)
         if self.config.hooks_enabled:
             self._attach_hooks()
+        if self.config.cdg is CDGMode.PREFIX and self.prefix.length and not self.cdg.frozen:
+            # remove() thawed the prefix; prefix CDG never thaws it while it runs
+            self.cdg.frozen = self.prefix.frozen_params
+            for i, p in enumerate(self._params()):
+                if p is not None and i in self.cdg.frozen:
+                    p.requires_grad_(False)
         self.mode = mode
 
     def remove(self) -> None:
@@ -296,6 +307,32 @@ class CosmicRuntime:
         """The output layer's parameters (calibrated CDG never freezes them), once known."""
         return sorted(self._names[i] for i in self._protected)
 
+    @property
+    def prefix_units(self) -> list[tuple[str, tuple[str, ...]]]:
+        """Prefix CDG's freezable blocks in forward order, as ``(name, parameter names)`` (empty until
+        the forward order is known)."""
+        return [(u.name, tuple(self._names[i] for i in u.params)) for u in self.prefix.units]
+
+    def set_forward_order(self, names: Iterable[str]) -> None:
+        """Record the order in which the forward pass first reads each parameter, and build prefix
+        CDG's blocks from it (first source wins: the traced graph, a compiled graph that reads every
+        parameter, or the first eager forward). Call :meth:`set_protected` first."""
+        if self.config.cdg is not CDGMode.PREFIX or self.prefix.known:
+            return
+        model = self.model
+        if model is None:
+            return
+        order = list(dict.fromkeys(i for n in names if (i := self.index_of(str(n))) is not None))
+        blocks, with_site = param_blocks(model)
+        block_of = {}
+        for n, i in self._index.items():  # the block of a parameter's first name that has one
+            if block_of.get(i) is None:
+                block_of[i] = blocks.get(n)
+        units = policy.prefix_units(order, block_of, with_site, self._protected)
+        params = self._params()
+        self.prefix.set_units(units, [p.numel() if p is not None else 0 for p in params])
+        log.debug("cosmic prefix CDG blocks: %s", [u.name for u in units])
+
     def set_protected(self, names: Iterable[str]) -> None:
         """Record the output layer (first source wins: the traced graph, a returning compiled graph,
         or the first eager forward)."""
@@ -312,7 +349,7 @@ class CosmicRuntime:
 
         self._note_ddp()
         dist = self._distributed()
-        if dist.active and self.config.cdg is not CDGMode.OFF and self.readings.any_due(self.steps):
+        if dist.active and self.config.reads_e_out and self.readings.any_due(self.steps):
             with torch.no_grad():
                 e_out = efficiency_from_sums(dist.sum(efficiency_sums(out.detach(), -1)), self.config.eps)
         else:
@@ -345,10 +382,10 @@ class CosmicRuntime:
                 "run on each rank's local gradient before DDP all-reduces it, and the ranks would drift apart. "
                 "Use cce_fused_lr=None (CCE then scales the gradient and your optimizer steps after the all-reduce)."
             )
-        why = why_not_rebuildable(ddp) if self.config.cdg is CDGMode.CALIBRATED else None
+        why = why_not_rebuildable(ddp) if self.config.cdg in (CDGMode.CALIBRATED, CDGMode.PREFIX) else None
         if why is not None:
             raise RuntimeError(
-                f"cosmic_fx: calibrated CDG freezes parameters, so it rebuilds DistributedDataParallel's reducer "
+                f"cosmic_fx: {self.config.cdg.value} CDG freezes parameters, so it rebuilds DistributedDataParallel's reducer "
                 f"at each freeze event, and this wrapper cannot be rebuilt: {why}. Use cdg='off' or cdg='seed', "
                 "or wrap without that feature."
             )
@@ -360,7 +397,7 @@ class CosmicRuntime:
         """Take ``E_out`` from a forward hook on the model (run outside dynamo) from the next forward
         on: under DDP, and when the code that returns the output ran outside compiled graphs."""
         model = self.model
-        if self._tracker is None and model is not None and self.config.cdg is not CDGMode.OFF:
+        if self._tracker is None and model is not None and self.config.reads_e_out:
             from .eager import OutputTracker
 
             self._tracker = OutputTracker(model, self, probe=False)
@@ -389,6 +426,13 @@ class CosmicRuntime:
         if p.grad is None:
             return
         self._step_grads.add(i)
+        if cfg.cdg is CDGMode.PREFIX:
+            if cfg.cdg_prefix_signal is PrefixSignal.GRAD:
+                self.prefix.note_grad(i, p.grad)
+            if cfg.cce is CCEMode.OFF and cfg.cdg_prefix_signal is PrefixSignal.GRAD:
+                if cfg.cce_fused_lr is not None:
+                    self.cce.fused_update(p)
+                return  # nothing reads E(p): do not measure it
         r = self.readings
         fresh = r.due(i, self.steps)
         if fresh:
@@ -436,7 +480,7 @@ class CosmicRuntime:
         }
         skipped = list(self._step_skipped)
         self._reset_step()
-        if self.mode == "compiled" and not self._e_out_seen and self.config.cdg is not CDGMode.OFF:
+        if self.mode == "compiled" and not self._e_out_seen and self.config.reads_e_out:
             # no compiled graph returned the model output (its last part ran eagerly): read E_out
             # from a forward hook from now on
             self.use_output_hook()
@@ -449,6 +493,15 @@ class CosmicRuntime:
                 wanted = self.cdg.decide(self._protected, self.config)
                 if self._distributed().active:  # rank 0 decides for every rank
                     wanted = self._distributed().broadcast_set(wanted, len(names), self._device())
+        elif self.config.cdg is CDGMode.PREFIX:
+            length = self.prefix.end_of_step(step, self.readings.value, self.config)
+            if length != self.prefix.length or self._distributed().active:
+                wanted = frozenset(i for u in self.prefix.units[:length] for i in u.params)
+                if self._distributed().active:  # rank 0 decides for every rank
+                    wanted = self._distributed().broadcast_set(wanted, len(names), self._device())
+                if wanted == self.cdg.frozen:
+                    wanted = None
+        self.last_step["prefix"] = self.prefix.reason if self.config.cdg is CDGMode.PREFIX else None
         ddp = self._ddp() if self._ddp is not None else None
         if ddp is None:
             self._finish_step(step, skipped, wanted, None)
@@ -464,6 +517,14 @@ class CosmicRuntime:
                 if params[i] is not None:
                     params[i].grad = None
         if wanted is not None:
+            if self.config.cdg is CDGMode.PREFIX:
+                # the prefix grows only (a rank that received rank 0's set follows it); this step's
+                # gradients of the newly frozen blocks are dropped, so no optimizer moves them again
+                wanted = wanted | self.cdg.frozen
+                self.prefix.advance(self.prefix.length_of(wanted), step)
+                for i in wanted - self.cdg.frozen:
+                    if params[i] is not None:
+                        params[i].grad = None
             if wanted not in self.cdg.sets_used:
                 self.cdg.sets_used.append(wanted)
             changed = self.cdg.apply(wanted, self.steps, params,
@@ -492,6 +553,7 @@ class CosmicRuntime:
                "protected_known": torch.tensor(self._protected_known)}
         out.update(self.readings.state_dict())
         out.update(self.cdg.state_dict())
+        out.update(self.prefix.state_dict())
         out.update(self.cce.state_dict())
         return out
 
@@ -523,6 +585,7 @@ class CosmicRuntime:
         self._protected = {int(i) for i in state["protected"].nonzero().flatten().tolist()}
         self._protected_known = bool(state["protected_known"])
         self.readings.load_state_dict(state)
+        self.prefix.load_state_dict(state)
         self.cce.load_state_dict(state)
         before = self.cdg.frozen
         frozen = self.cdg.load_state_dict(state)
@@ -534,3 +597,15 @@ class CosmicRuntime:
         if ddp is not None:
             rebuild_reducer(ddp)
         return [], unexpected
+
+
+def _check_prefix_sites(model: nn.Module) -> None:
+    """Prefix CDG orders blocks by the sites they hold: a model without any cannot be split."""
+    from ..sites import describe_kinds, site_module_kinds
+
+    if not site_module_kinds(model):
+        raise ValueError(
+            f"cdg='prefix' freezes {type(model).__name__} block by block from the input side, and finds the "
+            f"blocks by the sites they hold; it has no site (site kinds: {describe_kinds()}). Use cdg='off' or "
+            "cdg='calibrated' for this model."
+        )

@@ -23,12 +23,13 @@ from ..config import CosmicConfig
 __all__ = ["STATE_KEYS", "CosmicState", "check_meta", "encode_meta"]
 
 FORMAT = "cosmic_fx.runtime"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: prefix CDG's keys
 STATE_KEYS = (
     "meta", "steps", "protected", "protected_known",
     "readings.value", "readings.low", "readings.has",
     "cdg.low_count", "cdg.last_e", "cdg.frozen", "cdg.sets_used", "cdg.since_decision", "cdg.event_steps",
     "cdg.event_sets",
+    "prefix.units", "prefix.length", "prefix.history", "prefix.history_len", "prefix.last_event",
     "cce.mean_e",
 )
 _NOT_STATE = ("lower",)  # the lowering is the backend's business: a checkpoint resumes under any
