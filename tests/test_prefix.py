@@ -55,9 +55,9 @@ BLOCKS = ["tok+pos+blocks.0", "blocks.1", "blocks.2"]
 IDS = torch.randint(0, 20, (4, 8), generator=torch.Generator().manual_seed(0))
 
 
-def lm(cls=TinyLM) -> nn.Module:
+def lm(cls=TinyLM, n: int = 3) -> nn.Module:
     torch.manual_seed(0)
-    return cls()
+    return cls(n=n)
 
 
 def fast(**kw) -> CosmicConfig:
@@ -138,7 +138,8 @@ def one_per_event(monkeypatch):
 
 @pytest.mark.parametrize("engine", ["eager", "compile"])
 def test_freezing_is_monotone_never_touches_the_output_layer_and_recompiles_once_per_event(engine, one_per_event):
-    tm = cosmic_fx.transform(lm(), fast(cdg_prefix_max=1.0))
+    # a small graph keeps the compiles short: 2 blocks, no QCI/CSC, no CCE
+    tm = cosmic_fx.transform(lm(n=2), fast(cdg_prefix_max=1.0, qci=False, csc="none", cce="off"))
     graphs = []
     handle = add_listener(graphs.append)
     try:
@@ -148,15 +149,15 @@ def test_freezing_is_monotone_never_touches_the_output_layer_and_recompiles_once
         else:
             torch._dynamo.reset()
             run = cosmic_fx.compile(tm)
-        train(run, tm, 16)
+        train(run, tm, 10)
     finally:
         handle.remove()
     rt = cosmic_fx.runtime_of(tm)
     events = [set(names) for _, names in rt.freeze_events]
     units = [set(names) for _, names in rt.prefix_units]
-    # window 2: an event after steps 4, 8 and 12 (two full windows of readings since the last one)
-    assert [s for s, _ in rt.freeze_events] == [4, 8, 12]
-    assert events == [units[0], units[0] | units[1], units[0] | units[1] | units[2]]
+    # window 2: an event after steps 4 and 8 (two full windows of readings since the last one)
+    assert [s for s, _ in rt.freeze_events] == [4, 8]
+    assert len(units) == 2 and events == [units[0], units[0] | units[1]]
     for a, b in zip(events, events[1:]):
         assert a < b
     named = dict(tm.named_parameters())
