@@ -313,6 +313,26 @@ class CosmicRuntime:
         the forward order is known)."""
         return [(u.name, tuple(self._names[i] for i in u.params)) for u in self.prefix.units]
 
+    def freeze_prefix(self, length: int) -> None:
+        """Freeze the first ``length`` blocks of :attr:`prefix_units` now, as a decision of prefix CDG
+        would (a fixed schedule, a benchmark); the prefix only grows.
+
+        Example:
+            >>> rt = cosmic_fx.runtime_of(cosmic_fx.transform(model, cosmic_fx.CosmicConfig.fast()))  # doctest: +SKIP
+            >>> rt.freeze_prefix(2); rt.frozen   # doctest: +SKIP
+        """
+        if self.config.cdg is not CDGMode.PREFIX:
+            raise ValueError(f"freeze_prefix needs cdg='prefix'; this runtime's config has cdg={self.config.cdg.value!r}")
+        if not self.prefix.known:
+            raise RuntimeError("freeze_prefix: the blocks are not known until the forward order is (run one training "
+                               "forward first, or transform a model that symbolic-traces)")
+        if isinstance(length, bool) or not isinstance(length, int) or not self.prefix.length <= length <= len(self.prefix.units):
+            raise ValueError(f"freeze_prefix: length must be an int from {self.prefix.length} (frozen now; the prefix "
+                             f"never shrinks) to {len(self.prefix.units)} (the freezable blocks); got {length!r}")
+        wanted = frozenset(i for u in self.prefix.units[:length] for i in u.params)
+        if wanted != self.cdg.frozen:
+            self._finish_step(self.steps, [], wanted, self._ddp() if self._ddp is not None else None)
+
     def set_forward_order(self, names: Iterable[str]) -> None:
         """Record the order in which the forward pass first reads each parameter, and build prefix
         CDG's blocks from it (first source wins: the traced graph, a compiled graph that reads every
