@@ -5,8 +5,8 @@ import importlib
 
 import pytest
 
-MODULES = ["cosmic_fx.outputs", "cosmic_fx.sequential", "cosmic_fx.site", "cosmic_fx.site_hooks",
-           "cosmic_fx.sites", "cosmic_fx.tracer"]
+MODULES = ["cosmic_fx.config", "cosmic_fx.outputs", "cosmic_fx.policy", "cosmic_fx.runtime.prefix",
+           "cosmic_fx.sequential", "cosmic_fx.site", "cosmic_fx.site_hooks", "cosmic_fx.sites", "cosmic_fx.tracer"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -139,7 +139,7 @@ class PrefixState:
         u = self._unit_of.get(i)
         if u is None or u < self.length:
             return
-        sq = grad.detach().float().square().sum()
+        sq = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()  # no gradient-sized temporary
         self._acc[u] = self._acc[u] + sq if u in self._acc else sq
 
     def end_of_step(self, step: int, efficiencies: Sequence[float], config: CosmicConfig) -> int:
