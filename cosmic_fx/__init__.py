@@ -13,7 +13,7 @@ from torch import nn
 
 from .adapter import load_adapter
 from .backend import cosmic_backend
-from .config import CCEMode, CDGMode, CosmicConfig, CSCPlacement, Lowering, QCIForm, QCIInit
+from .config import CCEMode, CDGMode, CosmicConfig, CSCPlacement, Lowering, PrefixSignal, QCIForm, QCIInit
 from .export import export
 from .runtime import CosmicRuntime, attach_hooks, detach_hooks, hooks_of, runtime_of
 from .inspect import explain
@@ -86,6 +86,7 @@ __all__ = [
     "DiagonalQCI",
     "LowRankQCI",
     "Lowering",
+    "PrefixSignal",
     "QCIForm",
     "QCIInit",
     "QuantumClassicalInterface",
