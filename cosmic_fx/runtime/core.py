@@ -37,7 +37,7 @@ from .accounting import CompileAccounting
 from .cce import CCEState
 from .cdg import CDGState
 from .distributed import DistributedContext, active_ddp, check_not_sharded, rebuild_reducer, why_not_rebuildable
-from .prefix import PrefixState, param_blocks
+from .prefix import PrefixState, check_has_sites
 from .readings import Readings
 
 __all__ = ["CosmicRuntime", "runtimes_of_param"]
@@ -152,7 +152,7 @@ class CosmicRuntime:
         self.cdg = CDGState(n)
         self.prefix = PrefixState(n)
         if self.config.cdg is CDGMode.PREFIX and not isinstance(model, torch.fx.GraphModule):
-            _check_prefix_sites(model)
+            check_has_sites(model)
         self._bound = True
         self._strong_hooks = hold_by_params
         me = weakref.ref(self)
@@ -342,16 +342,9 @@ class CosmicRuntime:
         model = self.model
         if model is None:
             return
-        order = list(dict.fromkeys(i for n in names if (i := self.index_of(str(n))) is not None))
-        blocks, with_site = param_blocks(model)
-        block_of = {}
-        for n, i in self._index.items():  # the block of a parameter's first name that has one
-            if block_of.get(i) is None:
-                block_of[i] = blocks.get(n)
-        units = policy.prefix_units(order, block_of, with_site, self._protected)
-        params = self._params()
-        self.prefix.set_units(units, [p.numel() if p is not None else 0 for p in params])
-        log.debug("cosmic prefix CDG blocks: %s", [u.name for u in units])
+        order = [i for n in names if (i := self.index_of(str(n))) is not None]
+        self.prefix.build(model, order, self._index, self._protected, self._params())
+        log.debug("cosmic prefix CDG blocks: %s", [u.name for u in self.prefix.units])
 
     def set_protected(self, names: Iterable[str]) -> None:
         """Record the output layer (first source wins: the traced graph, a returning compiled graph,
@@ -618,14 +611,3 @@ class CosmicRuntime:
             rebuild_reducer(ddp)
         return [], unexpected
 
-
-def _check_prefix_sites(model: nn.Module) -> None:
-    """Prefix CDG orders blocks by the sites they hold: a model without any cannot be split."""
-    from ..sites import describe_kinds, site_module_kinds
-
-    if not site_module_kinds(model):
-        raise ValueError(
-            f"cdg='prefix' freezes {type(model).__name__} block by block from the input side, and finds the "
-            f"blocks by the sites they hold; it has no site (site kinds: {describe_kinds()}). Use cdg='off' or "
-            "cdg='calibrated' for this model."
-        )

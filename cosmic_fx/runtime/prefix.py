@@ -28,7 +28,7 @@ from torch import nn
 from .. import policy
 from ..config import CosmicConfig, PrefixSignal
 
-__all__ = ["PREFIX_STATE_KEYS", "PrefixState", "param_blocks"]
+__all__ = ["PREFIX_STATE_KEYS", "PrefixState", "check_has_sites", "param_blocks"]
 
 PREFIX_STATE_KEYS = ("prefix.units", "prefix.length", "prefix.history", "prefix.history_len", "prefix.last_event")
 
@@ -89,6 +89,18 @@ def param_blocks(model: nn.Module) -> tuple[dict[str, str | None], set[str]]:
     return blocks, with_site
 
 
+def check_has_sites(model: nn.Module) -> None:
+    """Prefix CDG orders blocks by the sites they hold: a model without any cannot be split."""
+    from ..sites import describe_kinds, site_module_kinds
+
+    if not site_module_kinds(model):
+        raise ValueError(
+            f"cdg='prefix' freezes {type(model).__name__} block by block from the input side, and finds the "
+            f"blocks by the sites they hold; it has no site (site kinds: {describe_kinds()}). Use cdg='off' or "
+            "cdg='calibrated' for this model."
+        )
+
+
 class PrefixState:
     """Prefix CDG's blocks, signal history and frozen length, indexed by the runtime's parameter index.
 
@@ -110,6 +122,25 @@ class PrefixState:
         self._acc: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ blocks
+    def build(self, model: nn.Module, order: Sequence[int], index: dict[str, int], protected: set[int],
+              params: Sequence[torch.Tensor | None]) -> None:
+        """Find the blocks (:func:`param_blocks`, :func:`cosmic_fx.policy.prefix_units`).
+
+        Args:
+            model: the model.
+            order: parameter indices in order of first use in the forward pass.
+            index: every parameter name (aliases too) -> index.
+            protected: the output layer's indices.
+            params: the parameters by index (for their sizes).
+        """
+        blocks, with_site = param_blocks(model)
+        block_of: dict[int, str | None] = {}
+        for name, i in index.items():  # the block of a parameter's first name that has one
+            if block_of.get(i) is None:
+                block_of[i] = blocks.get(name)
+        units = policy.prefix_units(order, block_of, with_site, protected)
+        self.set_units(units, [p.numel() if p is not None else 0 for p in params])
+
     def set_units(self, units: list[policy.PrefixUnit], numel: Sequence[int]) -> None:
         self.units = list(units)
         self.known = True

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..config import CosmicConfig
+from .prefix import PREFIX_STATE_KEYS
 
 __all__ = ["STATE_KEYS", "CosmicState", "check_meta", "encode_meta"]
 
@@ -29,7 +30,7 @@ STATE_KEYS = (
     "readings.value", "readings.low", "readings.has",
     "cdg.low_count", "cdg.last_e", "cdg.frozen", "cdg.sets_used", "cdg.since_decision", "cdg.event_steps",
     "cdg.event_sets",
-    "prefix.units", "prefix.length", "prefix.history", "prefix.history_len", "prefix.last_event",
+    *PREFIX_STATE_KEYS,
     "cce.mean_e",
 )
 _NOT_STATE = ("lower",)  # the lowering is the backend's business: a checkpoint resumes under any
