@@ -266,6 +266,18 @@ def test_a_model_without_sites_is_refused_with_the_reason():
         cosmic_fx.attach_hooks(NoSites(), CosmicConfig(cdg="prefix"))
 
 
+def test_an_unknown_forward_order_warns_and_freezes_nothing():
+    """A compiled run whose graphs never show the whole forward (graph breaks on a model that does not
+    trace): stood in for by activating the runtime in compiled mode and running eagerly."""
+    tm = cosmic_fx.transform(lm(UntraceableLM), fast())
+    rt = cosmic_fx.runtime_of(tm)
+    rt.activate("compiled")
+    with pytest.warns(RuntimeWarning, match="cdg='prefix' does not know the order .* freezes nothing"):
+        train(tm, tm, 1)
+    train(tm, tm, 6)
+    assert rt.prefix_units == [] and rt.frozen == [] and "not known" in rt.last_step["prefix"]
+
+
 def test_explain_shows_the_blocks_and_what_would_freeze_now():
     report = cosmic_fx.explain(lm(), IDS, fast())
     assert [b for b, _ in report.prefix.blocks] == BLOCKS

@@ -23,6 +23,7 @@ that is garbage-collected frees its runtime and two models never share one.
 from __future__ import annotations
 
 import logging
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -515,6 +516,13 @@ class CosmicRuntime:
                 if wanted == self.cdg.frozen:
                     wanted = None
         self.last_step["prefix"] = self.prefix.reason if self.config.cdg is CDGMode.PREFIX else None
+        if self.config.cdg is CDGMode.PREFIX and not self.prefix.known and step == 0:
+            warnings.warn(
+                "cosmic_fx: cdg='prefix' does not know the order in which the forward pass reads the parameters "
+                "(no traced graph, no compiled graph that reads every parameter, no eager forward with "
+                "attach_hooks), so it cannot find the blocks and freezes nothing. Transform a model that "
+                "symbolic-traces, remove the graph breaks, or train eagerly with cosmic_fx.attach_hooks.",
+                RuntimeWarning, stacklevel=2)
         ddp = self._ddp() if self._ddp is not None else None
         if ddp is None:
             self._finish_step(step, skipped, wanted, None)
