@@ -275,11 +275,13 @@ class CosmicConfig:
 
     @classmethod
     def fast(cls, **overrides: Any) -> CosmicConfig:
-        """The preset to pick for speed and memory: the four mechanisms in their cheapest measured forms.
+        """The preset to pick for speed and memory: the mechanisms in their cheapest measured forms.
 
         * QCI ``qci_form="diagonal"``: 1-10% over its site's forward+backward under Inductor at width
           512-1024, against 2-2.3x for the dense form (docs/perf.md, "CSC and the QCI forms").
-        * CSC on the model output only: after every site it costs 12-14x a clone per site.
+        * CSC off (``csc="none"``): after every site it costs 12-14x a clone per site, and on the
+          output it slowed the start of training (digits, 40 steps: 66% test error against 34%
+          without it; 3.3% and 3.5% after 400 steps; docs/fast_preset_forms_experiment.py).
         * CDG ``"prefix"``: blocks on the input side freeze once their gradient norm has settled and
           then cost no backward at all (no weight or input gradients, no saved activations).
         * CCE ``"relative"`` as the default preset (frozen blocks no longer pay for it).
@@ -287,9 +289,9 @@ class CosmicConfig:
         Example:
             >>> cfg = CosmicConfig.fast()
             >>> cfg.cdg.value, cfg.qci_form.value, cfg.csc.value
-            ('prefix', 'diagonal', 'output')
+            ('prefix', 'diagonal', 'none')
         """
-        base = dict(qci_form=QCIForm.DIAGONAL, csc=CSCPlacement.OUTPUT, cdg=CDGMode.PREFIX, cce=CCEMode.RELATIVE)
+        base = dict(qci_form=QCIForm.DIAGONAL, csc=CSCPlacement.NONE, cdg=CDGMode.PREFIX, cce=CCEMode.RELATIVE)
         return cls(**{**base, **overrides})
 
     @classmethod

@@ -56,7 +56,7 @@ def test_fast_preset_from_options_and_constructor():
     fast = CosmicConfig.fast()
     assert CosmicConfig.from_options({"preset": "fast"}) == fast
     assert CosmicConfig.from_options({"preset": "fast", "cdg_prefix_window": 7}) == CosmicConfig.fast(cdg_prefix_window=7)
-    assert (fast.cdg.value, fast.qci_form.value, fast.csc.value) == ("prefix", "diagonal", "output")
+    assert (fast.cdg.value, fast.qci_form.value, fast.csc.value) == ("prefix", "diagonal", "none")
     assert fast != CosmicConfig() and CosmicConfig.from_options(fast.to_options()) == fast
 
 
