@@ -313,7 +313,8 @@ def prefix_decision(n_frozen: int, changes: Sequence[float | None], n_units: int
     if n_units == 0:
         return n_frozen, "no freezable block (every block holds or follows the output layer)"
     if n_frozen >= cap:
-        return n_frozen, f"the cap is reached: {n_frozen} of {n_units} blocks frozen (cdg_prefix_max={config.cdg_prefix_max})"
+        return n_frozen, (f"the cap is reached: {n_frozen} of {n_units} blocks frozen "
+                          f"(cdg_prefix_max={config.cdg_prefix_max})")
     if events >= config.cdg_max_sets:
         return n_frozen, f"the {events} freeze events cdg_max_sets allows have happened"
     if since_event is not None and since_event < config.cdg_prefix_window:

@@ -18,7 +18,10 @@ def run(cfg, seed, steps):
     g = torch.Generator().manual_seed(seed)
     for s in range(steps):
         idx = torch.randint(0, len(d.y_train), (32,), generator=g)
-        loss = nn.functional.cross_entropy(tm(d.x_train[idx]), d.y_train[idx]); opt.zero_grad(); loss.backward(); opt.step()
+        loss = nn.functional.cross_entropy(tm(d.x_train[idx]), d.y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     tm.eval()
     with torch.no_grad(): return 100 * (tm(d.x_test).argmax(-1) != d.y_test).float().mean().item()
 arms = {

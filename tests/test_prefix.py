@@ -266,6 +266,20 @@ def test_a_model_without_sites_is_refused_with_the_reason():
         cosmic_fx.attach_hooks(NoSites(), CosmicConfig(cdg="prefix"))
 
 
+def test_freeze_prefix_grows_only_and_says_what_is_allowed():
+    tm = cosmic_fx.transform(lm(), fast())
+    rt = cosmic_fx.runtime_of(tm)
+    rt.freeze_prefix(2)
+    assert rt.prefix.length == 2 and not tm.blocks[1].fc1.weight.requires_grad and tm.blocks[2].fc1.weight.requires_grad
+    with pytest.raises(ValueError, match=r"length must be an int from 2 \(frozen now; the prefix never shrinks\) to 3"):
+        rt.freeze_prefix(1)
+    with pytest.raises(ValueError, match=r"to 3 \(the freezable blocks\); got 4"):
+        rt.freeze_prefix(4)
+    other = cosmic_fx.runtime_of(cosmic_fx.transform(lm(), CosmicConfig(lower="aot_eager")))
+    with pytest.raises(ValueError, match="freeze_prefix needs cdg='prefix'; this runtime's config has cdg='calibrated'"):
+        other.freeze_prefix(1)
+
+
 def test_an_unknown_forward_order_warns_and_freezes_nothing():
     """A compiled run whose graphs never show the whole forward (graph breaks on a model that does not
     trace): stood in for by activating the runtime in compiled mode and running eagerly."""

@@ -80,7 +80,8 @@ class Sizes:
         return cls(
             csc_shapes=((8, 32, 192),), qci=(512, 128), qci_form_rows=128, qci_form_widths=(64,),
             qci_forms_compiled=False, mlp=(32, 128, 2), cdg_mlp=(64, 256, 4),
-            mem_mlp=(8, 512, 4), prefix_lm=(4, 32, 64, 2), prefix_frozen=(2,), prefix_compiled=False, compiler="aot_eager", graph_nodes=(100, 1000), rounds=2, reps=3, compile_reps=1,
+            mem_mlp=(8, 512, 4), prefix_lm=(4, 32, 64, 2), prefix_frozen=(2,), prefix_compiled=False,
+            compiler="aot_eager", graph_nodes=(100, 1000), rounds=2, reps=3, compile_reps=1,
             fresh_process_compile=False,
         )
 

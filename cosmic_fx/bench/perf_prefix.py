@@ -4,7 +4,8 @@ A character-level transformer (:class:`~cosmic_fx.models.TinyTransformerLM`) is 
 ``cdg="prefix"`` alone (no QCI, no CSC, no CCE, so only the freezing differs between arms), and its
 runtime freezes the first ``k`` blocks through :meth:`~cosmic_fx.runtime.CosmicRuntime.freeze_prefix`
 (the same code path as a decision). Each arm is its own copy of the model with the same weights and
-batch: nothing frozen, and each ``k`` of ``Sizes.prefix_frozen`` (the final norm and head always train). Rows: backward time (interleaved, median) and the peak of the CPU allocator during one
+batch: nothing frozen, and each ``k`` of ``Sizes.prefix_frozen`` (the final norm and head always
+train). Rows: backward time (interleaved, median) and the peak of the CPU allocator during one
 training step (forward + backward; the profiler's raw allocation events), eager and compiled.
 """
 

@@ -323,11 +323,13 @@ class CosmicRuntime:
             >>> rt.freeze_prefix(2); rt.frozen   # doctest: +SKIP
         """
         if self.config.cdg is not CDGMode.PREFIX:
-            raise ValueError(f"freeze_prefix needs cdg='prefix'; this runtime's config has cdg={self.config.cdg.value!r}")
+            raise ValueError("freeze_prefix needs cdg='prefix'; this runtime's config has "
+                             f"cdg={self.config.cdg.value!r}")
         if not self.prefix.known:
             raise RuntimeError("freeze_prefix: the blocks are not known until the forward order is (run one training "
                                "forward first, or transform a model that symbolic-traces)")
-        if isinstance(length, bool) or not isinstance(length, int) or not self.prefix.length <= length <= len(self.prefix.units):
+        n = len(self.prefix.units)
+        if isinstance(length, bool) or not isinstance(length, int) or not self.prefix.length <= length <= n:
             raise ValueError(f"freeze_prefix: length must be an int from {self.prefix.length} (frozen now; the prefix "
                              f"never shrinks) to {len(self.prefix.units)} (the freezable blocks); got {length!r}")
         wanted = frozenset(i for u in self.prefix.units[:length] for i in u.params)
@@ -399,7 +401,8 @@ class CosmicRuntime:
         why = why_not_rebuildable(ddp) if self.config.cdg in (CDGMode.CALIBRATED, CDGMode.PREFIX) else None
         if why is not None:
             raise RuntimeError(
-                f"cosmic_fx: {self.config.cdg.value} CDG freezes parameters, so it rebuilds DistributedDataParallel's reducer "
+                f"cosmic_fx: {self.config.cdg.value} CDG freezes parameters, so it rebuilds DistributedDataParallel's "
+                "reducer "
                 f"at each freeze event, and this wrapper cannot be rebuilt: {why}. Use cdg='off' or cdg='seed', "
                 "or wrap without that feature."
             )
