@@ -13,7 +13,7 @@ from torch import nn
 
 from .adapter import load_adapter
 from .backend import cosmic_backend
-from .config import CCEFused, CCEMode, CDGMode, CosmicConfig, CSCPlacement, Lowering, QCIForm, QCIInit
+from .config import CCEFused, CCEMode, CDGMode, CosmicConfig, CSCPlacement, Lowering, PrefixSignal, QCIForm, QCIInit
 from .export import export
 from .runtime import CosmicRuntime, FusedOptimizer, attach_hooks, detach_hooks, fused_optimizer, hooks_of, runtime_of
 from .inspect import explain
@@ -98,6 +98,7 @@ __all__ = [
     "FusedOptimizer",
     "LowRankQCI",
     "Lowering",
+    "PrefixSignal",
     "QCIForm",
     "QCIInit",
     "QuantumClassicalInterface",

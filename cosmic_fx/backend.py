@@ -111,6 +111,12 @@ def _output_layer(gm: fx.GraphModule, sites, keys: dict[fx.Node, int], rt: Cosmi
     return [str(n) for n in policy.output_layer(calls)]
 
 
+def _forward_order(gm: fx.GraphModule, keys: dict[fx.Node, int], rt: CosmicRuntime) -> list[str]:
+    """The runtime's parameter names in the order the graph's nodes first read them."""
+    order = (rt.names[keys[a]] for node in gm.graph.nodes for a in node.all_input_nodes if a in keys)
+    return list(dict.fromkeys(order))
+
+
 def _find_runtime(real: dict[fx.Node, nn.Parameter]) -> CosmicRuntime | None:
     """The runtime that covers most of the graph's parameters (two transforms of one base model share
     its weights; each has its own QCIs), else the runtime of the running DDP wrapper's module."""
@@ -292,6 +298,8 @@ def cosmic_backend(
             returns_output = _returns_model_output(graph_break, rt)
             if returns_output:
                 rt.set_protected(_output_layer(gm, sites, keys, rt))
+                if len(covered) == len(rt.names):  # one graph reads every parameter: its order is the forward's
+                    rt.set_forward_order(_forward_order(gm, keys, rt))
             _check_recompile_budget(config)
         elif any(isinstance(t, torch._subclasses.FakeTensor) for t in example_inputs):
             warn_once(
@@ -300,7 +308,7 @@ def cosmic_backend(
                 "before wrapping it: DistributedDataParallel(cosmic_fx.transform(model))."
             )
 
-    wants_e_out = active is not None and config.cdg is not CDGMode.OFF and returns_output and active._tracker is None
+    wants_e_out = active is not None and config.reads_e_out and returns_output and active._tracker is None
     primary = _primary_output(gm) if wants_e_out else None
     if primary is not None:
         _add_efficiency_output(gm, primary, config.eps)
@@ -331,7 +339,7 @@ def _check_recompile_budget(config: CosmicConfig) -> None:
     """Warn when calibrated CDG's frozen sets alone could exhaust dynamo's recompile limit."""
     limit = torch._dynamo.config.recompile_limit
     # each distinct frozen set, and the empty one, is a compiled graph; keep one more for eval mode
-    if config.cdg is CDGMode.CALIBRATED and config.cdg_max_sets + 2 > limit:
+    if config.cdg in (CDGMode.CALIBRATED, CDGMode.PREFIX) and config.cdg_max_sets + 2 > limit:
         warn_once(
             f"cosmic backend: cdg_max_sets={config.cdg_max_sets} frozen sets plus the unfrozen model "
             f"need {config.cdg_max_sets + 1} compiled graphs, and torch._dynamo.config.recompile_limit "

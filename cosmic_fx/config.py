@@ -22,6 +22,7 @@ __all__ = [
     "CSCPlacement",
     "CosmicConfig",
     "Lowering",
+    "PrefixSignal",
     "QCIForm",
     "QCIInit",
 ]
@@ -74,7 +75,15 @@ class CDGMode(_Choice):
 
     OFF = "off"
     SEED = "seed"  # every step: skip p when E(p) < E(output)   (source text)
-    CALIBRATED = "calibrated"  # freeze on a schedule after `cdg_patience` low readings; see hooks.py
+    CALIBRATED = "calibrated"  # freeze on a schedule after `cdg_patience` low readings; see runtime/cdg.py
+    PREFIX = "prefix"  # freeze a growing prefix of blocks from the input side once each has settled
+
+
+class PrefixSignal(_Choice):
+    """What prefix CDG reads to decide that the next block has settled (see runtime/prefix.py)."""
+
+    GRAD = "grad"  # the block's gradient norm, read every step
+    EFFICIENCY = "efficiency"  # the block's E(p) (numel-weighted), read every `efficiency_every` steps
 
 
 class CCEMode(_Choice):
@@ -109,6 +118,7 @@ _CHOICES: dict[str, type[_Choice]] = {
     "cce": CCEMode,
     "cce_fused": CCEFused,
     "lower": Lowering,
+    "cdg_prefix_signal": PrefixSignal,
 }
 
 
@@ -134,7 +144,8 @@ class CosmicConfig:
         csc: where cosmic state compression goes: ``"output"``, ``"sites"`` or ``"none"``.
         csc_alpha: the entropy threshold ``alpha`` of CSC, finite and >= 0.
         eps: the epsilon of every formula, in (0, 1e-2].
-        cdg: ``"off"``, ``"seed"`` (literal) or ``"calibrated"``.
+        cdg: ``"off"``, ``"seed"`` (literal), ``"calibrated"`` or ``"prefix"`` (progressive
+            freezing of the blocks on the input side: the frozen prefix costs no backward at all).
         cdg_patience: calibrated CDG freezes a parameter only after this many consecutive low
             readings (E(p) < E(output)).
         cdg_interval: calibrated CDG decides the frozen set every this many steps (and thaws the
@@ -142,7 +153,20 @@ class CosmicConfig:
         cdg_max_frozen: calibrated CDG freezes at most this fraction of the parameter tensors.
         cdg_max_sets: calibrated CDG uses at most this many distinct frozen sets per run, which
             bounds recompilations under ``torch.compile``.
-        cdg_protect_output: calibrated CDG never freezes the output layer (the last site).
+        cdg_protect_output: calibrated CDG never freezes the output layer (the last site). Prefix
+            CDG never does, whatever this says.
+        cdg_prefix_signal: what prefix CDG reads per block (the parameters of one block in forward
+            order, see :func:`cosmic_fx.policy.prefix_units`): ``"grad"`` (the block's gradient norm,
+            every step) or ``"efficiency"`` (its numel-weighted ``E(p)``, every ``efficiency_every``
+            steps).
+        cdg_prefix_window: prefix CDG compares the mean signal of the last this many steps with the
+            mean of the window before; a block can freeze once both windows are full, and at most one
+            freeze event happens per window.
+        cdg_prefix_threshold: the next block freezes when that relative change
+            ``|now - before| / |before|`` is below this (> 0).
+        cdg_prefix_max: prefix CDG freezes at most this fraction (in (0, 1]) of the freezable blocks
+            (those before the output layer), rounded down. Freeze events are at most ``cdg_max_sets``
+            (each one recompiles under ``torch.compile``).
         cce: ``"off"``, ``"seed"`` (literal) or ``"relative"``.
         cce_gamma, cce_min, cce_max: the relative CCE multiplier
             ``clamp(1 + gamma * (E(p) - mean E), cce_min, cce_max)``.
@@ -196,6 +220,10 @@ class CosmicConfig:
     cdg_max_frozen: float = 0.125
     cdg_max_sets: int = 4
     cdg_protect_output: bool = True
+    cdg_prefix_signal: PrefixSignal | str = PrefixSignal.GRAD
+    cdg_prefix_window: int = 100
+    cdg_prefix_threshold: float = 0.02
+    cdg_prefix_max: float = 0.75
     cce: CCEMode | str = CCEMode.RELATIVE
     cce_gamma: float = 1.0
     cce_min: float = 0.5
@@ -221,7 +249,7 @@ class CosmicConfig:
         for name in ("targets", "exclude"):
             set_(name, _regex_tuple(getattr(self, name), name))
         for name, low in (("min_width", 0), ("qci_rank", 1), ("cdg_patience", 1), ("cdg_interval", 1), ("cdg_max_sets", 1),
-                          ("efficiency_every", 1)):
+                          ("efficiency_every", 1), ("cdg_prefix_window", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"CosmicConfig.{name} must be an int >= {low}; got {value!r}")
@@ -230,6 +258,8 @@ class CosmicConfig:
             "csc_alpha": (0.0, math.inf),
             "eps": (0.0, 1e-2),
             "cdg_max_frozen": (0.0, 1.0),
+            "cdg_prefix_threshold": (0.0, math.inf),
+            "cdg_prefix_max": (0.0, 1.0),
             "cce_gamma": (0.0, math.inf),
             "cce_min": (0.0, math.inf),
             "cce_max": (0.0, math.inf),
@@ -243,6 +273,10 @@ class CosmicConfig:
                 raise ValueError(f"CosmicConfig.{name} must be finite and in [{low}, {high}]; got {value!r}")
             set_(name, value)
         self._validate_fused(set_)
+        for name in ("cdg_prefix_threshold", "cdg_prefix_max"):
+            if getattr(self, name) == 0.0:
+                raise ValueError(f"CosmicConfig.{name} must be > 0 (0 would never freeze a block; use cdg='off' "
+                                 "for that)")
         if self.eps == 0.0:
             raise ValueError("CosmicConfig.eps must be > 0 (it keeps the efficiency's denominator away from 0)")
         if self.cce_min == 0.0 or self.cce_min > 1.0 or self.cce_max < 1.0 or self.cce_min > self.cce_max:
@@ -313,19 +347,45 @@ class CosmicConfig:
         return cls(**{**base, **overrides})
 
     @classmethod
+    def fast(cls, **overrides: Any) -> CosmicConfig:
+        """The preset to pick for speed and memory: the mechanisms in their cheapest measured forms.
+
+        * QCI ``qci_form="diagonal"``: 1-10% over its site's forward+backward under Inductor at width
+          512-1024, against 2-2.3x for the dense form (docs/perf.md, "CSC and the QCI forms").
+        * CSC off (``csc="none"``): after every site it costs 12-14x a clone per site, and on the
+          output it slowed the start of training (digits, 40 steps: 66% test error against 34%
+          without it; 3.3% and 3.5% after 400 steps; docs/fast_preset_forms_experiment.py).
+        * CDG ``"prefix"``: blocks on the input side freeze once their gradient norm has settled and
+          then cost no backward at all (no weight or input gradients, no saved activations).
+        * CCE ``"relative"`` as the default preset (frozen blocks no longer pay for it).
+
+        Example:
+            >>> cfg = CosmicConfig.fast()
+            >>> cfg.cdg.value, cfg.qci_form.value, cfg.csc.value
+            ('prefix', 'diagonal', 'none')
+        """
+        base = dict(qci_form=QCIForm.DIAGONAL, csc=CSCPlacement.NONE, cdg=CDGMode.PREFIX, cce=CCEMode.RELATIVE)
+        return cls(**{**base, **overrides})
+
+    @classmethod
     def off(cls, **overrides: Any) -> CosmicConfig:
         """Every pass and hook disabled: the backend is then its lowering alone."""
         base = dict(qci=False, csc=CSCPlacement.NONE, cdg=CDGMode.OFF, cce=CCEMode.OFF)
         return cls(**{**base, **overrides})
 
-    _PRESETS = ("default", "seed", "off")
+    _PRESETS = ("default", "fast", "seed", "off")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> CosmicConfig:
-        """A preset by name (``"default"``, ``"seed"`` or ``"off"``), with field overrides."""
+        """A preset by name (``"default"``, ``"fast"``, ``"seed"`` or ``"off"``), with field overrides.
+
+        Example:
+            >>> CosmicConfig.preset("fast", cdg_prefix_window=50).cdg_prefix_window
+            50
+        """
         if name == "default":
             return cls(**overrides)
-        if name in ("seed", "off"):
+        if name in ("fast", "seed", "off"):
             return getattr(cls, name)(**overrides)
         raise ValueError(f"unknown cosmic preset {name!r}; valid presets: {', '.join(cls._PRESETS)}")
 
@@ -334,7 +394,7 @@ class CosmicConfig:
     def from_options(cls, options: Mapping[str, Any] | CosmicConfig | None) -> CosmicConfig:
         """Build a config from a ``torch.compile(..., options=...)`` dict.
 
-        The dict takes any field name, plus ``"preset"`` (``"default"``, ``"seed"`` or ``"off"``) and
+        The dict takes any field name, plus ``"preset"`` (``"default"``, ``"fast"``, ``"seed"`` or ``"off"``) and
         ``"config"`` (a whole :class:`CosmicConfig`). Unknown keys are an error listing the valid ones.
 
         Example:
@@ -377,6 +437,12 @@ class CosmicConfig:
     def replace(self, **changes: Any) -> CosmicConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    @property
+    def reads_e_out(self) -> bool:
+        """Whether CDG compares readings with the output's efficiency ``E_out`` (seed and calibrated;
+        prefix CDG and CCE never read it)."""
+        return self.cdg in (CDGMode.SEED, CDGMode.CALIBRATED)
 
     @property
     def hooks_enabled(self) -> bool:

@@ -22,7 +22,7 @@ from torch import fx, nn
 from . import policy
 from .config import CDGMode, CosmicConfig, CSCPlacement
 from .quantities import efficiency
-from .report import ParamRow, Report, SiteRow, _Node, _shape
+from .report import ParamRow, PrefixView, Report, SiteRow, _Node, _shape
 from .runtime.eager import first_float_tensor
 from .scoped import eval_no_grad
 from .watch import BackendReport, BackendWatch, watch_backend
@@ -88,7 +88,7 @@ def explain(model: nn.Module, example_inputs: Any, config: CosmicConfig | None =
         shapes = _site_shapes(original, inputs, before_gm)
         flops_before = _flops(original, inputs)
         flops_after = _flops(tm, inputs)
-        out, protected = _run_recording_output_layer(tm, inputs)
+        out, protected, order = _run_recording_output_layer(tm, inputs)
         if info.path == "symbolic_trace":
             before_code, after_code = _code(before_gm), _code(info.graph_module)
             nodes = _fx_nodes(info.graph_module)
@@ -102,7 +102,8 @@ def explain(model: nn.Module, example_inputs: Any, config: CosmicConfig | None =
     tensor = first_float_tensor(out)
     if tensor is not None:
         e_out = float(efficiency(tensor, -1, config.eps))
-    params = _param_rows(original, tm, config, e_out, protected)
+    prefix = _prefix_view(tm, config, protected, order) if config.cdg is CDGMode.PREFIX else None
+    params = _param_rows(original, tm, config, e_out, protected, prefix)
     before_params = {id(p): p for p in original.parameters()}
     after_params = {id(p): p for p in tm.parameters()}
     totals = {
@@ -115,7 +116,7 @@ def explain(model: nn.Module, example_inputs: Any, config: CosmicConfig | None =
     }
     return Report(model_name=name, path=info.path, config=config, input_shapes=[_shape_of(x) for x in inputs],
                   sites=sites, params=params, e_out=e_out, graph_before=before_code, graph_after=after_code,
-                  inserted_nodes=inserted_nodes, totals=totals, nodes=nodes,
+                  inserted_nodes=inserted_nodes, totals=totals, nodes=nodes, prefix=prefix,
                   note="" if info.trace_error is None else f"symbolic_trace failed ({info.trace_error}); "
                   "the graphs are the module calls of one forward")
 
@@ -246,16 +247,36 @@ def _run_recording_output_layer(model: nn.Module, inputs: tuple) -> tuple[Any, l
     (:func:`cosmic_fx.policy.output_layer` over the module calls, as the runtime protects them)."""
     from .sites import is_site_module
 
+    from .runtime.eager import _ParamOrder
+
     order: list[nn.Module] = []
     handles = [m.register_forward_pre_hook(lambda m, a: order.append(m)) for m in model.modules()
                if any(True for _ in m.parameters(recurse=False))]
     try:
-        out = _call(model, inputs)
+        with _ParamOrder() as reads:
+            out = _call(model, inputs)
     finally:
         for h in handles:
             h.remove()
     calls = [policy.Call(is_site_module(m), tuple(m.parameters(recurse=False))) for m in order]
-    return out, list(policy.output_layer(calls))
+    return out, list(policy.output_layer(calls)), reads.order
+
+
+def _prefix_view(tm: nn.Module, config: CosmicConfig, protected: list[torch.Tensor],
+                 order: list[torch.Tensor]) -> PrefixView:
+    """Prefix CDG's blocks of ``tm`` and what its next decision would do
+    (:func:`cosmic_fx.policy.prefix_decision` on the runtime's readings so far)."""
+    from .runtime import runtime_of
+
+    rt = runtime_of(tm)
+    names = {id(p): n for n, p in tm.named_parameters(remove_duplicate=False)}
+    if not rt.prefix.known:  # module swap: the runtime learns the order at the first forward
+        rt.set_protected(names[id(p)] for p in protected if id(p) in names)
+        rt.set_forward_order(names[id(p)] for p in order if id(p) in names)
+    length, reason = rt.prefix.preview(config, rt.steps)
+    blocks = [(name, params) for name, params in rt.prefix_units]
+    return PrefixView(blocks=blocks, frozen=rt.prefix.length, would_freeze=length, reason=reason,
+                      never=sorted(rt.protected))
 
 
 def _code(gm: fx.GraphModule) -> str:
@@ -380,7 +401,7 @@ def _flops_of_modules(modules: list[nn.Module], shape: tuple[int, ...] | None) -
 
 
 def _param_rows(original: nn.Module, tm: nn.Module, config: CosmicConfig, e_out: float | None,
-                protected: list[torch.Tensor]) -> list[ParamRow]:
+                protected: list[torch.Tensor], prefix: PrefixView | None = None) -> list[ParamRow]:
     """What CDG and CCE would do to each parameter now: the runtime's decision functions
     (:mod:`cosmic_fx.policy`) applied to this forward's readings, as a first step would apply them."""
     base = {id(p) for p in original.parameters()}
@@ -401,6 +422,11 @@ def _param_rows(original: nn.Module, tm: nn.Module, config: CosmicConfig, e_out:
         verdict = {n: "low (output layer, protected)" for n in low & guarded}
         verdict.update({n: "low (over the cap)" for n in low - guarded - wanted})
         verdict.update({n: "freeze" for n in wanted})
+    elif prefix is not None:
+        for i, (block, names) in enumerate(prefix.blocks):
+            state = "frozen" if i < prefix.frozen else "freeze" if i < prefix.would_freeze else ""
+            verdict.update({n: state or f"block {i} ({block})" for n in names})
+        verdict.update({n: "output layer (never frozen)" for n in prefix.never})
     rows = []
     for n, p in named:
         scale = policy.cce_multiplier(effs[n], mean_e, config) if n in hooked else 1.0

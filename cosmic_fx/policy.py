@@ -21,6 +21,7 @@ from .config import CCEMode, CosmicConfig
 
 __all__ = [
     "Call",
+    "PrefixUnit",
     "cce_multiplier",
     "cdg_seed_skips",
     "choose_frozen_set",
@@ -28,6 +29,9 @@ __all__ = [
     "mean_efficiency",
     "next_low_count",
     "output_layer",
+    "prefix_decision",
+    "prefix_units",
+    "settle_change",
 ]
 
 K = TypeVar("K", bound=Hashable)
@@ -194,3 +198,144 @@ def output_layer(calls: Sequence[Call]) -> list[Hashable]:
     if last is None:
         return []
     return list(dict.fromkeys(p for c in calls[last:] for p in c.params))
+
+
+# ----------------------------------------------------------------------------- prefix CDG
+@dataclasses.dataclass(frozen=True)
+class PrefixUnit:
+    """One block of prefix CDG: the parameters that freeze together.
+
+    Attributes:
+        name: the blocks it is made of, joined by ``+`` (``"tok+pos+blocks.0"``).
+        params: their keys, in forward order.
+    """
+
+    name: str
+    params: tuple[Hashable, ...]
+
+
+def prefix_units(order: Sequence[K], block_of: Mapping[K, str | None], site_blocks: Iterable[str],
+                 protected: Iterable[K]) -> list[PrefixUnit]:
+    """The blocks prefix CDG may freeze, from the input side, in forward order.
+
+    Parameters are grouped by block (a key with block ``None``, such as a QCI's parameter, joins the
+    block of the parameter used just before it); the blocks are ordered by their first use; a block
+    without a site merges into the next block that has one (an embedding freezes with the first
+    block: while it trains, autograd runs through every block after it). The list stops before the
+    first block that holds an output-layer key: the output layer and everything after it never
+    freezes.
+
+    Args:
+        order: parameter keys in order of first use in the forward pass.
+        block_of: the block of each key (``None``: the block of the key before it).
+        site_blocks: the blocks that hold a site.
+        protected: the output layer's keys.
+
+    Example:
+        >>> order = ["tok", "pos", "b0.w", "qci0", "b1.w", "head.w"]
+        >>> blocks = {"tok": "tok", "pos": "pos", "b0.w": "b0", "qci0": None, "b1.w": "b1", "head.w": "head"}
+        >>> [(u.name, u.params) for u in prefix_units(order, blocks, {"b0", "b1", "head"}, {"head.w"})]
+        [('tok+pos+b0', ('tok', 'pos', 'b0.w', 'qci0')), ('b1', ('b1.w',))]
+    """
+    blocks: dict[str, list[K]] = {}
+    previous: str | None = None
+    for key in dict.fromkeys(order):
+        block = block_of.get(key)
+        if block is None:
+            block = previous
+        if block is None:
+            continue
+        blocks.setdefault(block, []).append(key)
+        previous = block
+    with_site, guarded = set(site_blocks), set(protected)
+    units: list[PrefixUnit] = []
+    names: list[str] = []
+    keys: list[K] = []
+    for block, members in blocks.items():
+        if any(k in guarded for k in members):
+            break
+        names.append(block)
+        keys.extend(members)
+        if block in with_site:
+            units.append(PrefixUnit("+".join(names), tuple(keys)))
+            names, keys = [], []
+    return units
+
+
+def settle_change(readings: Sequence[float], window: int) -> float | None:
+    """How much a block's signal still moves: ``|mean(last window) - mean(window before)| / |mean(window before)|``.
+
+    ``None`` (undecided) before ``2 * window`` readings, when a reading in them is not finite, or
+    when the earlier mean is 0.
+
+    Example:
+        >>> settle_change([4.0, 4.0, 3.0, 3.0], 2), settle_change([4.0, 3.0, 3.0], 2)
+        (0.25, None)
+    """
+    if window < 1 or len(readings) < 2 * window:
+        return None
+    recent = readings[len(readings) - 2 * window:]
+    if not all(_finite(v) for v in recent):
+        return None
+    before = sum(recent[:window]) / window
+    now = sum(recent[window:]) / window
+    if before == 0.0:
+        return None
+    return abs(now - before) / abs(before)
+
+
+def prefix_decision(n_frozen: int, changes: Sequence[float | None], n_units: int, events: int,
+                    since_event: int | None, config: CosmicConfig) -> tuple[int, str]:
+    """Prefix CDG's decision: the new length of the frozen prefix (never shorter) and why.
+
+    The next blocks freeze, in order, while each one's :func:`settle_change` is below
+    ``cdg_prefix_threshold``; at most ``floor(cdg_prefix_max * n_units)`` blocks in all, at most
+    ``cdg_max_sets`` freeze events (each one recompiles under ``torch.compile``), and at most one
+    event per ``cdg_prefix_window`` steps.
+
+    Args:
+        n_frozen: blocks frozen now.
+        changes: the settle change of each block from ``n_frozen`` on, in order (``None``: undecided).
+        n_units: the freezable blocks (:func:`prefix_units`).
+        events: freeze events so far.
+        since_event: steps since the last event (``None`` before the first).
+        config: the run's config.
+
+    Example:
+        >>> cfg = CosmicConfig(cdg="prefix", cdg_prefix_threshold=0.05, cdg_prefix_max=0.75)
+        >>> prefix_decision(0, [0.01, 0.02, 0.2], 4, 0, None, cfg)
+        (2, 'blocks 0-1 settled (change 0.01, 0.02 < 0.05); block 2 has not (change 0.2)')
+        >>> prefix_decision(2, [0.01], 4, 1, 300, cfg)[0]
+        3
+    """
+    cap = min(n_units, math.floor(config.cdg_prefix_max * n_units))
+    tau = config.cdg_prefix_threshold
+    if n_units == 0:
+        return n_frozen, "no freezable block (every block holds or follows the output layer)"
+    if n_frozen >= cap:
+        return n_frozen, (f"the cap is reached: {n_frozen} of {n_units} blocks frozen "
+                          f"(cdg_prefix_max={config.cdg_prefix_max})")
+    if events >= config.cdg_max_sets:
+        return n_frozen, f"the {events} freeze events cdg_max_sets allows have happened"
+    if since_event is not None and since_event < config.cdg_prefix_window:
+        return n_frozen, (f"{since_event} steps since the last freeze event; the next may come after "
+                          f"cdg_prefix_window={config.cdg_prefix_window}")
+    k = n_frozen
+    settled: list[float] = []
+    for change in changes:
+        if k >= cap or change is None or not change < tau:
+            break
+        settled.append(change)
+        k += 1
+    nxt = changes[len(settled)] if len(settled) < len(changes) else None
+    if k >= cap:
+        tail = f"; the cap of {cap} blocks is reached"
+    elif nxt is None:
+        tail = (f"; block {k} is undecided (fewer than 2 x cdg_prefix_window={config.cdg_prefix_window} "
+                "readings since the start or the last event)")
+    else:
+        tail = f"; block {k} has not (change {nxt:.3g})"
+    if not settled:
+        return n_frozen, f"no block settled (change < {tau:g})" + tail.replace("; block", ": block", 1)
+    which = f"block {n_frozen}" if k == n_frozen + 1 else f"blocks {n_frozen}-{k - 1}"
+    return k, f"{which} settled (change {', '.join(f'{c:.3g}' for c in settled)} < {tau:g}){tail}"

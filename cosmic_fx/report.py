@@ -15,7 +15,7 @@ from typing import Any
 
 from .config import CosmicConfig
 
-__all__ = ["ParamRow", "Report", "SiteRow"]
+__all__ = ["ParamRow", "PrefixView", "Report", "SiteRow"]
 
 _COLORS = {"qci": "#ffd54f", "csc": "#81d4fa", "io": "#e0e0e0", "op": "#ffffff"}
 
@@ -45,6 +45,32 @@ class ParamRow:
     added: bool  # created by the transform (QCI)
     cdg: str  # what CDG would do now: "" (nothing), "skip", "freeze", "low (...)"
     cce_scale: float  # the factor CCE would apply to its gradient now
+
+
+@dataclasses.dataclass
+class PrefixView:
+    """Prefix CDG (``cdg="prefix"``) as :func:`cosmic_fx.explain` sees it now.
+
+    Attributes:
+        blocks: the freezable blocks from the input side, ``(name, parameter names)``.
+        frozen: how many are frozen now.
+        would_freeze: how long the frozen prefix would be after the next decision.
+        reason: why (:func:`cosmic_fx.policy.prefix_decision`).
+        never: the output layer's parameters (never frozen).
+    """
+
+    blocks: list[tuple[str, tuple[str, ...]]]
+    frozen: int
+    would_freeze: int
+    reason: str
+    never: list[str]
+
+    def __str__(self) -> str:
+        names = [f"{i}: {b} ({len(ps)} tensors)" for i, (b, ps) in enumerate(self.blocks)]
+        new = [b for b, _ in self.blocks[self.frozen:self.would_freeze]]
+        return (f"prefix CDG blocks (input side first): {'; '.join(names) or 'none'}\n"
+                f"frozen now: {self.frozen}; would freeze now: {', '.join(new) if new else 'nothing'} "
+                f"({self.reason})")
 
 
 @dataclasses.dataclass
@@ -88,6 +114,7 @@ class Report:
         self.inserted_nodes: list[str] = fields["inserted_nodes"]
         self.totals: dict[str, int] = fields["totals"]
         self.note: str = fields.get("note", "")
+        self.prefix: PrefixView | None = fields.get("prefix")
         self._nodes: list[_Node] = fields["nodes"]
 
     # ------------------------------------------------------------------ derived views
@@ -103,7 +130,7 @@ class Report:
     @property
     def cdg_would_freeze(self) -> list[str]:
         """Parameters CDG would stop updating now (seed: skipped this step; calibrated: frozen once the
-        reading persists for ``cdg_patience`` steps)."""
+        reading persists for ``cdg_patience`` steps; prefix: frozen by the next decision)."""
         return [p.name for p in self.params if p.cdg in ("skip", "freeze")]
 
     @property
@@ -219,6 +246,8 @@ class Report:
         freeze = self.cdg_would_freeze
         out += [f"E_out = {e_out}; CDG ({self.config.cdg.value}) would stop updating now: "
                 f"{', '.join(freeze) if freeze else 'nothing'}", "", self.param_table()]
+        if self.prefix is not None:
+            out += ["", str(self.prefix)]
         return "\n".join(out) + "\n"
 
     def __repr__(self) -> str:
@@ -252,6 +281,7 @@ class Report:
             "parameters": [_jsonable(dataclasses.asdict(p)) for p in self.params],
             "e_out": self.e_out,
             "cdg_would_freeze": self.cdg_would_freeze,
+            "prefix": None if self.prefix is None else dataclasses.asdict(self.prefix),
             "inserted_nodes": list(self.inserted_nodes),
             "graph_before": self.graph_before,
             "graph_after": self.graph_after,

@@ -36,6 +36,7 @@ __all__ = [
     "find_sites",
     "module_name_of",
     "output_layer_params",
+    "params_in_forward_order",
     "sites_in_forward_order",
     "symbolic_trace",
 ]
@@ -378,6 +379,24 @@ def output_layer_params(gm: fx.GraphModule) -> list[str]:
     """
     from . import policy
 
+    return [str(n) for n in policy.output_layer(_calls(gm))]
+
+
+def params_in_forward_order(gm: fx.GraphModule) -> list[str]:
+    """Names of the parameters the graph reads, in the order it first reads them (prefix CDG's order).
+
+    Example:
+        >>> gm = symbolic_trace(nn.Sequential(nn.Linear(4, 32), nn.Linear(32, 2)))
+        >>> params_in_forward_order(gm)
+        ['0.weight', '0.bias', '1.weight', '1.bias']
+    """
+    return [str(n) for n in dict.fromkeys(p for call in _calls(gm) for p in call.params)]
+
+
+def _calls(gm: fx.GraphModule) -> list:
+    """The graph's nodes as :class:`cosmic_fx.policy.Call` records (site or not, parameters read)."""
+    from . import policy
+
     sites = {s.node: s for s in find_sites(gm) if s.node is not None}
     calls = []
     for node in gm.graph.nodes:
@@ -394,7 +413,7 @@ def output_layer_params(gm: fx.GraphModule) -> list[str]:
                 reads.append(fqn)
         if node.op not in ("placeholder", "get_attr", "output"):
             calls.append(policy.Call(False, tuple(reads)))
-    return [str(n) for n in policy.output_layer(calls)]
+    return calls
 
 
 # ---------------------------------------------------------------------- what follows a site

@@ -40,7 +40,7 @@ from .sequential import keep_sequential_face
 from .site_hooks import CSC_ROOT, QCI_ROOT, attach_output_csc, attach_sites
 from .site import Site, SiteInfo, check_materialized, check_selection
 from .sites import NOT_SITES, describe_kinds, module_sites, site_module_kinds
-from .tracer import META_KEY, CosmicTracer, find_sites, output_layer_params, symbolic_trace
+from .tracer import META_KEY, CosmicTracer, find_sites, output_layer_params, params_in_forward_order, symbolic_trace
 
 __all__ = ["TransformInfo", "transform", "transform_info"]
 
@@ -156,14 +156,19 @@ def transform(model: nn.Module, config: CosmicConfig | None = None) -> nn.Module
     return _rewrite_traced(model, out, gm, config)
 
 
-def _add_runtime(result: nn.Module, config: CosmicConfig, output_layer: list[str] | None) -> nn.Module:
+def _add_runtime(result: nn.Module, config: CosmicConfig, output_layer: list[str] | None,
+                 order: list[str] | None = None) -> nn.Module:
     """Give the result its runtime (registered last, as ``cosmic_state``): it hooks every trainable
-    parameter now, and acts once activated (``attach_hooks``, the backend, ``cosmic_fx.compile``)."""
+    parameter now, and acts once activated (``attach_hooks``, the backend, ``cosmic_fx.compile``).
+    ``output_layer`` and the parameters' forward ``order`` come from the traced graph (module swap:
+    from the first forward)."""
     runtime = CosmicRuntime(config, transformed=True)
     result.add_module(STATE_NAME, CosmicState(runtime))
     runtime.bind(result)
     if output_layer is not None:
         runtime.set_protected(output_layer)
+    if order is not None:
+        runtime.set_forward_order(order)
     return result
 
 
@@ -237,7 +242,7 @@ def _rewrite_traced(model: nn.Module, out: nn.Module, gm: fx.GraphModule, config
     keep_sequential_face(out)
     info = TransformInfo("symbolic_trace", config, [s.info() for s in sites], _inserted_sites(gm), graph_module=gm)
     setattr(out, INFO_ATTR, info)
-    return _add_runtime(out, config, output_layer_params(gm))
+    return _add_runtime(out, config, output_layer_params(gm), params_in_forward_order(gm))
 
 
 def _inserted_sites(gm: fx.GraphModule) -> list[str]:

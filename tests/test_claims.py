@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from cosmic_fx import CosmicConfig
 from cosmic_fx.bench import arms as arms_mod
 from cosmic_fx.bench.arms import PresetArm, arms_for
 from cosmic_fx.bench.claims_train import Run
@@ -65,10 +66,8 @@ def test_target_verdict_reports_the_change():
 # --------------------------------------------------------------------------- whole tables, one more preset
 @pytest.fixture
 def with_fast_preset(monkeypatch):
-    """What the lead's one-line change does: a third preset arm, evaluated against the targets."""
-    # CosmicConfig.fast() does not exist yet: a variant of the default stands in for it
-    fast = PresetArm("default", targets=True, overrides=(("cdg", "off"),), name="fast")
-    presets = [PresetArm("default"), PresetArm("seed"), fast]
+    """The presets with the fast one evaluated against the targets (and the default not)."""
+    presets = [PresetArm("default"), PresetArm("seed"), PresetArm("fast", targets=True)]
     monkeypatch.setattr(arms_mod, "PRESETS", presets)
     import cosmic_fx.bench.verdicts as verdicts
 
@@ -114,7 +113,8 @@ def test_arm_table_extends_with_the_preset_list(with_fast_preset):
     assert names[6:] == list(arms_mod.ABLATIONS)
     quick = arms_for(task, "eager", quick=True, only=["cosmic fast"])
     assert list(quick) == ["eager SGD+momentum", "torch.compile", "cosmic fast"]  # the baselines stay
-    assert quick["cosmic fast"].config.cdg.value == "off" and quick["cosmic fast"].config.lower.value == "eager"
+    assert quick["cosmic fast"].config.cdg.value == "prefix" and quick["cosmic fast"].config.lower.value == "eager"
+    assert quick["cosmic fast"].config == CosmicConfig.fast(lower="eager")
 
 
 def test_preset_arm_config_uses_the_lowering_and_overrides():

@@ -25,7 +25,14 @@ def test_options_round_trip():
 
 @pytest.mark.parametrize("options,match", [
     ({"bogus": 1}, r"unknown cosmic option\(s\) \['bogus'\]; valid keys: config, preset, cce, "),
-    ({"preset": "fast"}, r"unknown cosmic preset 'fast'; valid presets: default, seed, off"),
+    ({"preset": "turbo"}, r"unknown cosmic preset 'turbo'; valid presets: default, fast, seed, off"),
+    ({"cdg": "suffix"}, r"CosmicConfig.cdg must be one of 'off', 'seed', 'calibrated', 'prefix'; got 'suffix'"),
+    ({"cdg_prefix_signal": "loss"}, r"CosmicConfig.cdg_prefix_signal must be one of 'grad', 'efficiency'; got 'loss'"),
+    ({"cdg_prefix_window": 0}, r"CosmicConfig.cdg_prefix_window must be an int >= 1; got 0"),
+    ({"cdg_prefix_threshold": 0}, r"CosmicConfig.cdg_prefix_threshold must be > 0"),
+    ({"cdg_prefix_threshold": -0.1}, r"CosmicConfig.cdg_prefix_threshold must be finite and in \[0.0, inf\]; got -0.1"),
+    ({"cdg_prefix_max": 1.5}, r"CosmicConfig.cdg_prefix_max must be finite and in \[0.0, 1.0\]; got 1.5"),
+    ({"cdg_prefix_max": 0.0}, r"CosmicConfig.cdg_prefix_max must be > 0"),
     ({"csc": "everywhere"}, r"CosmicConfig.csc must be one of 'output', 'sites', 'none'; got 'everywhere'"),
     ({"csc_alpha": float("nan")}, r"CosmicConfig.csc_alpha must be finite and in \[0.0, inf\]; got nan"),
     ({"csc_alpha": -0.5}, r"CosmicConfig.csc_alpha must be finite and in \[0.0, inf\]; got -0.5"),
@@ -43,6 +50,14 @@ def test_options_round_trip():
 def test_bad_options(options, match):
     with pytest.raises(ValueError, match=match):
         CosmicConfig.from_options(options)
+
+
+def test_fast_preset_from_options_and_constructor():
+    fast = CosmicConfig.fast()
+    assert CosmicConfig.from_options({"preset": "fast"}) == fast
+    assert CosmicConfig.from_options({"preset": "fast", "cdg_prefix_window": 7}) == CosmicConfig.fast(cdg_prefix_window=7)
+    assert (fast.cdg.value, fast.qci_form.value, fast.csc.value) == ("prefix", "diagonal", "none")
+    assert fast != CosmicConfig() and CosmicConfig.from_options(fast.to_options()) == fast
 
 
 def test_wrong_container_types():

@@ -32,6 +32,7 @@ def test_quick_mode_prints_every_target_with_finite_ratios(capsys):
         "3 backend": 3,
         "3 pipeline": len(sizes.graph_nodes) + 1,
         "4 CDG": 4,
+        "4 CDG prefix": 2 * (1 + sizes.prefix_compiled) * len(sizes.prefix_frozen),  # backward and memory per k
         "5 CCE fused": 1 + 2 * len(sizes.fused_kinds),  # memory eager; memory and step time compiled
     }
     assert {item: sum(r[0] == item for r in rows) for item in expected} == expected
@@ -66,7 +67,7 @@ def test_cli_errors_name_the_problem(capsys):
     assert main(["bench", "perf", "--threads", "0"]) == 1
     assert "--threads must be >= 1; got 0" in capsys.readouterr().err
     assert main(["bench", "perf", "--sections", "csc,warp"]) == 1
-    assert "unknown perf section(s) ['warp']; valid: csc, qci, backend, cdg, memory" in capsys.readouterr().err
+    assert "unknown perf section(s) ['warp']; valid: csc, qci, backend, cdg, prefix, memory" in capsys.readouterr().err
 
 
 def test_unknown_section_is_a_value_error():

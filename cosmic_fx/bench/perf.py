@@ -16,6 +16,8 @@ with ``--threads`` > 1). The targets (issue 5):
    the pass pipeline's ms per 1,000 nodes for graphs of 100 to 10,000 nodes (grows linearly).
 4. CDG: backward time with half of an MLP's Linear weights frozen (``requires_grad=False``) <= 0.75x
    nothing frozen.
+4b. CDG as prefix freezing (issue 10): backward time and peak step memory of a character transformer
+   with ``k`` of ``n`` blocks frozen (embedding first) against none, eager and compiled (report only).
 5. CCE fused into backward (``cce_fused``): peak training-step memory <= 0.8x the same model with
    the same optimizer (SGD with momentum, AdamW) stepping after backward, each arm in a fresh
    process (the parameters plus the peak RSS above the idle RSS during the steps), eager and under
@@ -41,6 +43,7 @@ from typing import Any
 
 from .common import linear_relu_stack, progress, relu_mlp, write_results
 from .perf_modules import bench_csc, bench_qci, bench_qci_forms
+from .perf_prefix import bench_prefix
 from .perf_probes import compile_times, peak_memory
 from .perf_table import COLUMNS, Row
 from .timing import Timer, ms, torch_threads
@@ -61,6 +64,9 @@ class Sizes:
     cdg_mlp: tuple[int, int, int] = (256, 1024, 8)  # (batch, width, Linear layers)
     mem_mlp: tuple[int, int, int] = (16, 2048, 8)  # (batch, width, Linear layers): parameters dominate
     fused_kinds: tuple[str, ...] = ("sgd", "adamw")  # compiled fused-CCE arms (eager: SGD only)
+    prefix_lm: tuple[int, int, int, int] = (16, 128, 256, 6)  # (batch, context, dim, blocks) of the transformer
+    prefix_frozen: tuple[int, ...] = (3, 6)  # blocks frozen in the arms compared with none
+    prefix_compiled: bool = True  # quick mode: eager only (its three compilations would double the section)
     compiler: str = "inductor"  # what the compiled arms use (quick mode: aot_eager, seconds less per graph)
     graph_nodes: tuple[int, ...] = (100, 300, 1000, 3000, 10000)
     rounds: int = 5
@@ -77,7 +83,8 @@ class Sizes:
         return cls(
             csc_shapes=((8, 32, 192),), qci=(512, 128), qci_form_rows=128, qci_form_widths=(64,),
             qci_forms_compiled=False, mlp=(32, 128, 2), cdg_mlp=(64, 256, 4),
-            mem_mlp=(8, 512, 4), fused_kinds=("sgd",), compiler="aot_eager", graph_nodes=(100, 1000), rounds=2, reps=3, compile_reps=1,
+            mem_mlp=(8, 512, 4), fused_kinds=("sgd",), prefix_lm=(4, 32, 64, 2), prefix_frozen=(2,),
+            prefix_compiled=False, compiler="aot_eager", graph_nodes=(100, 1000), rounds=2, reps=3, compile_reps=1,
             fresh_process_compile=False,
         )
 
@@ -314,7 +321,7 @@ def _bench_memory(sizes: Sizes, timer: Timer) -> list[Row]:
 
 
 # ---------------------------------------------------------------------------------------------- run
-SECTIONS = ("csc", "qci", "backend", "cdg", "memory")
+SECTIONS = ("csc", "qci", "backend", "cdg", "prefix", "memory")
 
 
 def run(quick: bool = False, threads: int = 1, sections: tuple[str, ...] = SECTIONS, out_dir: str | None = None,
@@ -329,7 +336,8 @@ def run(quick: bool = False, threads: int = 1, sections: tuple[str, ...] = SECTI
     sizes = Sizes.quick() if quick else Sizes()
     total = sizes.rounds * (len(sizes.csc_shapes) * ("csc" in sections)
                             + (1 + len(sizes.qci_form_widths)) * ("qci" in sections)
-                            + ("backend" in sections) + ("cdg" in sections) + ("memory" in sections))
+                            + ("backend" in sections) + ("cdg" in sections) + ("prefix" in sections)
+                            + ("memory" in sections))
     rows: list[Row] = []
     with progress(total, "bench perf", show_progress) as bar, torch_threads(threads):
         timer = Timer(threads, sizes.rounds, sizes.reps, tick=bar.update)
@@ -344,6 +352,9 @@ def run(quick: bool = False, threads: int = 1, sections: tuple[str, ...] = SECTI
             rows += _bench_backend(sizes, timer, threads)
         if "cdg" in sections:
             rows += _bench_cdg(sizes, timer)
+        if "prefix" in sections:
+            rows += bench_prefix(sizes.prefix_lm, sizes.prefix_frozen, timer,
+                                 sizes.compiler if sizes.prefix_compiled else None, sizes.compiled_name)
         if "memory" in sections:
             rows += _bench_memory(sizes, timer)
     markdown = tabulate([r.cells() for r in rows], headers=COLUMNS, tablefmt="github")

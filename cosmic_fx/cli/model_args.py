@@ -37,7 +37,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-dtype", choices=["float32", "float64", "int64"], default="float32",
                         help="dtype of the example inputs (int64: random token ids in [0, --int-high))")
     parser.add_argument("--int-high", type=int, default=2, help="upper bound (exclusive) of int64 inputs (default 2)")
-    parser.add_argument("--preset", choices=["default", "seed", "off"], default="default",
+    parser.add_argument("--preset", choices=["default", "fast", "seed", "off"], default="default",
                         help="cosmic config preset (default: the measured default)")
     parser.add_argument("--csc", choices=["output", "sites", "none"], default=None, help="override the CSC placement")
     parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed before building the model")

@@ -36,12 +36,13 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import policy
-from ..config import CCEFused, CCEMode, CDGMode, CosmicConfig
+from ..config import CCEFused, CCEMode, CDGMode, CosmicConfig, PrefixSignal
 from .accounting import CompileAccounting
 from .cce import CCEState
 from .cdg import CDGState
 from .distributed import DistributedContext, active_ddp, check_not_sharded, rebuild_reducer, why_not_rebuildable
 from .fused import FusedUpdate
+from .prefix import PrefixState, check_has_sites
 from .readings import Readings
 
 __all__ = ["CosmicRuntime", "runtimes_of_param"]
@@ -113,6 +114,7 @@ class CosmicRuntime:
         self._pending_state: dict[str, torch.Tensor] | None = None
         self.readings = Readings(0, config.eps, config.efficiency_every)
         self.cdg = CDGState(0)
+        self.prefix = PrefixState(0)
         self.cce = CCEState(config)
         self.fused = FusedUpdate(config, 0)
         self._traced = False  # inside traced_backward: the hooks only apply the fused update
@@ -158,6 +160,9 @@ class CosmicRuntime:
         self.readings = Readings(n, self.config.eps, self.config.efficiency_every)
         self.cdg = CDGState(n)
         self.fused = FusedUpdate(self.config, n)
+        self.prefix = PrefixState(n)
+        if self.config.cdg is CDGMode.PREFIX and not isinstance(model, torch.fx.GraphModule):
+            check_has_sites(model)
         self._bound = True
         self._strong_hooks = hold_by_params
         me = weakref.ref(self)
@@ -248,6 +253,12 @@ class CosmicRuntime:
             check_not_sharded(model, self.config)
         if self.config.hooks_enabled:
             self._attach_hooks()
+        if self.config.cdg is CDGMode.PREFIX and self.prefix.length and not self.cdg.frozen:
+            # remove() thawed the prefix; prefix CDG never thaws it while it runs
+            self.cdg.frozen = self.prefix.frozen_params
+            for i, p in enumerate(self._params()):
+                if p is not None and i in self.cdg.frozen:
+                    p.requires_grad_(False)
         self.mode = mode
         if self.config.cce_fused is not CCEFused.OFF:
             from .fused_optimizer import watch_double_updates
@@ -313,6 +324,47 @@ class CosmicRuntime:
         """The output layer's parameters (calibrated CDG never freezes them), once known."""
         return sorted(self._names[i] for i in self._protected)
 
+    @property
+    def prefix_units(self) -> list[tuple[str, tuple[str, ...]]]:
+        """Prefix CDG's freezable blocks in forward order, as ``(name, parameter names)`` (empty until
+        the forward order is known)."""
+        return [(u.name, tuple(self._names[i] for i in u.params)) for u in self.prefix.units]
+
+    def freeze_prefix(self, length: int) -> None:
+        """Freeze the first ``length`` blocks of :attr:`prefix_units` now, as a decision of prefix CDG
+        would (a fixed schedule, a benchmark); the prefix only grows.
+
+        Example:
+            >>> rt = cosmic_fx.runtime_of(cosmic_fx.transform(model, cosmic_fx.CosmicConfig.fast()))  # doctest: +SKIP
+            >>> rt.freeze_prefix(2); rt.frozen   # doctest: +SKIP
+        """
+        if self.config.cdg is not CDGMode.PREFIX:
+            raise ValueError("freeze_prefix needs cdg='prefix'; this runtime's config has "
+                             f"cdg={self.config.cdg.value!r}")
+        if not self.prefix.known:
+            raise RuntimeError("freeze_prefix: the blocks are not known until the forward order is (run one training "
+                               "forward first, or transform a model that symbolic-traces)")
+        n = len(self.prefix.units)
+        if isinstance(length, bool) or not isinstance(length, int) or not self.prefix.length <= length <= n:
+            raise ValueError(f"freeze_prefix: length must be an int from {self.prefix.length} (frozen now; the prefix "
+                             f"never shrinks) to {len(self.prefix.units)} (the freezable blocks); got {length!r}")
+        wanted = frozenset(i for u in self.prefix.units[:length] for i in u.params)
+        if wanted != self.cdg.frozen:
+            self._finish_step(self.steps, [], wanted, self._ddp() if self._ddp is not None else None)
+
+    def set_forward_order(self, names: Iterable[str]) -> None:
+        """Record the order in which the forward pass first reads each parameter, and build prefix
+        CDG's blocks from it (first source wins: the traced graph, a compiled graph that reads every
+        parameter, or the first eager forward). Call :meth:`set_protected` first."""
+        if self.config.cdg is not CDGMode.PREFIX or self.prefix.known:
+            return
+        model = self.model
+        if model is None:
+            return
+        order = [i for n in names if (i := self.index_of(str(n))) is not None]
+        self.prefix.build(model, order, self._index, self._protected, self._params())
+        log.debug("cosmic prefix CDG blocks: %s", [u.name for u in self.prefix.units])
+
     def set_protected(self, names: Iterable[str]) -> None:
         """Record the output layer (first source wins: the traced graph, a returning compiled graph,
         or the first eager forward)."""
@@ -329,7 +381,7 @@ class CosmicRuntime:
 
         self._note_ddp()
         dist = self._distributed()
-        if dist.active and self.config.cdg is not CDGMode.OFF and self.readings.any_due(self.steps):
+        if dist.active and self.config.reads_e_out and self.readings.any_due(self.steps):
             with torch.no_grad():
                 e_out = efficiency_from_sums(dist.sum(efficiency_sums(out.detach(), -1)), self.config.eps)
         else:
@@ -363,10 +415,11 @@ class CosmicRuntime:
                 "would drift apart. Use cce_fused='off' and cce_fused_lr=None (CCE then scales the gradient and your "
                 "optimizer steps after the all-reduce)."
             )
-        why = why_not_rebuildable(ddp) if self.config.cdg is CDGMode.CALIBRATED else None
+        why = why_not_rebuildable(ddp) if self.config.cdg in (CDGMode.CALIBRATED, CDGMode.PREFIX) else None
         if why is not None:
             raise RuntimeError(
-                f"cosmic_fx: calibrated CDG freezes parameters, so it rebuilds DistributedDataParallel's reducer "
+                f"cosmic_fx: {self.config.cdg.value} CDG freezes parameters, so it rebuilds DistributedDataParallel's "
+                "reducer "
                 f"at each freeze event, and this wrapper cannot be rebuilt: {why}. Use cdg='off' or cdg='seed', "
                 "or wrap without that feature."
             )
@@ -378,7 +431,7 @@ class CosmicRuntime:
         """Take ``E_out`` from a forward hook on the model (run outside dynamo) from the next forward
         on: under DDP, and when the code that returns the output ran outside compiled graphs."""
         model = self.model
-        if self._tracker is None and model is not None and self.config.cdg is not CDGMode.OFF:
+        if self._tracker is None and model is not None and self.config.reads_e_out:
             from .eager import OutputTracker
 
             self._tracker = OutputTracker(model, self, probe=False)
@@ -426,6 +479,13 @@ class CosmicRuntime:
         it exists); ``False`` when seed CDG skips it (no update)."""
         cfg = self.config
         self._step_grads.add(i)
+        if cfg.cdg is CDGMode.PREFIX:
+            if cfg.cdg_prefix_signal is PrefixSignal.GRAD:
+                self.prefix.note_grad(i, p.grad)
+            if cfg.cce is CCEMode.OFF and cfg.cdg_prefix_signal is PrefixSignal.GRAD:
+                if cfg.cce_fused_lr is not None:
+                    self.cce.fused_update(p)
+                return  # nothing reads E(p): do not measure it
         r = self.readings
         fresh = r.due(i, self.steps)
         if fresh:
@@ -483,7 +543,7 @@ class CosmicRuntime:
         }
         skipped = list(self._step_skipped)
         self._reset_step()
-        if self.mode == "compiled" and not self._e_out_seen and self.config.cdg is not CDGMode.OFF:
+        if self.mode == "compiled" and not self._e_out_seen and self.config.reads_e_out:
             # no compiled graph returned the model output (its last part ran eagerly): read E_out
             # from a forward hook from now on
             self.use_output_hook()
@@ -496,6 +556,22 @@ class CosmicRuntime:
                 wanted = self.cdg.decide(self._protected, self.config)
                 if self._distributed().active:  # rank 0 decides for every rank
                     wanted = self._distributed().broadcast_set(wanted, len(names), self._device())
+        elif self.config.cdg is CDGMode.PREFIX:
+            length = self.prefix.end_of_step(step, self.readings.value, self.config)
+            if length != self.prefix.length or self._distributed().active:
+                wanted = frozenset(i for u in self.prefix.units[:length] for i in u.params)
+                if self._distributed().active:  # rank 0 decides for every rank
+                    wanted = self._distributed().broadcast_set(wanted, len(names), self._device())
+                if wanted == self.cdg.frozen:
+                    wanted = None
+        self.last_step["prefix"] = self.prefix.reason if self.config.cdg is CDGMode.PREFIX else None
+        if self.config.cdg is CDGMode.PREFIX and not self.prefix.known and step == 0:
+            warnings.warn(
+                "cosmic_fx: cdg='prefix' does not know the order in which the forward pass reads the parameters "
+                "(no traced graph, no compiled graph that reads every parameter, no eager forward with "
+                "attach_hooks), so it cannot find the blocks and freezes nothing. Transform a model that "
+                "symbolic-traces, remove the graph breaks, or train eagerly with cosmic_fx.attach_hooks.",
+                RuntimeWarning, stacklevel=2)
         ddp = self._ddp() if self._ddp is not None else None
         if ddp is None:
             self._finish_step(step, skipped, wanted, None)
@@ -511,6 +587,14 @@ class CosmicRuntime:
                 if params[i] is not None:
                     params[i].grad = None
         if wanted is not None:
+            if self.config.cdg is CDGMode.PREFIX:
+                # the prefix grows only (a rank that received rank 0's set follows it); this step's
+                # gradients of the newly frozen blocks are dropped, so no optimizer moves them again
+                wanted = wanted | self.cdg.frozen
+                self.prefix.advance(self.prefix.length_of(wanted), step)
+                for i in wanted - self.cdg.frozen:
+                    if params[i] is not None:
+                        params[i].grad = None
             if wanted not in self.cdg.sets_used:
                 self.cdg.sets_used.append(wanted)
             changed = self.cdg.apply(wanted, self.steps, params,
@@ -539,6 +623,7 @@ class CosmicRuntime:
                "protected_known": torch.tensor(self._protected_known)}
         out.update(self.readings.state_dict())
         out.update(self.cdg.state_dict())
+        out.update(self.prefix.state_dict())
         out.update(self.cce.state_dict())
         return out
 
@@ -570,6 +655,7 @@ class CosmicRuntime:
         self._protected = {int(i) for i in state["protected"].nonzero().flatten().tolist()}
         self._protected_known = bool(state["protected_known"])
         self.readings.load_state_dict(state)
+        self.prefix.load_state_dict(state)
         self.cce.load_state_dict(state)
         before = self.cdg.frozen
         frozen = self.cdg.load_state_dict(state)
@@ -581,3 +667,4 @@ class CosmicRuntime:
         if ddp is not None:
             rebuild_reducer(ddp)
         return [], unexpected
+

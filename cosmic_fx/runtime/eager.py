@@ -9,7 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
 from .. import policy
+from ..config import CDGMode
 from ..sites import is_site_module
 
 __all__ = ["OutputTracker", "first_float_tensor"]
@@ -27,6 +31,23 @@ def first_float_tensor(out: Any) -> torch.Tensor | None:
             if found is not None:
                 return found
     return None
+
+
+class _ParamOrder(TorchFunctionMode):
+    """Records the parameters every torch call of one forward reads, in order of first read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: list[torch.Tensor] = []
+        self._seen: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, nn.Parameter) and id(t) not in self._seen:
+                self._seen.add(id(t))
+                self.order.append(t)
+        return func(*args, **kwargs)
 
 
 class OutputTracker:
@@ -47,12 +68,39 @@ class OutputTracker:
             if m is not model and any(True for _ in m.parameters(recurse=False))
         ]
         self._names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        self._order_mode: _ParamOrder | None = None
+        self._order_hooks = [] if not probe or runtime.config.cdg is not CDGMode.PREFIX or runtime.prefix.known else [
+            model.register_forward_pre_hook(self._start_order),
+            model.register_forward_hook(self._stop_order, always_call=True),
+        ]
         self.handle = model.register_forward_hook(self._on_output)
 
     def close(self) -> None:
-        for h in [self.handle, *self._probe]:
+        self._stop_order()
+        for h in [self.handle, *self._probe, *self._order_hooks]:
             h.remove()
         self._probe = []
+        self._order_hooks = []
+
+    # prefix CDG: the order in which the first forward reads the parameters
+    def _start_order(self, module: nn.Module, args: Any) -> None:
+        if self._order_mode is None:
+            self._order_mode = _ParamOrder()
+            self._order_mode.__enter__()
+
+    def _stop_order(self, *args: Any) -> None:
+        mode, self._order_mode = self._order_mode, None
+        if mode is None:
+            return
+        mode.__exit__(None, None, None)
+        for h in self._order_hooks:
+            h.remove()
+        self._order_hooks = []
+        runtime = self._runtime()
+        if runtime is not None:
+            self._pending_order = [self._names[id(p)] for p in mode.order if id(p) in self._names]
+
+    _pending_order: list[str] | None = None
 
     def _record(self, module: nn.Module, args: Any, out: Any) -> None:
         self._order.append(module)
@@ -70,6 +118,9 @@ class OutputTracker:
                      for m in self._order]
             runtime.set_protected(policy.output_layer(calls))
             self._order = []
+        if self._pending_order is not None:  # after set_protected: the blocks stop at the output layer
+            runtime.set_forward_order(self._pending_order)
+            self._pending_order = None
         tensor = first_float_tensor(out)
         if tensor is not None and torch.is_grad_enabled():
             runtime.set_output(tensor)

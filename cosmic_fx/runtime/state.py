@@ -19,16 +19,18 @@ import torch
 from torch import nn
 
 from ..config import CosmicConfig
+from .prefix import PREFIX_STATE_KEYS
 
 __all__ = ["STATE_KEYS", "CosmicState", "check_meta", "encode_meta", "saved_config"]
 
 FORMAT = "cosmic_fx.runtime"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: prefix CDG's keys
 STATE_KEYS = (
     "meta", "steps", "protected", "protected_known",
     "readings.value", "readings.low", "readings.has",
     "cdg.low_count", "cdg.last_e", "cdg.frozen", "cdg.sets_used", "cdg.since_decision", "cdg.event_steps",
     "cdg.event_sets",
+    *PREFIX_STATE_KEYS,
     "cce.mean_e",
 )
 _NOT_STATE = ("lower",)  # the lowering is the backend's business: a checkpoint resumes under any

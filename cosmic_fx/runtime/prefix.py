@@ -1,0 +1,270 @@
+"""Prefix CDG (``cdg="prefix"``): freeze a growing prefix of blocks, from the input side, for good.
+
+The model's trainable parameters are grouped into blocks in forward order
+(:func:`cosmic_fx.policy.prefix_units`, from :func:`param_blocks` and the order of first use that the
+traced graph, the compiled graph or the first eager forward gives). Each step the runtime reads a
+settle signal for every block that still trains — its gradient norm (``cdg_prefix_signal="grad"``,
+read in the gradient hooks) or its numel-weighted ``E(p)`` (``"efficiency"``, from the readings every
+``efficiency_every`` steps) — and :func:`cosmic_fx.policy.prefix_decision` says whether the next
+blocks have settled. A frozen block gets ``requires_grad_(False)`` on every parameter and its gradient
+dropped; since the prefix starts at the input (embeddings, stem), nothing before the first trainable
+block requires grad, so autograd records nothing for the prefix: no weight gradients, no input
+gradients, no saved activations, in eager mode and in the graphs AOTAutograd compiles (one recompile
+per freeze event). A frozen block never thaws, and the output layer never freezes.
+
+This class keeps the blocks, the signal history and the frozen length between steps (and in
+checkpoints); the decisions are :mod:`cosmic_fx.policy`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .. import policy
+from ..config import CosmicConfig, PrefixSignal
+
+__all__ = ["PREFIX_STATE_KEYS", "PrefixState", "check_has_sites", "param_blocks"]
+
+PREFIX_STATE_KEYS = ("prefix.units", "prefix.length", "prefix.history", "prefix.history_len", "prefix.last_event")
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def param_blocks(model: nn.Module) -> tuple[dict[str, str | None], set[str]]:
+    """The block of every parameter name of ``model`` (aliases too), and the blocks that hold a site.
+
+    A block is a child module at the level where the model's sites spread out: containers
+    (``Sequential``, ``ModuleList``, ``ModuleDict``) and a child that holds more than half of the
+    model's sites (a trunk such as Hugging Face's ``transformer``) are opened; any other child is one
+    block; a parameter held directly by an opened module is a block of its own (a positional
+    embedding). Parameters of cosmic's own modules (``cosmic_qci``, ``cosmic_csc``) get ``None``: they
+    join the block of the site they follow.
+
+    Example:
+        >>> model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> blocks, with_site = param_blocks(model)
+        >>> blocks["0.weight"], blocks["3.bias"], sorted(with_site)
+        ('0', '3', ['1', '3'])
+    """
+    from ..site_hooks import CSC_ROOT, QCI_ROOT
+    from ..sites import site_module_kinds
+    from . import STATE_NAME
+
+    site_ids = set(site_module_kinds(model))
+    total = sum(1 for m in model.modules() if id(m) in site_ids)
+    blocks: dict[str, str | None] = {}
+    with_site: set[str] = set()
+
+    def n_sites(m: nn.Module) -> int:
+        return sum(1 for x in m.modules() if id(x) in site_ids)
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, p in module._parameters.items():
+            if p is not None:
+                blocks[prefix + name] = prefix + name
+        for name, child in module._modules.items():
+            if child is None:
+                continue
+            full = prefix + name
+            if not prefix and name in (QCI_ROOT, CSC_ROOT, STATE_NAME):
+                for pname, _ in child.named_parameters(remove_duplicate=False):
+                    blocks[f"{full}.{pname}"] = None
+                continue
+            opens = id(child) not in site_ids and any(True for _ in child.children()) and (
+                isinstance(child, _CONTAINERS) or 2 * n_sites(child) > total)
+            if opens:
+                visit(child, full + ".")
+                continue
+            for pname, _ in child.named_parameters(remove_duplicate=False):
+                blocks.setdefault(f"{full}.{pname}", full)
+            if n_sites(child):
+                with_site.add(full)
+
+    visit(model, "")
+    return blocks, with_site
+
+
+def check_has_sites(model: nn.Module) -> None:
+    """Prefix CDG orders blocks by the sites they hold: a model without any cannot be split."""
+    from ..sites import describe_kinds, site_module_kinds
+
+    if not site_module_kinds(model):
+        raise ValueError(
+            f"cdg='prefix' freezes {type(model).__name__} block by block from the input side, and finds the "
+            f"blocks by the sites they hold; it has no site (site kinds: {describe_kinds()}). Use cdg='off' or "
+            "cdg='calibrated' for this model."
+        )
+
+
+class PrefixState:
+    """Prefix CDG's blocks, signal history and frozen length, indexed by the runtime's parameter index.
+
+    Args:
+        n: the number of parameters the runtime covers.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.units: list[policy.PrefixUnit] = []
+        self.known = False  # whether the blocks are known (the forward order was seen)
+        self.length = 0  # blocks frozen
+        self.history: list[list[float]] = []  # per block: the signal readings since the last event
+        self.last_event: int | None = None  # the step of the last freeze event
+        self.events = 0  # freeze events so far
+        self.reason = "the forward order is not known yet (no traced graph, compiled graph or eager forward seen)"
+        self._unit_of: dict[int, int] = {}
+        self._numel: list[int] = []
+        self._acc: dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ blocks
+    def build(self, model: nn.Module, order: Sequence[int], index: dict[str, int], protected: set[int],
+              params: Sequence[torch.Tensor | None]) -> None:
+        """Find the blocks (:func:`param_blocks`, :func:`cosmic_fx.policy.prefix_units`).
+
+        Args:
+            model: the model.
+            order: parameter indices in order of first use in the forward pass.
+            index: every parameter name (aliases too) -> index.
+            protected: the output layer's indices.
+            params: the parameters by index (for their sizes).
+        """
+        blocks, with_site = param_blocks(model)
+        block_of: dict[int, str | None] = {}
+        for name, i in index.items():  # the block of a parameter's first name that has one
+            if block_of.get(i) is None:
+                block_of[i] = blocks.get(name)
+        units = policy.prefix_units(order, block_of, with_site, protected)
+        self.set_units(units, [p.numel() if p is not None else 0 for p in params])
+
+    def set_units(self, units: list[policy.PrefixUnit], numel: Sequence[int]) -> None:
+        self.units = list(units)
+        self.known = True
+        self.history = [[] for _ in self.units]
+        self._numel = list(numel)
+        self._index()
+        if not self.units:
+            self.reason = "no freezable block: the first block that has a site holds the output layer (or tied weights)"
+
+    def _index(self) -> None:
+        self._unit_of = {int(i): u for u, unit in enumerate(self.units) for i in unit.params}
+
+    @property
+    def frozen_params(self) -> frozenset[int]:
+        return frozenset(int(i) for unit in self.units[: self.length] for i in unit.params)
+
+    def length_of(self, frozen: frozenset[int]) -> int:
+        """How many blocks, from the first, are wholly in ``frozen``."""
+        k = 0
+        while k < len(self.units) and all(int(i) in frozen for i in self.units[k].params):
+            k += 1
+        return k
+
+    # ------------------------------------------------------------------ readings
+    def note_grad(self, i: int, grad: torch.Tensor) -> None:
+        """Add ``|grad|^2`` of parameter ``i`` to its block's reading of this step (a block that trains)."""
+        u = self._unit_of.get(i)
+        if u is None or u < self.length:
+            return
+        sq = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()  # no gradient-sized temporary
+        self._acc[u] = self._acc[u] + sq if u in self._acc else sq
+
+    def end_of_step(self, step: int, efficiencies: Sequence[float], config: CosmicConfig) -> int:
+        """Record this step's readings and decide; returns the wanted prefix length.
+
+        Args:
+            step: the 0-based index of the step that just ended.
+            efficiencies: the latest ``E(p)`` per parameter (the runtime's readings).
+            config: the run's config.
+        """
+        acc, self._acc = self._acc, {}
+        if not self.known:
+            return self.length
+        window = config.cdg_prefix_window
+        if config.cdg_prefix_signal is PrefixSignal.GRAD:
+            if acc:
+                values = torch.stack([acc[u] for u in sorted(acc)]).sqrt().tolist()  # one sync per step
+                for u, v in zip(sorted(acc), values):
+                    self._append(u, v, 2 * window)
+        elif step % config.efficiency_every == 0:
+            window = max(1, window // config.efficiency_every)
+            for u in range(self.length, len(self.units)):
+                self._append(u, self._unit_efficiency(u, efficiencies), 2 * window)
+        changes = [policy.settle_change(self.history[u], window) for u in range(self.length, len(self.units))]
+        since = None if self.last_event is None else step - self.last_event
+        wanted, self.reason = policy.prefix_decision(self.length, changes, len(self.units), self.events, since, config)
+        return wanted
+
+    def preview(self, config: CosmicConfig, step: int) -> tuple[int, str]:
+        """What the decision at the end of step ``step`` would say on the readings so far (for
+        :func:`cosmic_fx.explain`)."""
+        if not self.known:
+            return self.length, self.reason
+        window = config.cdg_prefix_window
+        if config.cdg_prefix_signal is PrefixSignal.EFFICIENCY:
+            window = max(1, window // config.efficiency_every)
+        changes = [policy.settle_change(self.history[u], window) for u in range(self.length, len(self.units))]
+        since = None if self.last_event is None else step - self.last_event
+        return policy.prefix_decision(self.length, changes, len(self.units), self.events, since, config)
+
+    def _append(self, u: int, value: float, keep: int) -> None:
+        h = self.history[u]
+        h.append(value)
+        del h[: max(0, len(h) - keep)]
+
+    def _unit_efficiency(self, u: int, efficiencies: Sequence[float]) -> float:
+        params = [int(i) for i in self.units[u].params]
+        total = sum(self._numel[i] for i in params)
+        if total == 0:
+            return math.nan
+        return sum(efficiencies[i] * self._numel[i] for i in params) / total
+
+    def advance(self, length: int, step: int) -> None:
+        """Record a freeze event that made the prefix ``length`` blocks long (the caller freezes them)."""
+        if length < self.length:
+            raise RuntimeError(f"prefix CDG is monotone: {self.length} blocks are frozen, asked for {length}")
+        if length == self.length:
+            return
+        self.length = length
+        self.last_event = step
+        self.events += 1
+        for h in self.history:  # readings taken while earlier blocks trained describe another regime
+            h.clear()
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        units = [[u.name, [int(i) for i in u.params]] for u in self.units] if self.known else None
+        blob = json.dumps({"units": units, "numel": self._numel, "events": self.events}).encode("utf-8")
+        return {
+            "prefix.units": torch.tensor(list(blob), dtype=torch.uint8),
+            "prefix.length": torch.tensor(self.length, dtype=torch.int64),
+            "prefix.history": torch.tensor([v for h in self.history for v in h], dtype=torch.float64),
+            "prefix.history_len": torch.tensor([len(h) for h in self.history], dtype=torch.int64),
+            "prefix.last_event": torch.tensor(-1 if self.last_event is None else self.last_event, dtype=torch.int64),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        blob = json.loads(bytes(state["prefix.units"].to(torch.uint8).tolist()).decode("utf-8"))
+        if blob["units"] is None:
+            self.__init__(self.n)
+        else:
+            self.units = [policy.PrefixUnit(name, tuple(params)) for name, params in blob["units"]]
+            self.known = True
+            self._numel = list(blob["numel"])
+            self._index()
+        self.events = int(blob["events"])
+        self.length = int(state["prefix.length"])
+        flat = state["prefix.history"].tolist()
+        self.history, start = [], 0
+        for n in state["prefix.history_len"].tolist():
+            self.history.append([float(v) for v in flat[start:start + n]])
+            start += n
+        if self.known and len(self.history) != len(self.units):
+            self.history = [[] for _ in self.units]
+        last = int(state["prefix.last_event"])
+        self.last_event = None if last < 0 else last
+        self._acc = {}
