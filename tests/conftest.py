@@ -13,6 +13,14 @@ from cosmic_fx.models import DigitsCNN, DigitsMLP, TinyTransformerLM
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test starts with one thread: some libraries change it (the Hugging Face Trainer, through
+    accelerate, sets 2 here), and the bit-identical checks against fresh processes need one."""
+    torch.set_num_threads(1)
+    yield
+
+
 class TiedLM(nn.Module):
     """Embedding and output head share one weight."""
 
