@@ -220,7 +220,7 @@ def traced_backward(rt, loss: torch.Tensor, **backward_kwargs: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------- double updates
 _FUSED_RUNTIMES: weakref.WeakSet = weakref.WeakSet()
-_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> (generation, param ids)
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> (generation, param refs)
 _GENERATION = [0]
 _HOOK: list = []
 
@@ -238,7 +238,7 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -
     if not active:
         return
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    key = (_GENERATION[0], tuple(id(p) for p in params))
+    key = (_GENERATION[0], tuple(weakref.ref(p) for p in params))  # never an id() a new tensor could reuse
     if _CHECKED.get(optimizer) == key:
         return  # nothing changed since this optimizer's last (clean) step
     for rt in active:
