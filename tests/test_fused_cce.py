@@ -287,3 +287,22 @@ def test_parameters_frozen_by_cdg_get_no_fused_update_and_keep_their_state():
             assert torch.equal(p, before[name]) and after[name] == steps[name], name
         else:
             assert not torch.equal(p, before[name]) and after[name] == steps[name] + 1, name
+
+
+def test_fused_update_with_prefix_cdg_and_cce_off_steps_like_torch_optim():
+    """Prefix CDG with CCE off reads no E(p): the hook returns early, and the fused step must still run."""
+    fields, make_opt, _ = KINDS["sgd"]
+    ref = small_mlp()
+    opt = make_opt(ref.parameters())
+    fused = small_mlp()
+    cosmic_fx.attach_hooks(fused, CosmicConfig.off(cdg="prefix", **fields))
+    fopt = cosmic_fx.fused_optimizer(fused)
+    for x, y in _batches():  # far fewer steps than a settle window: nothing freezes
+        _loss(ref, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+        fopt.backward(_loss(fused, x, y))
+        fopt.step()
+        assert all(p.grad is None for p in fused.parameters())
+    for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+        assert_close(p, q, rtol=0, atol=0, msg=name)

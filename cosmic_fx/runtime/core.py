@@ -483,9 +483,7 @@ class CosmicRuntime:
             if cfg.cdg_prefix_signal is PrefixSignal.GRAD:
                 self.prefix.note_grad(i, p.grad)
             if cfg.cce is CCEMode.OFF and cfg.cdg_prefix_signal is PrefixSignal.GRAD:
-                if cfg.cce_fused_lr is not None:
-                    self.cce.fused_update(p)
-                return  # nothing reads E(p): do not measure it
+                return True  # nothing reads E(p): do not measure it (a fused update still applies)
         r = self.readings
         fresh = r.due(i, self.steps)
         if fresh:
