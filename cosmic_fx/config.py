@@ -138,6 +138,10 @@ class CosmicConfig:
         qci_rank: the rank of ``B A`` for ``qci_form="lowrank"`` (an int >= 1); a site narrower than
             the rank uses its width.
         min_width: a site qualifies when its output width is greater than this (the text: 10).
+        qci_min_width: a qualifying site gets a QCI only when its output width is also greater than
+            this (default 0: every qualifying site). The ``fast`` preset sets 511: the diagonal QCI
+            costs at most 10% of its site's forward+backward from width 512 on, and 30% or more below
+            (docs/perf.md); CSC, CDG and CCE still cover the narrower sites.
         targets: regexes (full match on the qualified module name); when given, only matching sites
             qualify.
         exclude: regexes; matching sites never qualify.
@@ -209,6 +213,7 @@ class CosmicConfig:
     qci_form: QCIForm | str = QCIForm.DENSE
     qci_rank: int = 16
     min_width: int = 10
+    qci_min_width: int = 0
     targets: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     csc: CSCPlacement | str = CSCPlacement.OUTPUT
@@ -248,7 +253,7 @@ class CosmicConfig:
                 raise ValueError(f"CosmicConfig.{name} must be a bool; got {getattr(self, name)!r}")
         for name in ("targets", "exclude"):
             set_(name, _regex_tuple(getattr(self, name), name))
-        for name, low in (("min_width", 0), ("qci_rank", 1), ("cdg_patience", 1), ("cdg_interval", 1), ("cdg_max_sets", 1),
+        for name, low in (("min_width", 0), ("qci_min_width", 0), ("qci_rank", 1), ("cdg_patience", 1), ("cdg_interval", 1), ("cdg_max_sets", 1),
                           ("efficiency_every", 1), ("cdg_prefix_window", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -350,21 +355,29 @@ class CosmicConfig:
     def fast(cls, **overrides: Any) -> CosmicConfig:
         """The preset to pick for speed and memory: the mechanisms in their cheapest measured forms.
 
-        * QCI ``qci_form="diagonal"``: 1-10% over its site's forward+backward under Inductor at width
-          512-1024, against 2-2.3x for the dense form (docs/perf.md, "CSC and the QCI forms").
+        * QCI ``qci_form="diagonal"``, only on sites wider than 511 (``qci_min_width=511``): there it
+          adds 1-10% to its site's forward+backward under Inductor (the dense form: 2-2.3x;
+          docs/perf.md, "CSC and the QCI forms"); on narrower sites it costs 30% or more (a 6-block
+          width-64 transformer: 1.33x step time and 1.47x step memory with a QCI on every site,
+          docs/fast_preset_cost_experiment.py), so they get none. ``qci_min_width=0`` puts it back
+          everywhere.
         * CSC off (``csc="none"``): after every site it costs 12-14x a clone per site, and on the
           output it slowed the start of training (digits, 40 steps: 66% test error against 34%
           without it; 3.3% and 3.5% after 400 steps; docs/fast_preset_forms_experiment.py).
         * CDG ``"prefix"``: blocks on the input side freeze once their gradient norm has settled and
-          then cost no backward at all (no weight or input gradients, no saved activations).
+          then cost no backward at all (no weight or input gradients, no saved activations); a
+          25-step window (a decision is possible from step 50) and at most a third of the blocks
+          (``cdg_prefix_max=0.34``): freezing more, or sooner, lost accuracy when fine-tuning
+          (docs/fast_window_experiment.py, README "The fast preset").
         * CCE ``"relative"`` as the default preset (frozen blocks no longer pay for it).
 
         Example:
             >>> cfg = CosmicConfig.fast()
-            >>> cfg.cdg.value, cfg.qci_form.value, cfg.csc.value
-            ('prefix', 'diagonal', 'none')
+            >>> cfg.cdg.value, cfg.qci_form.value, cfg.csc.value, cfg.qci_min_width, cfg.cdg_prefix_window
+            ('prefix', 'diagonal', 'none', 511, 25)
         """
-        base = dict(qci_form=QCIForm.DIAGONAL, csc=CSCPlacement.NONE, cdg=CDGMode.PREFIX, cce=CCEMode.RELATIVE)
+        base = dict(qci_form=QCIForm.DIAGONAL, qci_min_width=511, csc=CSCPlacement.NONE, cdg=CDGMode.PREFIX,
+                    cdg_prefix_window=25, cdg_prefix_max=0.34, cce=CCEMode.RELATIVE)
         return cls(**{**base, **overrides})
 
     @classmethod
@@ -443,6 +456,17 @@ class CosmicConfig:
         """Whether CDG compares readings with the output's efficiency ``E_out`` (seed and calibrated;
         prefix CDG and CCE never read it)."""
         return self.cdg in (CDGMode.SEED, CDGMode.CALIBRATED)
+
+    def qci_at(self, width: int | None) -> bool:
+        """Whether a qualifying site of output width ``width`` gets a QCI (``qci`` and
+        ``width > qci_min_width``).
+
+        Example:
+            >>> cfg = CosmicConfig(qci_min_width=511)
+            >>> cfg.qci_at(512), cfg.qci_at(64)
+            (True, False)
+        """
+        return self.qci and width is not None and width > self.qci_min_width
 
     @property
     def hooks_enabled(self) -> bool:

@@ -58,7 +58,8 @@ class InsertQCI(PassBase):
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
-        todo = [s for s in find_sites(gm, self.config) if s.qualifies and not site_has_qci(gm, s)]
+        todo = [s for s in find_sites(gm, self.config)
+                if s.qualifies and self.config.qci_at(s.width) and not site_has_qci(gm, s)]
         skipped = [s.name for s in todo if not _owns_parameters(gm, s)]
         if skipped:
             log.debug("insert_qci: %s read weights the graph does not own (dynamo graph): no QCI", skipped)

@@ -62,7 +62,8 @@ def lm(cls=TinyLM, n: int = 3) -> nn.Module:
 
 def fast(**kw) -> CosmicConfig:
     """Prefix CDG that decides within a few steps: window 2, any change counts as settled."""
-    return CosmicConfig.fast(**{"cdg_prefix_window": 2, "cdg_prefix_threshold": 1e9, "lower": "aot_eager", **kw})
+    return CosmicConfig.fast(**{"cdg_prefix_window": 2, "cdg_prefix_threshold": 1e9, "lower": "aot_eager",
+                                "qci_min_width": 0, "cdg_prefix_max": 0.75, **kw})
 
 
 def train(run, tm, steps: int, lr: float = 0.05) -> None:

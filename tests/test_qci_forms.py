@@ -198,6 +198,36 @@ def test_transform_inserts_the_form_as_an_exact_identity(form, name):
         assert torch.equal(tm(x), model(x))
 
 
+@pytest.mark.parametrize("name", ["mlp", "transformer", "untraceable"])
+def test_qci_min_width_puts_qcis_only_on_wider_sites(name):
+    """qci_min_width (the fast preset: 511) keeps QCIs off narrow sites on both rewrite paths; the
+    sites still qualify (CSC on sites, CDG and CCE cover them)."""
+    factory, make_input, expected = MODELS[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    widths = {n: m.out_features for n, m in model.named_modules() if n in expected}
+    cut = sorted(widths.values())[(len(widths) - 1) // 2]  # about half the sites are wider than this
+    tm = cosmic_fx.transform(model, form_config("diagonal", qci_min_width=cut, csc="sites"))
+    with_qci = {n for n, m in tm.cosmic_qci.named_modules() if isinstance(m, QuantumClassicalInterface)}
+    assert with_qci == {n for n, w in widths.items() if w > cut} and with_qci != set(expected)
+    with_csc = {n for n, m in tm.cosmic_csc.named_modules() if type(m).__name__ == "CosmicStateCompression"}
+    assert with_csc == set(expected)
+    report = cosmic_fx.explain(model, make_input(2), form_config("diagonal", qci_min_width=cut))
+    assert all(s.qualifies for s in report.sites if s.name in expected)
+    x = make_input(3)
+    with torch.no_grad():
+        torch.testing.assert_close(tm.eval()(x), cosmic_fx.transform(model, form_config("diagonal", csc="sites")).eval()(x))
+
+
+def test_fast_preset_puts_no_qci_below_width_512():
+    model = nn.Sequential(nn.Linear(8, 600), nn.ReLU(), nn.Linear(600, 64), nn.ReLU(), nn.Linear(64, 4))
+    tm = cosmic_fx.transform(model, CosmicConfig.fast())
+    assert sorted(n for n, m in tm.cosmic_qci.named_modules() if isinstance(m, QuantumClassicalInterface)) == ["0"]
+    assert CosmicConfig.fast().qci_min_width == 511
+    with pytest.raises(ValueError, match="qci_min_width must be an int >= 0"):
+        CosmicConfig(qci_min_width=-1)
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_compiled_training_step_matches_eager(form):
     factory, make_input, _ = MODELS["cnn"]
