@@ -312,6 +312,9 @@ def prefix_decision(n_frozen: int, changes: Sequence[float | None], n_units: int
     tau = config.cdg_prefix_threshold
     if n_units == 0:
         return n_frozen, "no freezable block (every block holds or follows the output layer)"
+    if cap == 0:
+        return n_frozen, (f"the cap allows no block: floor(cdg_prefix_max={config.cdg_prefix_max} x {n_units} "
+                          "freezable blocks) = 0; raise cdg_prefix_max to freeze any")
     if n_frozen >= cap:
         return n_frozen, (f"the cap is reached: {n_frozen} of {n_units} blocks frozen "
                           f"(cdg_prefix_max={config.cdg_prefix_max})")

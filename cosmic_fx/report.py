@@ -29,7 +29,7 @@ class SiteRow:
     input_shape: tuple[int, ...] | None
     output_shape: tuple[int, ...] | None
     qualifies: bool
-    reason: str
+    reason: str  # why not, or a note on a qualifying site (no QCI below qci_min_width)
     inserted: list[str]  # targets of the inserted modules, in order (cosmic_qci.<site>, cosmic_csc.<site>)
     params_added: int
     flops_added: int
@@ -208,9 +208,13 @@ class Report:
         """The sites as a table (tabulate format ``tablefmt``)."""
         from tabulate import tabulate
 
-        rows = [(s.name, s.kind, _shape(s.input_shape), _shape(s.output_shape),
-                 "yes" if s.qualifies else f"no: {s.reason}", len(s.inserted), f"{s.params_added:,}",
-                 f"{s.flops_added:,}") for s in self.sites]
+        def qualifies(s: SiteRow) -> str:  # a qualifying site may carry a note (no QCI: qci_min_width)
+            if s.qualifies:
+                return f"yes ({s.reason})" if s.reason else "yes"
+            return f"no: {s.reason}"
+
+        rows = [(s.name, s.kind, _shape(s.input_shape), _shape(s.output_shape), qualifies(s), len(s.inserted),
+                 f"{s.params_added:,}", f"{s.flops_added:,}") for s in self.sites]
         headers = ["site", "kind", "input", "output", "qualifies", "nodes added", "params added",
                    "FLOPs added"]
         return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)

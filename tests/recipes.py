@@ -18,13 +18,16 @@ from cosmic_fx import CosmicConfig
 # The suite checks behaviour, never speed; one thread also makes reductions run in one order.
 torch.set_num_threads(1)
 
-PRESETS = {"default": CosmicConfig, "seed": CosmicConfig.seed}
+PRESETS = {"default": CosmicConfig, "seed": CosmicConfig.seed, "fast": CosmicConfig.fast}
 
 
 # The default preset's mechanisms on a shorter schedule (E(p) every 2 steps and a calibrated-CDG decision
 # every 10, instead of 10 and 50), so that a few dozen steps cross several decisions. The seed preset
 # measures every step already.
-SCHEDULE = {"default": {"cdg_interval": 10, "efficiency_every": 2}, "seed": {}}
+SCHEDULE = {"default": {"cdg_interval": 10, "efficiency_every": 2}, "seed": {},
+            # prefix CDG deciding after 2 x 3 steps, any change counting as settled, a QCI on every site:
+            # block "0" of the 3-layer MLP freezes at step 6 (one block of the two: cap 0.75)
+            "fast": {"cdg_prefix_window": 3, "cdg_prefix_threshold": 1e9, "cdg_prefix_max": 0.75, "qci_min_width": 0}}
 
 
 def config(preset: str) -> CosmicConfig:
@@ -104,14 +107,14 @@ def shard(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return batch(step, 11 + rank, size=16)
 
 
-def train_ddp(engine: str, steps: int) -> dict:
-    """One rank of a DistributedDataParallel run (default preset): returns what the test compares."""
+def train_ddp(engine: str, steps: int, preset: str = "default") -> dict:
+    """One rank of a DistributedDataParallel run: returns what the test compares."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     rank = dist.get_rank()
     torch._dynamo.reset()
-    tm = cosmic_fx.transform(make_model(0), config("default"))  # transform first, then wrap
+    tm = cosmic_fx.transform(make_model(0), config(preset))  # transform first, then wrap
     ddp = DistributedDataParallel(tm)
     if engine == "eager":
         cosmic_fx.attach_hooks(tm)
@@ -150,8 +153,9 @@ def main(argv: list[str]) -> None:
         import torch.distributed as dist
 
         dist.init_process_group("gloo")
-        steps = int(argv[1])
-        result = {engine: train_ddp(engine, steps) for engine in ("eager", "compile")}
+        steps, presets = int(argv[1]), argv[2:-1] or ["default"]
+        result = {(preset, engine): train_ddp(engine, steps, preset)
+                  for preset in presets for engine in ("eager", "compile")}
         torch.save(result, f"{out}.rank{dist.get_rank()}")
         dist.destroy_process_group()
     else:

@@ -214,6 +214,9 @@ def test_qci_min_width_puts_qcis_only_on_wider_sites(name):
     assert with_csc == set(expected)
     report = cosmic_fx.explain(model, make_input(2), form_config("diagonal", qci_min_width=cut))
     assert all(s.qualifies for s in report.sites if s.name in expected)
+    notes = {s.name: s.reason for s in report.sites if s.name in expected}
+    assert notes == {n: "" if w > cut else f"no QCI: width {w} <= qci_min_width={cut}" for n, w in widths.items()}
+    assert "yes (no QCI: width" in report.site_table()
     x = make_input(3)
     with torch.no_grad():
         torch.testing.assert_close(tm.eval()(x), cosmic_fx.transform(model, form_config("diagonal", csc="sites")).eval()(x))
@@ -224,6 +227,9 @@ def test_fast_preset_puts_no_qci_below_width_512():
     tm = cosmic_fx.transform(model, CosmicConfig.fast())
     assert sorted(n for n, m in tm.cosmic_qci.named_modules() if isinstance(m, QuantumClassicalInterface)) == ["0"]
     assert CosmicConfig.fast().qci_min_width == 511
+    # two freezable blocks and a cap of a third: none may freeze, and explain says so
+    report = cosmic_fx.explain(model, torch.rand(2, 8), CosmicConfig.fast())
+    assert "the cap allows no block: floor(cdg_prefix_max=0.34 x 2 freezable blocks) = 0" in str(report)
     with pytest.raises(ValueError, match="qci_min_width must be an int >= 0"):
         CosmicConfig(qci_min_width=-1)
 

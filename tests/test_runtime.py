@@ -335,51 +335,59 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
 
 # ------------------------------------------------------------------ distributed
 def test_ddp_two_processes_take_identical_decisions_and_keep_identical_parameters(tmp_path):
-    """torchrun --nproc-per-node 2 (gloo): the default preset through two calibrated-CDG decisions, on
-    different data per rank, eager DDP and torch.compile(DDP(transform(model))). Every rank hooks
-    every parameter, takes the same decisions and ends with the same parameters (QCIs included);
-    one process on the full batch agrees within float rounding."""
-    steps = 25  # two calibrated-CDG decisions (recipes.SCHEDULE)
+    """torchrun --nproc-per-node 2 (gloo), on different data per rank, eager DDP and
+    torch.compile(DDP(transform(model))): the default preset through two calibrated-CDG decisions, and
+    the fast preset through a prefix-CDG freeze event (the reducer rebuilt for the trainable suffix).
+    Every rank hooks every parameter, takes the same decisions and ends with the same parameters (QCIs
+    included); one process on the full batch agrees within float rounding."""
+    steps = 25  # two calibrated-CDG decisions (recipes.SCHEDULE); prefix CDG freezes at step 6
+    presets = ("default", "fast")
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "tests.recipes", "ddp", str(steps), str(out)],
+                             "-m", "tests.recipes", "ddp", str(steps), *presets, str(out)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # meanwhile, one process on the full batch, the reference for both engines
     reference = {}
-    for engine in ("eager", "compile"):
-        tm, run = recipes.prepare(recipes.make_model(0), recipes.config("default"), engine)
-        opt = recipes.optimizer(tm)
-        ref_losses = []
-        for step in range(steps):
-            x, y = recipes.full_batch(step, 2)
-            loss = nn.functional.cross_entropy(run(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            ref_losses.append(loss.item())
-        reference[engine] = (cosmic_fx.runtime_of(tm).freeze_events, ref_losses,
-                             {n: p.detach().clone() for n, p in tm.named_parameters()})
-        torch._dynamo.reset()
+    for preset in presets:
+        for engine in ("eager", "compile"):
+            tm, run = recipes.prepare(recipes.make_model(0), recipes.config(preset), engine)
+            opt = recipes.optimizer(tm)
+            ref_losses = []
+            for step in range(steps):
+                x, y = recipes.full_batch(step, 2)
+                loss = nn.functional.cross_entropy(run(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                ref_losses.append(loss.item())
+            reference[preset, engine] = (cosmic_fx.runtime_of(tm).freeze_events, ref_losses,
+                                         {n: p.detach().clone() for n, p in tm.named_parameters()})
+            torch._dynamo.reset()
     finish(proc)
     ranks = [torch.load(f"{out}.rank{r}", weights_only=False) for r in (0, 1)]
-    for engine in ("eager", "compile"):
-        a, b = (r[engine] for r in ranks)
+    for key in reference:
+        a, b = (r[key] for r in ranks)
         assert a["num_hooked"] == b["num_hooked"] == a["n_params"]
         assert a["events"] == b["events"] and len(a["events"]) >= 1 and any(names for _, names in a["events"])
         assert a["scaled"] > 0 and b["scaled"] > 0
         assert any(n.startswith("cosmic_qci.") for n in a["params"])
         for n in a["params"]:
-            assert torch.equal(a["params"][n], b["params"][n]), (engine, n)
+            assert torch.equal(a["params"][n], b["params"][n]), (key, n)
         assert a["uncompiled_steps"] == 0
         # one process on the full batch: the same decisions, the same curve up to float rounding
-        events, ref_losses, ref_params = reference[engine]
+        events, ref_losses, ref_params = reference[key]
         assert events == a["events"]
         # measured (examples/ddp_digits.py, 300 steps): loss 4.8e-7, parameters 3.6e-7
         assert max(abs(p - q) for p, q in zip(a["losses"], ref_losses)) < 1e-5
         assert ref_params.keys() == a["params"].keys()
         for n, p in ref_params.items():
-            assert_close(a["params"][n], p, rtol=1e-5, atol=2e-6, msg=f"{engine} {n}")
+            assert_close(a["params"][n], p, rtol=1e-5, atol=2e-6, msg=f"{key} {n}")
+    # prefix CDG froze the first block (and its QCI) at step 6, for good, on both ranks and both engines
+    for engine in ("eager", "compile"):
+        (step, names), = ranks[0]["fast", engine]["events"]
+        assert step == 6 and set(names) == {"0.weight", "0.bias", *(n for n in ranks[0]["fast", engine]["params"]
+                                                                   if n.startswith("cosmic_qci.0."))}
 
 
 # ------------------------------------------------------------------ bad input
