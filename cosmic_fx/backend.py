@@ -263,8 +263,8 @@ def cosmic_backend(
 
     # a transformed model carries its own QCI and CSC, placed by `transform` with the model in view
     transformed = rt is not None and rt.transformed
-    missing = ([s.name for s in sites if s.qualifies and config.qci_at(s.width) and not site_has_qci(gm, s)]
-               if config.qci and not transformed else [])
+    missing = [] if transformed else [s.name for s in sites
+                                      if s.qualifies and config.qci_at(s.width) and not site_has_qci(gm, s)]
     if missing:
         warn_once(
             "cosmic backend: this model was not transformed, so no QuantumClassicalInterface can be "

@@ -140,8 +140,9 @@ class CosmicConfig:
         min_width: a site qualifies when its output width is greater than this (the text: 10).
         qci_min_width: a qualifying site gets a QCI only when its output width is also greater than
             this (default 0: every qualifying site). The ``fast`` preset sets 511: the diagonal QCI
-            costs at most 10% of its site's forward+backward from width 512 on, and 30% or more below
-            (docs/perf.md); CSC, CDG and CCE still cover the narrower sites.
+            costs at most 10% of its site's forward+backward from width 512 on (docs/perf.md), more on
+            narrow sites (11% at width 256; at width 64 it added 22-33% to a whole training step,
+            docs/fast_window_experiment.py); CSC, CDG and CCE still cover the narrower sites.
         targets: regexes (full match on the qualified module name); when given, only matching sites
             qualify.
         exclude: regexes; matching sites never qualify.
@@ -361,9 +362,9 @@ class CosmicConfig:
 
         * QCI ``qci_form="diagonal"``, only on sites wider than 511 (``qci_min_width=511``): there it
           adds 1-10% to its site's forward+backward under Inductor (the dense form: 2-2.3x;
-          docs/perf.md, "CSC and the QCI forms"); on narrower sites it costs 30% or more (a 6-block
-          width-64 transformer: 1.33x step time and 1.47x step memory with a QCI on every site,
-          docs/fast_preset_cost_experiment.py), so they get none. ``qci_min_width=0`` puts it back
+          docs/perf.md, "CSC and the QCI forms"); on narrower sites it costs more (11% of its site at
+          width 256; a 6-block width-64 transformer with a QCI on every site: 1.33x step time and
+          1.47x step memory, docs/fast_preset_cost_experiment.py), so they get none. ``qci_min_width=0`` puts it back
           everywhere.
         * CSC off (``csc="none"``): after every site it costs 12-14x a clone per site, and on the
           output it slowed the start of training (digits, 40 steps: 66% test error against 34%
