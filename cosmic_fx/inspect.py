@@ -381,10 +381,7 @@ def _site_rows(tm: nn.Module, info, shapes: dict[str, list]) -> list[SiteRow]:
         inserted = [tm.get_submodule(t) for t in targets]
         params_added = sum(p.numel() for m in inserted for p in m.parameters()) if i == 0 else 0
         flops = _flops_of_modules(inserted, out_shape)
-        reason, config = site.reason, info.config
-        if site.qualifies and config.qci and not config.qci_at(site.width):
-            reason = f"no QCI: width {site.width} <= qci_min_width={config.qci_min_width}"
-        rows.append(SiteRow(name, site.kind, in_shape, out_shape, site.qualifies, reason, targets,
+        rows.append(SiteRow(name, site.kind, in_shape, out_shape, site.qualifies, site.reason, targets,
                             params_added, flops))
     return rows
 

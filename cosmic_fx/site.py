@@ -95,7 +95,8 @@ class Site:
 
 def qualify(site: Site, config) -> Site:
     """Set ``site.qualifies`` / ``site.reason``: rewritable, width > ``config.min_width`` (the text's
-    rule), in ``config.targets`` (when given), not in ``config.exclude``.
+    rule), in ``config.targets`` (when given), not in ``config.exclude``. A qualifying site narrower
+    than ``config.qci_min_width`` + 1 gets no QCI; its reason says so.
 
     Args:
         site: the site (changed in place and returned).
@@ -117,6 +118,8 @@ def qualify(site: Site, config) -> Site:
         site.qualifies, site.reason = False, "not in targets"
     elif any(re.fullmatch(p, site.name) for p in config.exclude):
         site.qualifies, site.reason = False, "excluded"
+    elif config.qci and not config.qci_at(site.width):  # qualifies; the note says why it gets no QCI
+        site.qualifies, site.reason = True, f"no QCI: width {site.width} <= qci_min_width={config.qci_min_width}"
     else:
         site.qualifies, site.reason = True, ""
     return site

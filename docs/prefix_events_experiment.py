@@ -17,6 +17,7 @@ import torch
 import cosmic_fx
 from cosmic_fx.bench.tasks import make_tasks
 from cosmic_fx.config import CosmicConfig
+from cosmic_fx.training import Arm, _optimizer
 
 
 def main() -> None:
@@ -32,8 +33,7 @@ def main() -> None:
         torch.manual_seed(0)
         tm = cosmic_fx.transform(task.factory(0), CosmicConfig.fast(lower="eager", **over))
         cosmic_fx.attach_hooks(tm)
-        opt = torch.optim.AdamW(tm.parameters(), lr=task.lr) if task.optimizer == "adamw" else \
-            torch.optim.SGD(tm.parameters(), lr=task.lr, momentum=0.9)
+        opt = _optimizer(Arm("fast", None, "eager", task.optimizer, task.lr), tm.parameters())  # the task's
         rt = cosmic_fx.runtime_of(tm)
         seen = 0
         for step, (x, y) in enumerate(task.batches(0)):
