@@ -15,7 +15,8 @@ from .adapter import load_adapter
 from .backend import cosmic_backend
 from .config import CCEFused, CCEMode, CDGMode, CosmicConfig, CSCPlacement, Lowering, PrefixSignal, QCIForm, QCIInit
 from .export import export
-from .runtime import CosmicRuntime, FusedOptimizer, attach_hooks, detach_hooks, fused_optimizer, hooks_of, runtime_of
+from .runtime import (CosmicRuntime, FusedOptimizer, attach_hooks, detach_hooks, fused_optimizer, hooks_of, runtime_of,
+                      watch_optimizer)
 from .inspect import explain
 from .modules import (
     CosmicStateCompression,
@@ -127,4 +128,5 @@ __all__ = [
     "sites_in_forward_order",
     "transform",
     "transform_info",
+    "watch_optimizer",
 ]

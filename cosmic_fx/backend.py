@@ -34,7 +34,7 @@ from torch import fx, nn
 from . import policy
 from .config import CDGMode, CosmicConfig, Lowering
 from .notices import warn_once
-from .quantities import efficiency
+from .quantities import efficiency_sums
 from .runtime import CosmicRuntime, runtime_of
 from .runtime.distributed import active_ddp
 from .sites import SiteInfo
@@ -197,11 +197,12 @@ def _primary_output(gm: fx.GraphModule) -> fx.Node | None:
 
 
 def _add_efficiency_output(gm: fx.GraphModule, node: fx.Node, eps: float) -> None:
-    """Make the graph also return ``E(node, last dim)`` (detached) as its last output."""
+    """Make the graph also return ``efficiency_sums(node, last dim)`` (detached) as its last output: sums
+    add up over the micro-batches of an accumulated step and over DDP ranks."""
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     with gm.graph.inserting_before(output):
         detached = gm.graph.call_function(torch.ops.aten.detach.default, (node,))
-        e_node = gm.graph.call_function(efficiency, (detached, -1, eps))
+        e_node = gm.graph.call_function(efficiency_sums, (detached, -1))
     e_node.meta[META_KEY] = {"inserted_by": "cosmic_backend"}
     (outs,) = output.args
     output.args = ((*outs, e_node),) if isinstance(outs, (tuple, list)) else ((outs, e_node),)
@@ -365,7 +366,7 @@ def _report_to_runtime(compiled: Callable, runtime: weakref.ref, covered: frozen
         if rt is not None and torch.is_grad_enabled() and not fake:
             rt.note_compiled_forward(covered)
             if strip_efficiency:
-                rt.set_output_efficiency(outs[-1])
+                rt.set_output_sums(outs[-1])
         if strip_efficiency and isinstance(outs, (tuple, list)):
             return type(outs)(outs[:-1])
         return outs
