@@ -311,7 +311,12 @@ def cosmic_backend(
             )
 
     wants_e_out = active is not None and config.reads_e_out and returns_output and active._tracker is None
-    primary = _primary_output(gm) if wants_e_out else None
+    # compiled DDP splits the forward into one graph per bucket, none of which is "the model's": on the
+    # first step each piece returns its output's sums and the last piece run gives E_out (the runtime's
+    # forward hook takes over from the next forward)
+    ddp_piece = (active is not None and config.reads_e_out and not returns_output and active._tracker is None
+                 and active_ddp() is not None)
+    primary = _primary_output(gm) if wants_e_out or ddp_piece else None
     if primary is not None:
         _add_efficiency_output(gm, primary, config.eps)
 
@@ -334,7 +339,8 @@ def cosmic_backend(
     compiled = _lower(gm, example_inputs, config.lower)
     if active is None:
         return compiled
-    return _report_to_runtime(compiled, weakref.ref(active), covered, strip_efficiency=primary is not None)
+    return _report_to_runtime(compiled, weakref.ref(active), covered, strip_efficiency=primary is not None,
+                              piece=ddp_piece)
 
 
 def _check_recompile_budget(config: CosmicConfig) -> None:
@@ -353,7 +359,7 @@ def _check_recompile_budget(config: CosmicConfig) -> None:
 
 
 def _report_to_runtime(compiled: Callable, runtime: weakref.ref, covered: frozenset[int],
-                       strip_efficiency: bool) -> Callable:
+                       strip_efficiency: bool, piece: bool = False) -> Callable:
     """Tell the runtime that a compiled graph ran (and give it E_out, which the graph returns last).
 
     The runtime is held weakly: dynamo's cache may outlive the model."""
@@ -366,7 +372,7 @@ def _report_to_runtime(compiled: Callable, runtime: weakref.ref, covered: frozen
         if rt is not None and torch.is_grad_enabled() and not fake:
             rt.note_compiled_forward(covered)
             if strip_efficiency:
-                rt.set_output_sums(outs[-1])
+                (rt.set_piece_sums if piece else rt.set_output_sums)(outs[-1])
         if strip_efficiency and isinstance(outs, (tuple, list)):
             return type(outs)(outs[:-1])
         return outs

@@ -84,6 +84,7 @@ class StepMixin:
         self._window = 0  # backward passes in the step still open (optimizer / explicit boundary)
         self._unstepped = 0  # backward passes since the last optimizer step (any boundary)
         self._warned_accumulation = False
+        self._piece_sums: torch.Tensor | None = None
         self._reset_step()
 
     # ------------------------------------------------------------------ where a step ends
@@ -189,6 +190,23 @@ class StepMixin:
         self._note_ddp()
         self._add_output_sums(sums)
 
+    def set_piece_sums(self, sums: torch.Tensor) -> None:
+        """Record the output sums of one piece of a compiled DDP forward (one graph per bucket) on the
+        first step, before the runtime's forward hook exists: the last piece run holds the model output.
+        Every rank runs every piece, so the all-reduce here is entered by all of them."""
+        if self._tracker is not None:
+            return  # the forward hook reads E_out (the same on every rank: it is installed at one step)
+        self._note_ddp()
+        dist = self._distributed()
+        self._piece_sums = dist.sum(sums) if dist.active else sums.detach()
+
+    def _commit_piece_sums(self) -> None:
+        if self._piece_sums is not None:
+            self.readings.add_output(self._piece_sums)
+            self._piece_sums = None
+            self._e_out_seen = True
+            self.use_output_hook()  # from the next forward on, on every rank
+
     def _add_output_sums(self, sums: torch.Tensor) -> None:
         dist = self._distributed()
         if dist.active and self.config.reads_e_out:
@@ -252,6 +270,7 @@ class StepMixin:
     def _on_grad(self, i: int, p: torch.Tensor) -> None:
         if not self._in_backward:
             self._in_backward = True
+            self._commit_piece_sums()
             _queue_callback(self._end_of_backward)
         if p.grad is None:
             return
@@ -324,6 +343,7 @@ class StepMixin:
     # ------------------------------------------------------------------ closing a step
     def _end_of_backward(self) -> None:
         self._in_backward = False
+        self._commit_piece_sums()
         self.backwards_since_step += 1
         self._unstepped += 1
         if self.mode == "compiled" and not self._e_out_seen and self.config.reads_e_out:
