@@ -65,3 +65,84 @@ def test_micro_batches_train_like_the_whole_batch(preset, engine):
         assert a == pytest.approx(b, rel=1e-5)
     for n, p in whole.items():
         assert_close(micro[n], p, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_an_optimizer_found_on_its_first_step_counts_from_then_on_and_says_so():
+    """Without watch_optimizer the runtime finds the optimizer on its first step(): the 4 backwards
+    before it were 4 steps (warned once), every later optimizer step is one step."""
+    tm = cosmic_fx.transform(recipes.make_model(0), config("default"))
+    cosmic_fx.attach_hooks(tm)
+    opt = torch.optim.SGD(tm.parameters(), lr=0.05)
+    rt = cosmic_fx.runtime_of(tm)
+    x, y = recipes.batch(0, 3, size=BATCH)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        for xs, ys in zip(x.chunk(MICRO), y.chunk(MICRO)):
+            (nn.functional.cross_entropy(tm(xs), ys) / MICRO).backward()
+        opt.step()
+
+    with pytest.warns(UserWarning, match=r"4 backward passes ran before the first SGD.step\(\).*"
+                                         r"cosmic_fx.watch_optimizer\(model, optimizer\) before training"):
+        step()
+    assert rt.steps == 4 and rt.step_boundary == "optimizer"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        step()
+        step()
+    assert rt.steps == 6
+
+
+def test_explicit_optimizer_step_for_a_loop_that_updates_by_hand():
+    """watch_optimizer(model, None): a step ends only at runtime.optimizer_step(); 4 micro-batches and a
+    hand-written SGD update train like the whole batch."""
+    results = []
+    for micro in (1, MICRO):
+        tm = cosmic_fx.transform(recipes.make_model(0), config("default"))
+        cosmic_fx.attach_hooks(tm)
+        rt = cosmic_fx.watch_optimizer(tm, None)
+        for step in range(STEPS):
+            x, y = recipes.batch(step, 3, size=BATCH)
+            for xs, ys in zip(x.chunk(micro), y.chunk(micro)):
+                (nn.functional.cross_entropy(tm(xs), ys) / micro).backward()
+            rt.optimizer_step()
+            with torch.no_grad():
+                for p in tm.parameters():
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-0.05)
+                        p.grad = None
+        assert rt.steps == STEPS and rt.step_boundary == "explicit"
+        results.append((rt.freeze_events, {n: p.detach().clone() for n, p in tm.named_parameters()}))
+    (events, whole), (micro_events, micro_params) = results
+    assert micro_events == events and events
+    for n, p in whole.items():
+        assert_close(micro_params[n], p, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_bad_uses_of_watch_optimizer_say_what_to_do():
+    tm = cosmic_fx.transform(recipes.make_model(0), config("default"))
+    with pytest.raises(TypeError, match="watch_optimizer expects an nn.Module; got function"):
+        cosmic_fx.watch_optimizer(lambda x: x, None)
+    with pytest.raises(ValueError, match="has no cosmic runtime.*cosmic_fx.attach_hooks"):
+        cosmic_fx.watch_optimizer(nn.Linear(2, 2), None)
+    with pytest.raises(TypeError, match=r"expects a torch.optim.Optimizer \(or None .*\); got list"):
+        cosmic_fx.watch_optimizer(tm, [])
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"this SGD steps none of the parameters.*model.parameters\(\)"):
+        cosmic_fx.watch_optimizer(tm, other)
+    fused = cosmic_fx.transform(recipes.make_model(0), CosmicConfig.off(cce_fused="sgd", cce_fused_lr=0.1))
+    with pytest.raises(ValueError, match="cce_fused='sgd'.*every backward is a step.*cce_fused='off'"):
+        cosmic_fx.watch_optimizer(fused, torch.optim.SGD(fused.parameters(), lr=0.1))
+
+
+def test_fused_updates_refuse_accumulation():
+    """The fused update steps inside every backward: two backwards before FusedOptimizer.step() is an error."""
+    cm = cosmic_fx.compile(recipes.make_model(0), CosmicConfig.off(cce_fused="sgd", cce_fused_lr=0.1,
+                                                                  lower="aot_eager"))
+    opt = cosmic_fx.fused_optimizer(cm)
+    x, y = recipes.batch(0, 3, size=BATCH)
+    for xs, ys in zip(x.chunk(2), y.chunk(2)):
+        opt.backward(nn.functional.cross_entropy(cm(xs), ys) / 2)
+    with pytest.raises(RuntimeError, match="2 backward passes since the last step.*Gradient accumulation cannot"):
+        opt.step()
+    assert cosmic_fx.runtime_of(cm).step_boundary == "backward"

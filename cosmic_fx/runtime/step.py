@@ -111,6 +111,8 @@ class StepMixin:
         if optimizer is None:
             self._explicit = True
             return
+        while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+            optimizer = optimizer.optimizer  # a wrapper (accelerate's AcceleratedOptimizer): its step() steps this
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError("cosmic_fx.watch_optimizer expects a torch.optim.Optimizer (or None for explicit "
                             f"runtime.optimizer_step() calls); got {type(optimizer).__name__}")
