@@ -7,16 +7,19 @@ trainable parameter at once; the hooks do nothing until the runtime is *activate
 or by the ``cosmic`` backend / :func:`cosmic_fx.compile` (the compiled graph returns ``E_out``).
 Parameters that run in eager regions after a graph break are hooked like the rest.
 
-Each parameter's hook runs as soon as its gradient is accumulated: it reads ``E(p)``
-(:class:`~cosmic_fx.runtime.readings.Readings`), applies seed CDG's skip, counts calibrated CDG's
-low readings (:class:`~cosmic_fx.runtime.cdg.CDGState`), scales the gradient by CCE's multiplier and
-optionally applies the fused update (:class:`~cosmic_fx.runtime.fused.FusedUpdate`). Under
-``torch.compile``, :func:`~cosmic_fx.runtime.fused_optimizer.traced_backward` runs the backward
-through compiled autograd: the readings and multipliers are taken just before it, and the hooks,
-traced into the compiled backward, only apply the fused update (each gradient is freed as soon as
-it is used). At the end of each backward the runtime closes the step: the relative-CCE mean, compile accounting
-(:class:`~cosmic_fx.runtime.accounting.CompileAccounting`) and, every ``cdg_interval`` steps, the
-frozen set. Every decision is a function of :mod:`cosmic_fx.policy`.
+This module binds a runtime to its model, activates it and checkpoints it; what happens in each
+step is :mod:`cosmic_fx.runtime.step`'s (:class:`~cosmic_fx.runtime.step.StepMixin`). A step is an
+optimizer step: with gradient accumulation the runtime reads ``E(p)``
+(:class:`~cosmic_fx.runtime.readings.Readings`), applies seed CDG's skip, counts calibrated CDG's low
+readings (:class:`~cosmic_fx.runtime.cdg.CDGState`) and scales the gradient by CCE's multiplier once,
+on the accumulated gradient, before the optimizer updates; without a known optimizer, and with the
+fused update (:class:`~cosmic_fx.runtime.fused.FusedUpdate`), each backward is a step and the hooks do
+that work as each gradient is accumulated. Under ``torch.compile``,
+:func:`~cosmic_fx.runtime.fused_optimizer.traced_backward` runs the backward through compiled
+autograd: the readings and multipliers are taken just before it, and the hooks, traced into the
+compiled backward, only apply the fused update. When a step ends the runtime updates the relative-CCE
+mean, compile accounting (:class:`~cosmic_fx.runtime.accounting.CompileAccounting`) and, every
+``cdg_interval`` steps, the frozen set. Every decision is a function of :mod:`cosmic_fx.policy`.
 
 Ownership is explicit: the runtime holds its parameters and model weakly, the model (or, for a
 plain model compiled without ``transform``, its parameters' hooks) holds the runtime, so a model
@@ -73,8 +76,8 @@ class CosmicRuntime(StepMixin):
 
     Attributes:
         config: the rules it applies.
-        steps: completed backward passes (training steps).
-        last_step: what CDG/CCE did in the latest backward: ``step``, ``e_out``, ``efficiency``
+        steps: completed training steps: optimizer steps (see :attr:`step_boundary`).
+        last_step: what CDG/CCE did in the latest step: ``step``, ``e_out``, ``efficiency``
             (``E(p)`` of the parameters measured), ``skipped`` (seed CDG), ``scale`` (CCE multipliers),
             ``frozen`` (calibrated CDG) and ``outside_graphs`` (parameters whose gradients came from
             code outside every compiled graph).
