@@ -34,9 +34,9 @@ from torch import fx, nn
 from . import policy
 from .config import CDGMode, CosmicConfig, Lowering
 from .notices import warn_once
-from .quantities import efficiency_sums
 from .runtime import CosmicRuntime, runtime_of
 from .runtime.distributed import active_ddp
+from .runtime.readings import output_sums
 from .sites import SiteInfo
 from .tracer import META_KEY, find_sites, placeholder_fqn, site_has_qci
 
@@ -197,12 +197,12 @@ def _primary_output(gm: fx.GraphModule) -> fx.Node | None:
 
 
 def _add_efficiency_output(gm: fx.GraphModule, node: fx.Node, eps: float) -> None:
-    """Make the graph also return ``efficiency_sums(node, last dim)`` (detached) as its last output: sums
-    add up over the micro-batches of an accumulated step and over DDP ranks."""
+    """Make the graph also return ``output_sums(node)`` (its efficiency sums, detached) as its last
+    output: sums add up over the micro-batches of an accumulated step and over DDP ranks."""
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     with gm.graph.inserting_before(output):
         detached = gm.graph.call_function(torch.ops.aten.detach.default, (node,))
-        e_node = gm.graph.call_function(efficiency_sums, (detached, -1))
+        e_node = gm.graph.call_function(output_sums, (detached,))
     e_node.meta[META_KEY] = {"inserted_by": "cosmic_backend"}
     (outs,) = output.args
     output.args = ((*outs, e_node),) if isinstance(outs, (tuple, list)) else ((outs, e_node),)

@@ -38,7 +38,7 @@ def run(preset: str, engine: str, micro: int, *, watch: bool = True) -> tuple:
     for step in range(STEPS):
         x, y = recipes.batch(step, 3, size=BATCH)
         opt.zero_grad(set_to_none=True)
-        for xs, ys in zip(x.chunk(micro), y.chunk(micro)):
+        for xs, ys in zip(x.chunk(micro), y.chunk(micro), strict=True):
             (nn.functional.cross_entropy(call(xs), ys) / micro).backward()
         opt.step()
         scales.append(dict(rt.last_step["scale"]))
@@ -61,7 +61,7 @@ def test_micro_batches_train_like_the_whole_batch(preset, engine):
     assert micro_rt.cdg.low_count == whole_rt.cdg.low_count
     assert micro_rt.readings.low == whole_rt.readings.low
     assert [sorted(s) for s in micro_scales] == [sorted(s) for s in whole_scales]
-    for a, b in zip(micro_scales, whole_scales):
+    for a, b in zip(micro_scales, whole_scales, strict=True):
         assert a == pytest.approx(b, rel=1e-5)
     for n, p in whole.items():
         assert_close(micro[n], p, rtol=1e-4, atol=1e-5, msg=n)
@@ -78,7 +78,7 @@ def test_an_optimizer_found_on_its_first_step_counts_from_then_on_and_says_so():
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        for xs, ys in zip(x.chunk(MICRO), y.chunk(MICRO)):
+        for xs, ys in zip(x.chunk(MICRO), y.chunk(MICRO), strict=True):
             (nn.functional.cross_entropy(tm(xs), ys) / MICRO).backward()
         opt.step()
 
@@ -103,7 +103,7 @@ def test_explicit_optimizer_step_for_a_loop_that_updates_by_hand():
         rt = cosmic_fx.watch_optimizer(tm, None)
         for step in range(STEPS):
             x, y = recipes.batch(step, 3, size=BATCH)
-            for xs, ys in zip(x.chunk(micro), y.chunk(micro)):
+            for xs, ys in zip(x.chunk(micro), y.chunk(micro), strict=True):
                 (nn.functional.cross_entropy(tm(xs), ys) / micro).backward()
             rt.optimizer_step()
             with torch.no_grad():
@@ -141,7 +141,7 @@ def test_fused_updates_refuse_accumulation():
                                                                   lower="aot_eager"))
     opt = cosmic_fx.fused_optimizer(cm)
     x, y = recipes.batch(0, 3, size=BATCH)
-    for xs, ys in zip(x.chunk(2), y.chunk(2)):
+    for xs, ys in zip(x.chunk(2), y.chunk(2), strict=True):
         opt.backward(nn.functional.cross_entropy(cm(xs), ys) / 2)
     with pytest.raises(RuntimeError, match="2 backward passes since the last step.*Gradient accumulation cannot"):
         opt.step()

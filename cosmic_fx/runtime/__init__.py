@@ -3,6 +3,7 @@ distributed training. The public entry points are re-exported by :mod:`cosmic_fx
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..config import CosmicConfig
@@ -140,7 +141,7 @@ def detach_hooks(model: nn.Module) -> int:
     return 1
 
 
-def watch_optimizer(model: nn.Module, optimizer: "torch.optim.Optimizer | None") -> CosmicRuntime:  # noqa: F821
+def watch_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> CosmicRuntime:
     """End each of the model's cosmic steps at ``optimizer.step()``: with gradient accumulation, one
     step per optimizer step (not per backward), decided on the accumulated gradients.
 

@@ -20,7 +20,27 @@ import torch
 from .. import policy
 from ..quantities import efficiency, efficiency_from_sums
 
-__all__ = ["Readings"]
+__all__ = ["Readings", "output_sums"]
+
+
+def output_sums(t: torch.Tensor) -> torch.Tensor:
+    """:func:`cosmic_fx.quantities.efficiency_sums` along the last dim, in a form a compiled graph
+    keeps symbolic: the element count is a 0-d tensor made from the (symbolic) ``numel``, never a
+    Python float of it (which would add a shape guard and recompile for every new batch size).
+
+    Example:
+        >>> from cosmic_fx.quantities import efficiency_sums
+        >>> t = torch.randn(3, 5)
+        >>> torch.allclose(output_sums(t), efficiency_sums(t, -1))
+        True
+    """
+    x = t.detach()
+    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    if x.dim() == 0:
+        x = x.reshape(1)
+    log_p = torch.log_softmax(x, -1)
+    count = torch.full((), x.numel(), dtype=torch.float64, device=x.device)
+    return torch.stack([x.abs().sum().double(), (-(log_p.exp() * log_p).sum()).double(), count])
 
 
 class Readings:
@@ -62,9 +82,6 @@ class Readings:
     def due(self, i: int, step: int) -> bool:
         """Whether parameter ``i`` is measured in step ``step`` (0-based count of completed steps)."""
         return not self.has[i] or step % self.every == 0
-
-    def any_due(self, step: int) -> bool:
-        return step % self.every == 0 or not all(self.has)
 
     def measure(self, i: int, p: torch.Tensor, step: int, name: str) -> tuple[float, bool | None]:
         """Measure ``E(p)`` now and store it with its verdict; warn once about non-finite readings."""
