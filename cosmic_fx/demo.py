@@ -33,6 +33,11 @@ def run_demo(epochs: int = 30, lower: str = "inductor", show_progress: bool = Tr
     """
     from .bench.common import progress
 
+    with torch.random.fork_rng(devices=[]):  # the demo seeds torch itself; the caller's RNG stays as it was
+        return _run(epochs, lower, show_progress, seed, progress)
+
+
+def _run(epochs: int, lower: str, show_progress: bool, seed: int, progress) -> dict:
     data = load_digits(image=True)
     cfg = CosmicConfig(lower=lower)
     print(f"digits: {len(data.y_train)} train / {len(data.y_test)} test images (scikit-learn, bundled)")

@@ -13,7 +13,7 @@ HELP = "train a small CNN on digits with the cosmic backend vs without it"
 
 # --quick: a smoke run of the whole demo (both arms, both tables) in well under a minute on 2 cores;
 # aot_eager skips Inductor's code generation, which dominates a short run.
-QUICK_EPOCHS = 2
+QUICK_EPOCHS = 3
 QUICK_LOWER = "aot_eager"
 
 
