@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cosmic-installed
 
-.PHONY: demo test setup bench-claims bench-perf bench-zoo zoo-vendor clean
+.PHONY: demo test lint setup bench-claims bench-perf bench-zoo zoo-vendor clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 bench-claims: $(STAMP)
 	$(BIN)/cosmic-fx bench claims
