@@ -1,6 +1,6 @@
 """When do the fast preset's freeze events fire? Steps and blocks, per task, seed 0, eager engine.
 
-    python docs/prefix_events_experiment.py [--tasks stdlib-lm-deep,docs-finetune] [--steps 200] [key=value ...]
+    python benchmarks/experiments/prefix_events_experiment.py [--tasks stdlib-lm-deep,docs-finetune] [--steps 200] [key=value ...]
 
 Trains ``cosmic_fx.transform(model, CosmicConfig.fast(overrides))`` with hooks attached (eager: the
 same decisions as compiled, see tests/test_runtime.py) on the task's batches and prints every freeze

@@ -2,7 +2,7 @@
 
 TinyTransformerLM(97, dim=64, heads=4, layers=6, context=64), batch 32, AdamW, one thread: the peak
 step memory (CPU allocator, profiler) and the median step thread time of 11 steps after warm-up.
-usage: python docs/fast_preset_cost_experiment.py "torch.compile" | fast | "fast qci off"
+usage: python benchmarks/experiments/fast_preset_cost_experiment.py "torch.compile" | fast | "fast qci off"
 """
 import torch, cosmic_fx, time, sys
 from torch import nn

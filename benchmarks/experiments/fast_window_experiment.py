@@ -1,6 +1,6 @@
 """Which prefix window (and QCI or not) makes the `fast` preset freeze within a fine-tuning budget?
 
-    python docs/fast_window_experiment.py [--seeds 0] [--tasks docs-finetune,mnist-transfer] ARM ...
+    python benchmarks/experiments/fast_window_experiment.py [--seeds 0] [--tasks docs-finetune,mnist-transfer] ARM ...
 
 ARM is ``compile`` (plain torch.compile with the task's optimizer) or ``fast:key=value,...``
 (``CosmicConfig.fast`` with overrides, e.g. ``fast:qci=False,cdg_prefix_window=25``). Every arm trains

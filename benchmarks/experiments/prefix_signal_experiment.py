@@ -9,7 +9,7 @@ Arms (every other mechanism off, so only CDG differs): no CDG; prefix CDG readin
 (``cdg_prefix_signal="grad"``) and reading the efficiency (``"efficiency"``), window 100, threshold
 0.02. Reports the final validation bits per character, the freeze events and the training thread time.
 
-usage: python docs/prefix_signal_experiment.py PRETRAINED ARM [STEPS] [SEED]    ARM: off | grad | efficiency
+usage: python benchmarks/experiments/prefix_signal_experiment.py PRETRAINED ARM [STEPS] [SEED]    ARM: off | grad | efficiency
 """
 
 from __future__ import annotations
