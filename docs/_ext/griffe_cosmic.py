@@ -9,6 +9,8 @@
    only ``Examples:`` as a code section and renders ``Example:`` as a note, whose ``>>>`` lines and
    printed lists would then be read as Markdown (a list such as ``[('0', 32, True)]`` as a link). The
    rendered copy of each docstring says ``Examples:``; the source is left as it is.
+3. Sphinx roles (``:func:`cosmic_fx.transform```) mean nothing to Markdown, which would print the role
+   name; the rendered copy shows the target as code.
 """
 
 from __future__ import annotations
@@ -22,14 +24,16 @@ from typing import Any
 import griffe
 
 _EXAMPLE_TITLE = re.compile(r"^Example:[ \t]*$", re.MULTILINE)
+_SPHINX_ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj):`~?([^`]+)`")
 
 
 class CosmicDocs(griffe.Extension):
-    """Load ``cosmic_fx.passes`` from where it is installed; render ``Example:`` sections as examples."""
+    """Load ``cosmic_fx.passes`` from where it is installed; render ``Example:`` and Sphinx roles."""
 
     def on_instance(self, *, node: ast.AST | griffe.ObjectNode, obj: griffe.Object, agent: Any, **kwargs: Any) -> None:
         if obj.docstring is not None:
-            obj.docstring.value = _EXAMPLE_TITLE.sub("Examples:", obj.docstring.value)
+            text = _EXAMPLE_TITLE.sub("Examples:", obj.docstring.value)
+            obj.docstring.value = _SPHINX_ROLE.sub(r"`\1`", text)
 
     def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
         if pkg.name != "cosmic_fx" or "passes" in pkg.members:
