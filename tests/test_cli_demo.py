@@ -91,7 +91,8 @@ def test_cli_help_imports_neither_torch_nor_the_library():
             "    except SystemExit:\n"
             "        pass\n"
             "    assert 'torch' not in sys.modules, f'{argv} imported torch'\n"
-            "library = sorted(m for m in sys.modules if m.startswith('cosmic_fx.') and not m.startswith('cosmic_fx.cli'))\n"
+            "library = sorted(m for m in sys.modules\n"
+            "                 if m.startswith('cosmic_fx.') and not m.startswith('cosmic_fx.cli'))\n"
             "assert library == [], library\n"
             "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

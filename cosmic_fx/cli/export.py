@@ -87,7 +87,7 @@ def _verify(tm: nn.Module, model: nn.Module, inputs: tuple, written: Path, args:
                     session = load_onnx(written)
                 except ModuleNotFoundError:
                     return "not checked: onnxruntime is not installed"
-                feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
+                feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs, strict=False)}
                 got, how = torch.from_numpy(session.run(None, feed)[0]), "onnxruntime"
             else:
                 with warnings.catch_warnings():

@@ -52,7 +52,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(part) for part in text.replace("x", ",").split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a shape; expected comma-separated sizes like 8,1,8,8") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a shape; expected comma-separated sizes like 8,1,8,8") from None
     if not shape or any(s < 1 for s in shape):
         raise argparse.ArgumentTypeError(f"{text!r}: every size must be a positive integer")
     return shape
