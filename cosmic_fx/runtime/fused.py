@@ -51,6 +51,9 @@ class FusedUpdate:
         tensor([0.9500, 0.9500])
     """
 
+    external = False  # the config's update (runtime.fuses_update reads this); see optim_update.py
+    traced = False  # set around a traced backward (this update's math is the same either way)
+
     def __init__(self, config: CosmicConfig, n: int) -> None:
         self.config = config
         self.kind = config.cce_fused
@@ -85,6 +88,13 @@ class FusedUpdate:
         if with_scale and self.scale is None:
             self.scale = [torch.ones((), dtype=torch.float32, device=p.device if p is not None else "cpu")
                           for p in params]
+
+    def ready_for_trace(self, reached: set[int], params: list[torch.Tensor | None]) -> bool:
+        """Always: :meth:`allocate` creates every state tensor before a traced backward."""
+        return True
+
+    def before_trace(self) -> None:
+        """Nothing to refresh: the config's hyperparameters are constants."""
 
     @torch.no_grad()
     def apply(self, i: int, p: torch.Tensor, grad: torch.Tensor) -> None:
