@@ -53,6 +53,7 @@ class FusedUpdate:
 
     external = False  # the config's update (runtime.fuses_update reads this); see optim_update.py
     traced = False  # set around a traced backward (this update's math is the same either way)
+    observer = None  # inside a traced backward: called with (index, p.grad) before the update (block readings)
 
     def __init__(self, config: CosmicConfig, n: int) -> None:
         self.config = config
@@ -101,6 +102,8 @@ class FusedUpdate:
         """Update parameter ``i`` (``p``) from ``grad`` in place (the caller frees ``p.grad``)."""
         if self.keys and not self.state[i]:
             raise RuntimeError(f"cosmic fused update: no state for parameter {i}; call allocate() first")
+        if self.traced and self.observer is not None:
+            self.observer(i, p.grad)
         if self.kind is CCEFused.ADAMW:
             self._adamw(p, grad, self.state[i])
         else:

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from ..config import CCEFused, CCEMode, CDGMode, CosmicConfig
+from ..config import CCEFused, CCEMode, CDGMode, CosmicConfig, PrefixSignal
 from .fused import FusedUpdate
 from .optim_update import OptimizerUpdate, check_optimizer
 
@@ -382,6 +382,10 @@ def traced_backward(rt, loss: torch.Tensor, **backward_kwargs: Any) -> None:
         if p is not None and p.requires_grad:
             rt._decide(i, p)
     update.before_trace()
+    reads_grads = rt.config.cdg is CDGMode.PREFIX and rt.config.cdg_prefix_signal is PrefixSignal.GRAD
+    if reads_grads:  # the blocks' gradient norms are read inside the backward, where the gradients live
+        rt.prefix.begin_traced(reached, loss.device)
+        update.observer = rt.prefix.note_traced_grad
     from torch._dynamo import compiled_autograd
 
     compiler = compiled_autograd_compiler(rt.config)
@@ -391,6 +395,9 @@ def traced_backward(rt, loss: torch.Tensor, **backward_kwargs: Any) -> None:
             loss.backward(**backward_kwargs)
     finally:
         rt._traced = update.traced = False
+        update.observer = None
+    if reads_grads:
+        rt.prefix.end_traced()
     rt._end_of_backward()
 
 

@@ -118,6 +118,7 @@ class OptimizerUpdate:
         self.scale: list[torch.Tensor] | None = None  # CCE multipliers for a traced backward (as FusedUpdate's)
         self.allocated = True  # state is created lazily, per parameter, as torch.optim creates it
         self.traced = False  # set around a backward traced by compiled autograd
+        self.observer = None  # inside a traced backward: called with (index, p.grad) first (block readings)
         self._tensors: dict[int, dict[str, torch.Tensor]] = {}  # group -> its hyperparameters as 0-d tensors
         self._handles: list = []
 
@@ -164,11 +165,14 @@ class OptimizerUpdate:
     @torch.no_grad()
     def apply(self, i: int, p: torch.Tensor, grad: torch.Tensor) -> None:
         """Step parameter ``i`` (``p``) with ``grad`` by its group's rule (no group: not stepped)."""
+        if self.traced and self.observer is not None:
+            self.observer(i, p.grad)
         g = self.group_of.get(i)
         if g is None:
             return
         group = self.optimizer.param_groups[g]
-        state = self.optimizer.state[p]
+        # optimizer.state is a defaultdict: reading an entry creates it, and torch's plain SGD has none
+        state = None if self.kind == "sgd" and group["momentum"] == 0 else self.optimizer.state[p]
         if self.kind == "sgd":
             (self._sgd_traced if self.traced else self._sgd)(p, grad, group, state, g)
         else:
