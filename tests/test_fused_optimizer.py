@@ -319,3 +319,28 @@ def test_a_deep_copy_of_a_fused_model_trains_without_its_optimizer():
     before = [p.detach().clone() for p in model.parameters()]
     _loss(twin, x, y).backward()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("source", ["optimizer", "config"])
+def test_prefix_readings_in_a_compiled_fused_backward_equal_the_eager_ones(source):
+    """A traced backward frees each gradient inside it: the blocks' gradient norms are read there. (They
+    were read before the backward, from gradients that did not exist yet: an AttributeError.)"""
+    fields = {} if source == "optimizer" else dict(cce_fused="sgd", cce_fused_lr=0.1, cce_fused_momentum=0.9)
+    eager, compiled = (cosmic_fx.transform(small_mlp(), _prefix_config(lower="aot_eager", **fields)) for _ in "ab")
+    cosmic_fx.attach_hooks(eager)
+    run = cosmic_fx.compile(compiled)
+    handles = []
+    for model, target in ((eager, eager), (compiled, run)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if source == "optimizer" else None
+        handles.append(cosmic_fx.fused_optimizer(target, opt) if opt is not None else cosmic_fx.fused_optimizer(target))
+    for x, y in mlp_batches(6, scale=3):
+        for fopt, target in zip(handles, (eager, run)):
+            fopt.backward(_loss(target, x, y))
+            fopt.step()
+    e_rt, c_rt = cosmic_fx.runtime_of(eager), cosmic_fx.runtime_of(compiled)
+    assert c_rt.frozen == e_rt.frozen == ["0.bias", "0.weight"]
+    assert len(c_rt.prefix.history) == len(e_rt.prefix.history) and any(c_rt.prefix.history)
+    for c, e in zip(c_rt.prefix.history, e_rt.prefix.history):
+        assert_close(c, e, **TOL)
+    for p, q in zip(compiled.parameters(), eager.parameters()):
+        assert_close(p, q, **TOL)
