@@ -24,6 +24,7 @@ from .modules import (
     QuantumClassicalInterface,
     cosmic_state_compression,
 )
+from .prefix_cache import PrefixCache
 from .quantities import efficiency, entropy, info
 from .report import Report
 from .sites import SITE_KINDS, Site, SiteInfo, SiteKind, module_sites
@@ -98,6 +99,7 @@ __all__ = [
     "FusedOptimizer",
     "LowRankQCI",
     "Lowering",
+    "PrefixCache",
     "PrefixSignal",
     "QCIForm",
     "QCIInit",
