@@ -74,6 +74,7 @@ class KeyedDataset(torch.utils.data.Dataset):
         return index, self.dataset[index]
 
 
+@functools.lru_cache(maxsize=32)
 def _hash_weights(n: int, device: torch.device, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)  # a private generator: the user's RNG state is not touched
     w = torch.randint(-(2 ** 62), 2 ** 62, (n,), generator=g, dtype=torch.int64)
@@ -228,6 +229,9 @@ class PrefixCache:
             raise ValueError(f"PrefixCache: max_mib must be a finite number of MiB > 0; got {max_mib!r}")
         if dtype not in _STORE_DTYPES:
             raise ValueError(f"PrefixCache: dtype must be None (exact), torch.bfloat16 or torch.float16; got {dtype!r}")
+        if any(type(m).__name__ in ("DistributedDataParallel", "DataParallel") for m in (model, _orig(model))):
+            raise ValueError("PrefixCache runs the model's suffix itself, outside the DistributedDataParallel wrapper's "
+                             "forward, which its gradient all-reduce needs. Train a DDP model without the cache.")
         inner = _unwrap(model)
         info = transform_info(inner)
         rt = runtime_of(inner)
@@ -238,9 +242,9 @@ class PrefixCache:
             raise ValueError(f"PrefixCache caches the prefix that cdg='prefix' freezes; this model's config has "
                              f"cdg={rt.config.cdg.value!r}. Use CosmicConfig.fast() or cdg='prefix'.")
         if info.path != "symbolic_trace":
-            raise ValueError(f"PrefixCache cuts the model's traced graph after the frozen prefix; {type(inner).__name__} "
-                             "did not trace (cosmic_fx.transform used module_swap), so there is no graph to cut. "
-                             "Train it without the cache.")
+            raise ValueError(f"PrefixCache cuts the model's traced graph after the frozen prefix; "
+                             f"{type(inner).__name__} did not trace (cosmic_fx.transform used module_swap), so there "
+                             "is no graph to cut. Train it without the cache.")
         self.model = model
         self.max_bytes = int(max_mib * 2 ** 20)
         self.dtype = dtype
@@ -385,9 +389,9 @@ class PrefixCache:
             if self._bytes + size > self.max_bytes:
                 self._full = True
                 warnings.warn(
-                    f"cosmic_fx.PrefixCache: the cap of {self.max_bytes / 2 ** 20:g} MiB is reached with {self.entries} "
-                    "samples cached; the others run the frozen prefix every step. Raise max_mib, or store "
-                    "dtype=torch.bfloat16 entries (half the size). (Warned once.)",
+                    f"cosmic_fx.PrefixCache: the cap of {self.max_bytes / 2 ** 20:g} MiB is reached with "
+                    f"{self.entries} samples cached; the others run the frozen prefix every step. Raise max_mib, or "
+                    "store dtype=torch.bfloat16 entries (half the size). (Warned once.)",
                     RuntimeWarning, stacklevel=3)
                 return
             self._entries[k] = (rows, content[j])
@@ -397,6 +401,10 @@ class PrefixCache:
         state = f"off: {self._off}" if self._off else f"prefix={self._length} blocks"
         return (f"PrefixCache({state}, entries={self.entries}, mib={self.mib:.1f}/{self.max_bytes / 2 ** 20:g}, "
                 f"hits={self.hits}, misses={self.misses})")
+
+
+def _orig(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)
 
 
 def _all_names(model: nn.Module) -> list[str]:

@@ -344,3 +344,23 @@ def test_prefix_readings_in_a_compiled_fused_backward_equal_the_eager_ones(sourc
         assert_close(c, e, **TOL)
     for p, q in zip(compiled.parameters(), eager.parameters()):
         assert_close(p, q, **TOL)
+
+
+def test_ddp_is_refused(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        tm = cosmic_fx.transform(small_mlp(), CosmicConfig.off(cdg="prefix"))
+        ddp = DistributedDataParallel(tm)
+        with pytest.raises(RuntimeError, match=r"cannot fuse an optimizer into backward under DistributedDataParallel: "
+                                               r"each rank would update on its local gradient"):
+            cosmic_fx.fused_optimizer(ddp, torch.optim.AdamW(tm.parameters()))
+        from cosmic_fx import PrefixCache
+
+        with pytest.raises(ValueError, match=r"PrefixCache runs the model's suffix itself, outside the "
+                                             r"DistributedDataParallel wrapper's forward"):
+            PrefixCache(ddp)
+    finally:
+        dist.destroy_process_group()

@@ -57,7 +57,7 @@ __all__ = ["FusedOptimizer", "compiled_autograd_compiler", "fused_optimizer", "t
            "watch_double_updates"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiler(lower: str) -> Any:
     import torch._dynamo
 
@@ -309,8 +309,8 @@ def _groups_of(rt, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[i
         for k, p in enumerate(group["params"]):
             if id(p) not in mine:
                 raise ValueError(
-                    f"{name} holds a parameter that is not one of {type(model).__name__}'s (param group {g}, index {k}, "
-                    f"shape {tuple(p.shape)}): it was built over another model's parameters. Build it from the "
+                    f"{name} holds a parameter that is not one of {type(model).__name__}'s (param group {g}, index "
+                    f"{k}, shape {tuple(p.shape)}): it was built over another model's parameters. Build it from the "
                     "parameters of the model you pass: torch.optim.AdamW(model.parameters(), ...)."
                 )
             for i in rt.indices_of([p]):

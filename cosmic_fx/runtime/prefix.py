@@ -179,7 +179,8 @@ class PrefixState:
     # taken there, into 0-d tensors that persist between steps (one compiled graph serves every step)
     def begin_traced(self, reached: set[int], device: torch.device) -> None:
         """Before a traced backward that reaches the parameters ``reached``: zero the blocks' sums."""
-        self._traced_units = sorted({u for i in reached if (u := self._unit_of.get(i)) is not None and u >= self.length})
+        units = (self._unit_of.get(i) for i in reached)
+        self._traced_units = sorted({u for u in units if u is not None and u >= self.length})
         for u in self._traced_units:
             t = self._acc_traced.get(u)
             if t is None or t.device != device:
