@@ -364,3 +364,28 @@ def test_ddp_is_refused(tmp_path):
             PrefixCache(ddp)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_plain_model_gets_a_runtime_that_only_fuses():
+    batches = mlp_batches(4, scale=3)
+    ref, _ = _reference(OPTIMIZERS["sgd-momentum-dampening"], SCHEDULERS["step"], batches)
+    model = small_mlp()
+    opt = OPTIMIZERS["sgd-momentum-dampening"](_groups(model))
+    sched = SCHEDULERS["step"](opt)
+    fopt = cosmic_fx.fused_optimizer(model, opt)
+    rt = cosmic_fx.runtime_of(model)
+    assert rt.config == CosmicConfig.off() and rt.mode == "eager" and rt._tracker is None  # no forward hook
+    for x, y in batches:
+        fopt.backward(_loss(model, x, y))
+        fopt.step()
+        sched.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert_close(p, q, **EXACT)
+    assert cosmic_fx.detach_hooks(model) == 1 and cosmic_fx.runtime_of(model) is None
+    # a refused optimizer leaves a plain model as it was
+    other = small_mlp()
+    with pytest.raises(ValueError, match="built over another model's parameters"):
+        cosmic_fx.fused_optimizer(other, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert cosmic_fx.runtime_of(other) is None
+    with pytest.raises(ValueError, match=r"compiled by torch.compile without the cosmic backend"):
+        cosmic_fx.fused_optimizer(torch.compile(other), torch.optim.SGD(other.parameters(), lr=0.1))

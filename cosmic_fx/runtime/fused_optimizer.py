@@ -231,7 +231,9 @@ def fused_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
 
     Args:
         model: a model from :func:`cosmic_fx.transform` / :func:`cosmic_fx.compile`, or one given
-            to :func:`cosmic_fx.attach_hooks` (also compiled).
+            to :func:`cosmic_fx.attach_hooks` (also compiled). With ``optimizer``, also any plain
+            ``nn.Module`` trained eagerly: it gets a runtime that only fuses (``CosmicConfig.off()``;
+            ``cosmic_fx.detach_hooks(model)`` removes it).
         optimizer: the optimizer to fuse; it must hold every parameter the model trains (for a
             transformed or compiled model, build it from that model's ``parameters()``, which include
             the QCIs the transform adds) and no parameter of another model.
@@ -246,13 +248,20 @@ def fused_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
         >>> cosmic_fx.fused_optimizer(cosmic_fx.transform(model, cfg))
         FusedOptimizer(kind='sgd', lr=0.1, params=4)
     """
-    from . import _unwrap, attach_hooks, runtime_of
+    from . import runtime_of
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"cosmic_fx.fused_optimizer expects an nn.Module; got {type(model).__name__}")
     if optimizer is not None:
         check_optimizer(optimizer)  # before anything else: the error names the supported classes
     rt = runtime_of(model)
+    if rt is None and optimizer is not None:
+        rt = _plain_runtime(model)
+        try:
+            return _fuse(model, rt, optimizer)
+        except Exception:
+            rt.remove()  # the model is left as it was given
+            raise
     if rt is None:
         raise ValueError(
             f"{type(model).__name__} has no cosmic runtime: build it with cosmic_fx.transform / cosmic_fx.compile "
@@ -269,6 +278,12 @@ def fused_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
                 "cce_fused='sgd' or 'adamw' with cce_fused_lr, or use a torch.optim optimizer as usual."
             )
         return FusedOptimizer(rt)
+    return _fuse(model, rt, optimizer)
+
+
+def _fuse(model: nn.Module, rt, optimizer: torch.optim.Optimizer) -> FusedOptimizer:
+    from . import _unwrap, attach_hooks
+
     if rt.config.cce_fused is not CCEFused.OFF:
         raise ValueError(
             f"this model's CosmicConfig sets cce_fused={rt.config.cce_fused.value!r}: its runtime already fuses that "
@@ -295,9 +310,32 @@ def fused_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
         rt.activate(rt.mode)  # the hooks now update (a config without CDG/CCE had attached none)
     elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         rt.activate("compiled")  # cosmic_fx.compile leaves a runtime without CDG/CCE inactive
+    elif not rt.transformed:
+        rt.activate("eager")  # a plain model's fusing-only runtime: nothing reads its outputs
     else:
         attach_hooks(_unwrap(model))
     return FusedOptimizer(rt, optimizer)
+
+
+def _plain_runtime(model: nn.Module):
+    """A runtime that only fuses (``CosmicConfig.off()``) for a plain eager model: no CDG, no CCE, no
+    forward hook; ``cosmic_fx.detach_hooks(model)`` ends it."""
+    from ..config import CosmicConfig
+    from . import _PLAIN_ATTR
+    from .core import CosmicRuntime
+    from .distributed import check_not_wrapped
+
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise ValueError(
+            f"{type(model).__name__} was compiled by torch.compile without the cosmic backend, so no cosmic hook can "
+            "take the update into its backward. Compile the model with cosmic_fx.compile(model, "
+            "cosmic_fx.CosmicConfig.off()) (or a preset), then call cosmic_fx.fused_optimizer(compiled, optimizer)."
+        )
+    check_not_wrapped(model, "cosmic_fx.fused_optimizer")
+    rt = CosmicRuntime(CosmicConfig.off(), transformed=False)
+    rt.bind(model)
+    model.__dict__[_PLAIN_ATTR] = rt
+    return rt
 
 
 def _groups_of(rt, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, int]:
