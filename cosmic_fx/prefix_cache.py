@@ -230,8 +230,9 @@ class PrefixCache:
         if dtype not in _STORE_DTYPES:
             raise ValueError(f"PrefixCache: dtype must be None (exact), torch.bfloat16 or torch.float16; got {dtype!r}")
         if any(type(m).__name__ in ("DistributedDataParallel", "DataParallel") for m in (model, _orig(model))):
-            raise ValueError("PrefixCache runs the model's suffix itself, outside the DistributedDataParallel wrapper's "
-                             "forward, which its gradient all-reduce needs. Train a DDP model without the cache.")
+            raise ValueError("PrefixCache runs the model's suffix itself, outside the DistributedDataParallel "
+                             "wrapper's forward, which its gradient all-reduce needs. Train a DDP model without the "
+                             "cache.")
         inner = _unwrap(model)
         info = transform_info(inner)
         rt = runtime_of(inner)
