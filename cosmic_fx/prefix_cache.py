@@ -139,6 +139,24 @@ def _not_repeatable(node: fx.Node, root: nn.Module) -> str | None:
     return None
 
 
+_SHAPE_METHODS = ("size", "dim", "numel", "shape", "dtype", "device", "ndim")
+
+
+def _shape_like(nodes: list[fx.Node]) -> set[fx.Node]:
+    """Nodes that compute shapes and other Python values (``x.size(-1) // heads``), not tensors: kept
+    out of the cached part, since a cache entry holds per-sample tensors."""
+    out: set[fx.Node] = set()
+    for n in nodes:
+        if n.op == "call_method" and n.target in _SHAPE_METHODS:
+            out.add(n)
+        elif n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] in _SHAPE_METHODS:
+            out.add(n)
+        elif n.op == "call_function" and getattr(n.target, "__module__", None) in ("_operator", "operator") \
+                and n.all_input_nodes and all(m in out for m in n.all_input_nodes):
+            out.add(n)
+    return out
+
+
 class _Split:
     """The transformed model's graph cut after a frozen prefix: ``prefix(*inputs) -> crossing`` and
     ``suffix(*inputs, *crossing) -> output``."""
@@ -155,6 +173,15 @@ class _Split:
                 continue
             region.add(n)
             stack.extend(n.all_input_nodes)
+        # and the parameter-free, repeatable work that follows from the prefix alone (the last block's
+        # residual add, an activation): fewer and smaller values cross the cut, so entries take less memory
+        shape_like = _shape_like(nodes)
+        for n in nodes:
+            if n in region or n.op not in ("call_function", "call_method", "call_module") or not n.all_input_nodes:
+                continue
+            if n not in shape_like and all(m in region for m in n.all_input_nodes) and not _node_params(n, root) \
+                    and _not_repeatable(n, root) is None:
+                region.add(n)
         self.region = [n for n in nodes if n in region]
         self.reads_trainable = [p for n in self.region for p in _node_params(n, root) if p in trainable]
         self.not_repeatable = [why for n in self.region if (why := _not_repeatable(n, root)) is not None]
