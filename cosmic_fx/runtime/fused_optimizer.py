@@ -221,7 +221,9 @@ def fused_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
     those classes is supported (momentum, dampening, nesterov, weight decay, ``amsgrad``,
     ``maximize``, ``decoupled_weight_decay``; ``foreach`` / ``fused`` are accepted and the math is
     that of the single-tensor implementation) but ``differentiable`` and ``capturable``. Parameters
-    that CDG froze get no gradient, so they are not stepped, as ``torch.optim`` skips them. The
+    that CDG froze get no gradient, so they are not stepped, as ``torch.optim`` skips them (a block
+    that prefix CDG freezes at the end of a step has had that step's update: the decision follows
+    the backward; with ``optimizer.step()`` after backward the runtime drops that gradient). The
     model's config must keep ``cce_fused="off"``. Without ``optimizer`` it returns the handle of the
     config's own fused update (``cce_fused="sgd"`` / ``"adamw"``).
 
