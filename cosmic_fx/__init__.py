@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         QuantumClassicalInterface,
         cosmic_state_compression,
     )
+    from .prefix_cache import PrefixCache
     from .quantities import efficiency, entropy, info
     from .report import Report
     from .runtime import (
@@ -56,6 +57,7 @@ _EXPORTS: dict[str, str] = {
     **{name: "inspect" for name in ("explain",)},
     **{name: "modules" for name in ("CosmicStateCompression", "DiagonalQCI", "LowRankQCI",
                                     "QuantumClassicalInterface", "cosmic_state_compression")},
+    **{name: "prefix_cache" for name in ("PrefixCache",)},
     **{name: "quantities" for name in ("efficiency", "entropy", "info")},
     **{name: "report" for name in ("Report",)},
     **{name: "runtime" for name in ("CosmicRuntime", "FusedOptimizer", "attach_hooks", "detach_hooks",
@@ -77,6 +79,7 @@ __all__ = [
     "FusedOptimizer",
     "LowRankQCI",
     "Lowering",
+    "PrefixCache",
     "PrefixSignal",
     "QCIForm",
     "QCIInit",

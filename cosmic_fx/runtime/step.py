@@ -92,7 +92,7 @@ class StepMixin:
     def step_boundary(self) -> str:
         """Where this runtime's steps end now: ``"optimizer"``, ``"explicit"`` or ``"backward"`` (module
         docstring)."""
-        if self.config.cce_fused is not CCEFused.OFF:
+        if self.fuses_update:
             return "backward"
         if self._explicit:
             return "explicit"
@@ -101,12 +101,13 @@ class StepMixin:
     def watch_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
         """End each step at ``optimizer.step()`` (before it updates), or with ``None`` only at
         :meth:`optimizer_step`. See :func:`cosmic_fx.watch_optimizer`."""
-        if self.config.cce_fused is not CCEFused.OFF:
+        if self.fuses_update:
+            how = (f"cce_fused={self.config.cce_fused.value!r}" if self.config.cce_fused is not CCEFused.OFF
+                   else "cosmic_fx.fused_optimizer")
             raise ValueError(
-                f"cosmic_fx.watch_optimizer: this model's config has cce_fused={self.config.cce_fused.value!r}, which "
-                "updates every parameter inside each backward, so every backward is a step and gradients cannot "
-                "be accumulated over several. Use one backward per step (a larger batch), or cce_fused='off' with "
-                "your optimizer."
+                f"cosmic_fx.watch_optimizer: this model is updated inside each backward ({how}), so every backward "
+                "is a step and gradients cannot be accumulated over several. Use one backward per step (a larger "
+                "batch), or train with cce_fused='off' and your optimizer's own step()."
             )
         if optimizer is None:
             self._explicit = True
@@ -279,7 +280,7 @@ class StepMixin:
         if self.step_boundary != "backward":
             self._step_grads.add(i)  # decided once, on the accumulated gradient, when the step ends
             return
-        if self._decide(i, p) and self.config.cce_fused is not CCEFused.OFF:
+        if self._decide(i, p) and self.fuses_update:
             if self.mode == "compiled" and not self._warned_untraced:
                 self._warned_untraced = True
                 warnings.warn(
