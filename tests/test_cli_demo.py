@@ -139,3 +139,15 @@ def test_bench_claims_takes_one_arm_per_option():
     claims = dict(_commands(build_parser(["bench", "claims"])))[("bench", "claims")]
     arm_help = next(a.help for a in claims._actions if a.dest == "arm")
     assert "'cosmic fast, freeze more'" in arm_help  # quoted whole, not one more item of a comma list
+
+
+def test_submodules_load_on_first_attribute_use_in_a_fresh_process():
+    # `import cosmic_fx` then `cosmic_fx.inspect.watch_backend` worked when the package imported every
+    # module eagerly; the lazy package must keep it working.
+    code = ("import cosmic_fx, sys\n"
+            "assert 'cosmic_fx.inspect' not in sys.modules\n"
+            "assert callable(cosmic_fx.inspect.watch_backend)\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "ok\n"
