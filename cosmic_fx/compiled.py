@@ -17,10 +17,10 @@ that break training code written for the model itself (the Hugging Face ``Traine
 
 :func:`present_as_model` fixes the three on the wrapper only (the model is untouched): the wrapper's
 ``forward`` reports the model's signature, its class is a subclass of ``OptimizedModule`` named after
-the model's class whose ``forward`` has that signature too, its ``state_dict`` has the model's own keys (``load_state_dict``
-takes both those and ``_orig_mod.`` keys), and a checkpoint loaded through it thaws the parameters CDG
-holds frozen until the next forward, when they are frozen again, so that an optimizer built in between
-holds every parameter, as it did before the checkpoint.
+the model's class whose ``forward`` has that signature too, its ``state_dict`` has the model's own keys
+(``load_state_dict`` takes both those and ``_orig_mod.`` keys), and a checkpoint loaded through it thaws
+the parameters CDG holds frozen until the next forward, when they are frozen again, so that an optimizer
+built in between holds every parameter, as it did before the checkpoint.
 """
 
 from __future__ import annotations

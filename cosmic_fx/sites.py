@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .site import Site, SiteInfo, check_materialized, qualify
+from .site import Site, SiteInfo, qualify
 
 __all__ = [
     "NOT_SITES",
@@ -214,7 +214,8 @@ HF_CONV1D = SiteKind(
             "recognised by structure",
     match_module=_is_hf_conv1d,
     module_width=lambda m: int(m.weight.shape[1]),
-    calls=(CallForm(frozenset({torch.addmm, _aten.addmm.default}), weight_arg=2, bias_arg=0, transposed=False, out_dim=-1),
+    calls=(CallForm(frozenset({torch.addmm, _aten.addmm.default}), weight_arg=2, bias_arg=0, transposed=False,
+                    out_dim=-1),
            CallForm(frozenset({torch.mm, _aten.mm.default}), weight_arg=1, transposed=False, out_dim=-1)),
 )
 

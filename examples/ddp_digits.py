@@ -108,7 +108,8 @@ def main() -> None:
         ref_losses.append(step(ref_run, ref_opt, torch.cat(xs), torch.cat(ys)).item())
     dloss = max(abs(a - b) for a, b in zip(losses, ref_losses))
     dparam = max((final[n] - p.detach()).abs().max().item() for n, p in ref.named_parameters())
-    print(f"one process on the full batch: same freeze events: {cosmic_fx.runtime_of(ref).freeze_events == everyone[0]['events']}; "
+    same_events = cosmic_fx.runtime_of(ref).freeze_events == everyone[0]["events"]
+    print(f"one process on the full batch: same freeze events: {same_events}; "
           f"max |loss difference| over {args.steps} steps {dloss:.2e}; max |parameter difference| {dparam:.2e}")
     with torch.no_grad():
         tm.eval()

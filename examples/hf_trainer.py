@@ -228,9 +228,11 @@ def report(rows: list[dict], workdir: Path, opts) -> str:
         params = [k for k in a if not k.startswith("cosmic_state.")]
         diff = max((a[k].float() - b[k].float()).abs().max().item() for k in params)
         same = all(torch.equal(a[k], b[k]) for k in params)
-        state_same = all(torch.equal(a[k], b[k]) or (a[k].is_floating_point() and torch.equal(a[k].isnan(), b[k].isnan())
-                                                     and torch.equal(a[k].nan_to_num(), b[k].nan_to_num()))
-                         for k in a if k.startswith("cosmic_state."))
+        def equal_with_nan(x, y):
+            return torch.equal(x, y) or (x.is_floating_point() and torch.equal(x.isnan(), y.isnan())
+                                         and torch.equal(x.nan_to_num(), y.nan_to_num()))
+
+        state_same = all(equal_with_nan(a[k], b[k]) for k in a if k.startswith("cosmic_state."))
         lines.append(f"\nresumed from checkpoint-{opts.steps // 2} in a new Trainer: final parameters "
                      f"{'bit-identical to' if same else 'differ from'} the uninterrupted cosmic run "
                      f"(max |diff| {diff:.3g}); cosmic state {'identical' if state_same else 'differs'}")

@@ -132,7 +132,8 @@ def test_bad_options_are_clear_errors():
     with pytest.raises(Exception, match=r"CosmicConfig.csc_alpha must be finite and in \[0.0, inf\]; got -1.0"):
         torch.compile(model, backend="cosmic", options={"csc_alpha": -1.0})(torch.randn(2, 4))
     torch._dynamo.reset()
-    with pytest.raises(Exception, match="CosmicConfig.lower must be one of 'inductor', 'aot_eager', 'eager'; got 'tvm'"):
+    with pytest.raises(Exception,
+                       match="CosmicConfig.lower must be one of 'inductor', 'aot_eager', 'eager'; got 'tvm'"):
         torch.compile(model, backend="cosmic", options={"lower": "tvm"})(torch.randn(2, 4))
     with pytest.raises(TypeError, match="sets torch.compile's 'backend' itself"):
         cosmic_fx.compile(model, backend="inductor")
@@ -164,7 +165,8 @@ TRAIN_WITHOUT_IMPORT = textwrap.dedent(
 @pytest.mark.slow
 def test_backend_by_name_in_a_process_that_never_imports_cosmic_fx(tmp_path):
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", TRAIN_WITHOUT_IMPORT], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", TRAIN_WITHOUT_IMPORT], capture_output=True, text=True, env=env,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("OK")
 

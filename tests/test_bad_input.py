@@ -39,14 +39,17 @@ def test_explain_on_meta_inputs_asks_for_real_ones():
 # ----------------------------------------------------------------------------- export with inputs that do not fit
 @pytest.mark.parametrize(("model", "x", "expects"), [
     (DigitsCNN(), torch.rand(4, 3, 8, 8),
-     r"input 0: shape \(4, 3, 8, 8\) float32.*first layer conv1 is Conv2d\(1, 16.*expects inputs of shape \(N, 1, H, W\)"),
+     r"input 0: shape \(4, 3, 8, 8\) float32.*first layer conv1 is Conv2d\(1, 16"
+     r".*expects inputs of shape \(N, 1, H, W\)"),
     (DigitsMLP(), torch.rand(4, 32),
-     r"input 0: shape \(4, 32\) float32.*first layer 0 is Linear\(in_features=64.*expects inputs of shape \(\.\.\., 64\)"),
+     r"input 0: shape \(4, 32\) float32.*first layer 0 is Linear\(in_features=64"
+     r".*expects inputs of shape \(\.\.\., 64\)"),
     (nn.Sequential(nn.Embedding(10, 16), nn.Linear(16, 16)), torch.rand(4, 5),
      r"input 0: shape \(4, 5\) float32.*first layer 0 is Embedding\(10, 16\): it expects integer token ids below 10"),
 ])
 def test_export_names_an_input_that_does_not_fit(model, x, expects, tmp_path):
-    with pytest.raises(ExportError, match=r"cannot export \w+: it does not run on the example inputs \(" + expects) as info:
+    with pytest.raises(ExportError,
+                       match=r"cannot export \w+: it does not run on the example inputs \(" + expects) as info:
         cosmic_fx.export(model, x, tmp_path / "m.pt2")
     assert "could not trace" not in str(info.value) and "<string>" not in str(info.value)
     assert not (tmp_path / "m.pt2").exists()

@@ -77,7 +77,8 @@ def test_claims_quick_end_to_end(tmp_path, capsys):
     assert all(r[3] in VERDICTS for r in claim_rows)
     target_rows = found["preset|target (issue 10)|task|baseline|preset|change|verdict"]
     # a fine-tuning task: the 30% time target applies; not a transformer: no memory target
-    assert [r[1].split(" ")[:3] for r in target_rows] == [["time", "to", "the"]] * 2 + [["final", "validation", "metric"]]
+    expected = [["time", "to", "the"]] * 2 + [["final", "validation", "metric"]]
+    assert [r[1].split(" ")[:3] for r in target_rows] == expected
     assert all(r[0] == "default" and r[2] == task and r[6] in TARGET_VERDICTS for r in target_rows)
     arm_rows = found["task|arm|final val metric|steps to target|median step ms|time to target s|compile s|"
                      "peak step MiB|CDG frozen|CCE scaled"]

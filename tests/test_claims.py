@@ -180,7 +180,8 @@ def test_pretraining_cache_key_covers_the_spec_and_a_stale_file_is_retrained(tmp
 ])
 def test_pretraining_rejects_bad_specs(kwargs, message):
     pre = _toy_pretraining()
-    fields = {f: getattr(pre, f) for f in ("name", "build", "batches", "loss", "optimizer", "lr", "steps", "fingerprint")}
+    names = ("name", "build", "batches", "loss", "optimizer", "lr", "steps", "fingerprint")
+    fields = {f: getattr(pre, f) for f in names}
     with pytest.raises(ValueError, match=message):
         Pretraining(**{**fields, **kwargs})
 

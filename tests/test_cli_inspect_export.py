@@ -82,8 +82,9 @@ def test_inspect_formats(fmt, model_file, capsys, tmp_path):
         assert 'cosmic_qci_0 = getattr(self.cosmic_qci, "0")(_0)\n' in out
         assert '_1 = getattr(self, "1")(cosmic_csc_0)\n' in out
     elif fmt == "diff":
-        added = [l for l in out.splitlines() if l.startswith("+") and not l.startswith("+++")]
-        assert [l.split(" = ")[0].strip("+ ") for l in added if "cosmic" in l.split(" = ")[0]] == ["cosmic_qci_0", "cosmic_csc_0"]
+        added = [line for line in out.splitlines() if line.startswith("+") and not line.startswith("+++")]
+        names = [line.split(" = ")[0] for line in added]
+        assert [n.strip("+ ") for n in names if "cosmic" in n] == ["cosmic_qci_0", "cosmic_csc_0"]
     elif fmt == "dot":
         assert out.startswith('digraph "Sequential" {') and '"cosmic_qci_0" [' in out
     else:
@@ -196,12 +197,13 @@ def test_weights_option_loads_a_state_dict_safely(model_file, capsys, tmp_path):
         with torch.no_grad():  # identity QCI, CSC at the output (the default config): only the weights decide
             assert_close(exported(x), cosmic_state_compression(trained(x)), rtol=1e-5, atol=1e-6)
     torch.save({"x": object()}, tmp_path / "evil.pt")  # not loadable with weights_only=True
-    code, _, err = run(capsys, "inspect", f"{model_file}:build", "--input-shape", "4,8", "--weights", tmp_path / "evil.pt")
+    inspect_args = ("inspect", f"{model_file}:build", "--input-shape", "4,8", "--weights")
+    code, _, err = run(capsys, *inspect_args, tmp_path / "evil.pt")
     assert code == 1 and "is not a readable state_dict" in err
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:50])
-    code, _, err = run(capsys, "inspect", f"{model_file}:build", "--input-shape", "4,8", "--weights", tmp_path / "cut.safetensors")
+    code, _, err = run(capsys, *inspect_args, tmp_path / "cut.safetensors")
     assert code == 1 and "it may be corrupt" in err
-    code, _, err = run(capsys, "inspect", f"{model_file}:build", "--input-shape", "4,8", "--weights", tmp_path / "none.pt")
+    code, _, err = run(capsys, *inspect_args, tmp_path / "none.pt")
     assert code == 1 and "none.pt: no such file" in err
 
 

@@ -8,7 +8,8 @@ from cosmic_fx import CCEMode, CDGMode, CosmicConfig, CSCPlacement, Lowering, QC
 def test_presets():
     default, seed, off = CosmicConfig(), CosmicConfig.seed(), CosmicConfig.off()
     assert (default.cdg, default.cce, default.qci_init) == (CDGMode.CALIBRATED, CCEMode.RELATIVE, QCIInit.IDENTITY)
-    assert (seed.cdg, seed.cce, seed.qci_init, seed.csc) == (CDGMode.SEED, CCEMode.SEED, QCIInit.SEED, CSCPlacement.OUTPUT)
+    expected = (CDGMode.SEED, CCEMode.SEED, QCIInit.SEED, CSCPlacement.OUTPUT)
+    assert (seed.cdg, seed.cce, seed.qci_init, seed.csc) == expected
     assert not off.qci and off.csc is CSCPlacement.NONE and not off.hooks_enabled
     assert CosmicConfig.preset("seed", csc_alpha=0.3) == CosmicConfig.seed(csc_alpha=0.3)
     assert hash(default) == hash(CosmicConfig())  # hashable: one hook runtime per distinct config
@@ -55,7 +56,8 @@ def test_bad_options(options, match):
 def test_fast_preset_from_options_and_constructor():
     fast = CosmicConfig.fast()
     assert CosmicConfig.from_options({"preset": "fast"}) == fast
-    assert CosmicConfig.from_options({"preset": "fast", "cdg_prefix_window": 7}) == CosmicConfig.fast(cdg_prefix_window=7)
+    from_options = CosmicConfig.from_options({"preset": "fast", "cdg_prefix_window": 7})
+    assert from_options == CosmicConfig.fast(cdg_prefix_window=7)
     assert (fast.cdg.value, fast.qci_form.value, fast.csc.value) == ("prefix", "diagonal", "none")
     assert fast != CosmicConfig() and CosmicConfig.from_options(fast.to_options()) == fast
 

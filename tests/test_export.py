@@ -277,7 +277,8 @@ def test_corrupt_or_mismatched_adapters_get_clear_errors(tmp_path):
     with pytest.raises(CorruptFileError, match="adapter_config.json is not valid JSON.*truncated or corrupt"):
         cosmic_fx.load_adapter(base, copy_with("halfjson", config=text[: len(text) // 2]))
     meta = json.loads(text)
-    with pytest.raises(CorruptFileError, match='not a cosmic_fx adapter config \\(expected "format": "cosmic_fx.adapter"\\)'):
+    with pytest.raises(CorruptFileError,
+                       match='not a cosmic_fx adapter config \\(expected "format": "cosmic_fx.adapter"\\)'):
         cosmic_fx.load_adapter(base, copy_with("peft", config=json.dumps({**meta, "format": "peft"})))
     with pytest.raises(CorruptFileError, match="adapter format version 99; this cosmic_fx reads version 1"):
         cosmic_fx.load_adapter(base, copy_with("future", config=json.dumps({**meta, "format_version": 99})))
@@ -288,7 +289,8 @@ def test_corrupt_or_mismatched_adapters_get_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CorruptFileError, match="no adapter_config.json there"):
         cosmic_fx.load_adapter(base, tmp_path / "empty")
-    with pytest.raises(ValueError, match=r"does not fit DigitsMLP: it was exported for a DigitsCNN whose rewritten sites are \['conv1', 'conv2', 'fc1'\]"):
+    with pytest.raises(ValueError, match=r"does not fit DigitsMLP: it was exported for a DigitsCNN whose rewritten "
+                                         r"sites are \['conv1', 'conv2', 'fc1'\]"):
         cosmic_fx.load_adapter(MODELS["mlp"][0](), folder)
     with pytest.raises(ValueError, match="adapter tensor cosmic_qci.fc1.weight has shape"):
         from cosmic_fx.models import DigitsCNN
@@ -304,7 +306,9 @@ def test_corrupt_or_mismatched_adapters_get_clear_errors(tmp_path):
 # ----------------------------------------------------------------------------- what cannot be exported
 @pytest.mark.parametrize("fmt", ["pt2", "onnx"])
 def test_unexportable_forward_names_the_line_and_a_fix(fmt, tmp_path):
-    with pytest.raises(ExportError, match=r"(?s)cannot export Untraceable: .*conftest\.py:\d+ in forward: `if h\.sum\(\) > 0:.*torch\.where.*torch\.export said: GuardOnDataDependentSymNode"):
+    with pytest.raises(ExportError, match=r"(?s)cannot export Untraceable: .*conftest\.py:\d+ in forward: "
+                                          r"`if h\.sum\(\) > 0:.*torch\.where.*torch\.export said: "
+                                          r"GuardOnDataDependentSymNode"):
         cosmic_fx.export(Untraceable(), torch.rand(4, 8), tmp_path / f"u.{fmt}", format=fmt)
     assert not list(tmp_path.iterdir())
 

@@ -237,8 +237,7 @@ def test_no_uncompiled_steps_within_the_limit():
 
 
 def test_frozen_set_bound_that_would_exhaust_the_recompile_limit_warns():
-    from cosmic_fx import CosmicConfig
-    from cosmic_fx import detach_hooks
+    from cosmic_fx import CosmicConfig, detach_hooks
     from cosmic_fx.notices import _WARNED
 
     _WARNED.clear()

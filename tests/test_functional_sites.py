@@ -4,12 +4,12 @@ TransformInfo.rewritten lists exactly what the passes inserted."""
 import pytest
 import torch
 import torch.nn.functional as F
+from cosmic_fx.passes import InsertCSC, InsertQCI
 from torch._dynamo.utils import counters
 from torch.testing import assert_close
 
 import cosmic_fx
 from cosmic_fx import CosmicConfig, QuantumClassicalInterface
-from cosmic_fx.passes import InsertCSC, InsertQCI
 from cosmic_fx.tracer import symbolic_trace
 
 from .test_sites import FunctionalNet
@@ -39,7 +39,8 @@ def test_insert_qci_counts_functional_sites_and_is_idempotent():
     counters.clear()
     assert InsertQCI(CosmicConfig())(gm).modified
     assert len(gm.graph.nodes) == n_before + 2 and counters["cosmic_fx"]["insert_qci"] == 2
-    qcis = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), QuantumClassicalInterface)]
+    qcis = [n for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), QuantumClassicalInterface)]
     assert [n.args[0].target for n in qcis] == [F.linear, torch.addmm]
     assert not InsertQCI(CosmicConfig())(gm).modified and len(gm.graph.nodes) == n_before + 2
 

@@ -253,18 +253,21 @@ def test_json_and_text_forms():
     assert data["model"] == "DigitsMLP" and data["input_shapes"] == [[3, 64]]
     assert data["config"] == CosmicConfig(csc="sites").to_options()
     assert [s["name"] for s in data["sites"]] == ["0", "2", "4"]
-    assert data["sites"][0]["output_shape"] == [3, 128] and data["sites"][0]["inserted"] == ["cosmic_qci.0", "cosmic_csc.0"]
+    assert data["sites"][0]["output_shape"] == [3, 128]
+    assert data["sites"][0]["inserted"] == ["cosmic_qci.0", "cosmic_csc.0"]
     assert data["totals"] == report.totals and data["diff"] == report.diff
     assert len(data["parameters"]) == len(list(cosmic_fx.transform(model).parameters()))
     text = str(report)
     assert "3 found, 2 rewritten" in text and f"{report.totals['params_after']:,}" in text
     assert "no: width 10 <= 10" in text and "E_out = " in text
-    assert repr(report) == f"<cosmic_fx.Report DigitsMLP: 2/3 sites rewritten, +{report.totals['params_after'] - report.totals['params_before']:,} params>"
+    added = report.totals["params_after"] - report.totals["params_before"]
+    assert repr(report) == f"<cosmic_fx.Report DigitsMLP: 2/3 sites rewritten, +{added:,} params>"
 
 
 def test_bad_inputs_are_explained():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-    with pytest.raises(ValueError, match=r"cannot run on example inputs of shape \(4, 3\).*first layer 0 is Linear.*\(\.\.\., 8\)"):
+    with pytest.raises(ValueError,
+                       match=r"cannot run on example inputs of shape \(4, 3\).*first layer 0 is Linear.*\(\.\.\., 8\)"):
         cosmic_fx.explain(model, torch.rand(4, 3))
     with pytest.raises(TypeError, match="cosmic_fx.explain expects an nn.Module; got function"):
         cosmic_fx.explain(lambda x: x, torch.rand(4, 8))

@@ -69,8 +69,10 @@ def _split(qci: QuantumClassicalInterface):
     d = qci.dim
     proj, est = nn.Linear(d, d), nn.Linear(d, 1)
     with torch.no_grad():
-        proj.weight.copy_(qci.projector_weight); proj.bias.copy_(qci.bias[:d])
-        est.weight.copy_(qci.estimator_weight); est.bias.copy_(qci.bias[d:])
+        proj.weight.copy_(qci.projector_weight)
+        proj.bias.copy_(qci.bias[:d])
+        est.weight.copy_(qci.estimator_weight)
+        est.bias.copy_(qci.bias[d:])
     return proj, est
 
 
@@ -106,7 +108,8 @@ def test_qci_errors():
         QuantumClassicalInterface(0)
     with pytest.raises(ValueError, match="feature_dim must be -1"):
         QuantumClassicalInterface(4, feature_dim=1)
-    with pytest.raises(ValueError, match=r"expects 4 features on the channel dimension; got input of shape \(2, 5, 3, 3\)"):
+    with pytest.raises(ValueError,
+                       match=r"expects 4 features on the channel dimension; got input of shape \(2, 5, 3, 3\)"):
         QuantumClassicalInterface(4, feature_dim=-3)(torch.randn(2, 5, 3, 3))
     with pytest.raises(ValueError, match="qci_init must be one of"):
         QuantumClassicalInterface(4, init="zeros")

@@ -37,7 +37,7 @@ def test_quick_mode_prints_every_target_with_finite_ratios(capsys):
     }
     assert {item: sum(r[0] == item for r in rows) for item in expected} == expected
     assert len(rows) == sum(expected.values())
-    for item, target, measured, goal, status, refs in rows:
+    for _item, target, measured, goal, status, refs in rows:
         value = float(measured.split("x")[0].split(" ms")[0])
         assert math.isfinite(value) and value > 0, (target, measured)
         assert status in ("pass", "short", "info"), (target, status)

@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-import warnings
 import weakref
 from pathlib import Path
 

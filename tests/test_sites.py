@@ -134,7 +134,8 @@ def test_real_hf_conv1d_is_recognised_by_structure():
     from transformers.pytorch_utils import Conv1D
 
     model = nn.Sequential(Conv1D(24, 8), nn.ReLU(), Conv1D(4, 24))
-    assert [(s.name, s.kind.name, s.width) for s in module_sites(model)] == [("0", "hf_conv1d", 24), ("2", "hf_conv1d", 4)]
+    found = [(s.name, s.kind.name, s.width) for s in module_sites(model)]
+    assert found == [("0", "hf_conv1d", 24), ("2", "hf_conv1d", 4)]
     tm = cosmic_fx.transform(model, CosmicConfig(csc="none"))
     x = torch.rand(2, 5, 8)
     assert cosmic_fx.transform_info(tm).rewritten == ["0"] and torch.equal(tm(x), model(x))
@@ -145,7 +146,8 @@ def test_multihead_attention_sites_and_what_is_not_rewritten():
     model = WithMHA()
     sites = module_sites(model)
     assert [(s.name, s.kind.name, s.width, s.qualifies) for s in sites] == [
-        ("attn.out_proj", "mha_out_proj", 16, True), ("attn.in_proj_weight", "mha_in_proj", 48, False), ("fc", "linear", 12, True)]
+        ("attn.out_proj", "mha_out_proj", 16, True), ("attn.in_proj_weight", "mha_in_proj", 48, False),
+        ("fc", "linear", 12, True)]
     assert sites[1].reason.startswith("not rewritable: read inside F.multi_head_attention_forward")
     (gm,) = dynamo_graphs(model, torch.rand(2, 5, 16))
     assert [(s.name, s.kind.name, s.width) for s in find_sites(gm)] == [
@@ -208,7 +210,8 @@ def test_forward_order_and_output_layer_params():
     model = FunctionalNet()
     order = sites_in_forward_order(symbolic_trace(model))
     assert [(s.name, s.kind, s.params) for s in order] == [
-        ("w1", "linear", ("w1", "b1")), ("w2", "hf_conv1d", ("w2", "b2")), ("head", "linear", ("head.weight", "head.bias"))]
+        ("w1", "linear", ("w1", "b1")), ("w2", "hf_conv1d", ("w2", "b2")),
+        ("head", "linear", ("head.weight", "head.bias"))]
     (gm,) = dynamo_graphs(model, torch.rand(4, 8))
     assert [s.params for s in sites_in_forward_order(gm)] == [s.params for s in order]
     assert output_layer_params(gm) == ["head.weight", "head.bias"]

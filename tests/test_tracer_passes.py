@@ -1,11 +1,11 @@
 import pytest
 import torch
+from cosmic_fx.passes import InsertCSC, InsertQCI
 from torch import nn
 from torch._dynamo.utils import counters
 
 from cosmic_fx import CosmicConfig
 from cosmic_fx.modules import QuantumClassicalInterface
-from cosmic_fx.passes import InsertCSC, InsertQCI
 from cosmic_fx.tracer import find_sites, symbolic_trace
 
 from .conftest import MODELS
@@ -82,7 +82,8 @@ def test_insert_qci_counts_modified_and_idempotent():
     assert result.modified
     assert len(result.graph_module.graph.nodes) == n_before + 3
     assert counters["cosmic_fx"]["insert_qci"] == 3
-    qcis = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), QuantumClassicalInterface)]
+    qcis = [n for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), QuantumClassicalInterface)]
     assert [n.target for n in qcis] == ["cosmic_qci.conv1", "cosmic_qci.conv2", "cosmic_qci.fc1"]
     assert [n.args[0].target for n in qcis] == ["conv1", "conv2", "fc1"]
     assert gm.get_submodule("cosmic_qci.conv1").feature_dim == -3

@@ -8,7 +8,15 @@ from torch import nn
 
 from cosmic_fx import cli
 from cosmic_fx.bench import zoo
-from cosmic_fx.bench.zoo_models import AttentionHead, EncoderLM, FunctionalMLP, LibraryMissing, Seq2Seq, TiedLM, ZooModel
+from cosmic_fx.bench.zoo_models import (
+    AttentionHead,
+    EncoderLM,
+    FunctionalMLP,
+    LibraryMissing,
+    Seq2Seq,
+    TiedLM,
+    ZooModel,
+)
 from cosmic_fx.bench.zoo_runs import linear_like_layers, primary_tensor, train_run
 
 from .conftest import Untraceable

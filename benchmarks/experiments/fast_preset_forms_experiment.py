@@ -7,27 +7,38 @@ DigitsMLP (64-128-64-10), SGD lr 0.05 momentum 0.9, batch 32, eager with the cos
 prints each arm's test error per seed and the mean.
 usage: python benchmarks/experiments/fast_preset_forms_experiment.py
 """
-import torch, cosmic_fx
+
+import torch
 from torch import nn
+
+import cosmic_fx
 from cosmic_fx import CosmicConfig
 from cosmic_fx.data import load_digits
 from cosmic_fx.models import DigitsMLP
+
 torch.set_num_threads(1)
 d = load_digits()
+
+
 def run(cfg, seed, steps):
-    torch.manual_seed(seed); m = DigitsMLP()
+    torch.manual_seed(seed)
+    m = DigitsMLP()
     tm = cosmic_fx.transform(m, cfg) if cfg else m
-    if cfg: cosmic_fx.attach_hooks(tm)
+    if cfg:
+        cosmic_fx.attach_hooks(tm)
     opt = torch.optim.SGD(tm.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(seed)
-    for s in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, len(d.y_train), (32,), generator=g)
         loss = nn.functional.cross_entropy(tm(d.x_train[idx]), d.y_train[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
     tm.eval()
-    with torch.no_grad(): return 100 * (tm(d.x_test).argmax(-1) != d.y_test).float().mean().item()
+    with torch.no_grad():
+        return 100 * (tm(d.x_test).argmax(-1) != d.y_test).float().mean().item()
+
+
 # the fast preset as it was when this ran (README's table): a QCI on every site, a 100-step window,
 # three quarters of the blocks; CosmicConfig.fast() has since changed these three
 FIRST = dict(qci_min_width=0, cdg_prefix_window=100, cdg_prefix_max=0.75, lower="eager")
@@ -43,4 +54,4 @@ arms = {
 for steps in (40, 400):
     for name, cfg in arms.items():
         errs = [run(cfg, s, steps) for s in (0, 1, 2)]
-        print(steps, f"{name:32s}", " ".join(f"{e:5.1f}" for e in errs), f"mean {sum(errs)/3:.1f}", flush=True)
+        print(steps, f"{name:32s}", " ".join(f"{e:5.1f}" for e in errs), f"mean {sum(errs) / 3:.1f}", flush=True)

@@ -44,7 +44,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     args = ap.parse_args()
     tasks = make_tasks(args.tasks.split(","), quick=False, cache_dir="results/pretrained")
-    print("| task | seed | arm | final | steps to target | time to target s | median step ms | peak step MiB | frozen |")
+    print(
+        "| task | seed | arm | final | steps to target | time to target s | median step ms | peak step MiB | frozen |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for task in tasks:
         for seed in map(int, args.seeds.split(",")):
@@ -52,9 +54,12 @@ def main() -> None:
                 task.prepare(seed)
             for text in args.arms:
                 r = train_run(task, parse_arm(text, task), seed)
-                print(f"| {task.name} | {seed} | {text} | {r.final:.3f} | {r.steps_to_target:.0f} | "
-                      f"{r.time_to_target:.2f} | {1000 * r.median_step:.1f} | {r.peak_memory_mb:.1f} | "
-                      f"{100 * r.frozen_fraction:.0f}% |", flush=True)
+                print(
+                    f"| {task.name} | {seed} | {text} | {r.final:.3f} | {r.steps_to_target:.0f} | "
+                    f"{r.time_to_target:.2f} | {1000 * r.median_step:.1f} | {r.peak_memory_mb:.1f} | "
+                    f"{100 * r.frozen_fraction:.0f}% |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -53,5 +53,7 @@ for r in range(30):
         step(use, x, y, r % 4)
         times[use].append(time.perf_counter() - start)
 med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-print(f"median step with cache {med[True] * 1e3:.2f} ms, without {med[False] * 1e3:.2f} ms, "
-      f"ratio {med[True] / med[False]:.2f}")
+print(
+    f"median step with cache {med[True] * 1e3:.2f} ms, without {med[False] * 1e3:.2f} ms, "
+    f"ratio {med[True] / med[False]:.2f}"
+)

@@ -50,8 +50,11 @@ def main() -> None:
             if len(rt.freeze_events) != seen:
                 seen = len(rt.freeze_events)
                 print(f"{task.name}: step {rt.freeze_events[-1][0]}: {rt.last_step['prefix']}", flush=True)
-        print(f"{task.name}: blocks {[name for name, _ in rt.prefix_units]}; events at steps "
-              f"{[s for s, _ in rt.freeze_events]} in {args.steps} steps", flush=True)
+        print(
+            f"{task.name}: blocks {[name for name, _ in rt.prefix_units]}; events at steps "
+            f"{[s for s, _ in rt.freeze_events]} in {args.steps} steps",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

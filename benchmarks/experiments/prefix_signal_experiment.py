@@ -43,15 +43,18 @@ def encode(text: str) -> torch.Tensor:
 def main(pretrained: str, arm: str, steps: int = 1500, seed: int = 0) -> None:
     text = open(os.path.join(sysconfig.get_paths()["stdlib"], "pydoc_data", "topics.py"), encoding="utf-8").read()
     tokens = encode(text)
-    train, held = tokens[: int(0.9 * len(tokens))], tokens[int(0.9 * len(tokens)):]
+    train, held = tokens[: int(0.9 * len(tokens))], tokens[int(0.9 * len(tokens)) :]
     starts = torch.linspace(0, len(held) - CTX - 2, 128).long()
-    vx = torch.stack([held[s:s + CTX] for s in starts])
-    vy = torch.stack([held[s + 1:s + CTX + 1] for s in starts])
+    vx = torch.stack([held[s : s + CTX] for s in starts])
+    vy = torch.stack([held[s + 1 : s + CTX + 1] for s in starts])
     torch.manual_seed(1234)
     model = TinyTransformerLM(97, dim=64, heads=4, layers=6, context=CTX)
     model.load_state_dict(torch.load(pretrained, weights_only=True))
-    cfg = cosmic_fx.CosmicConfig.off(lower="eager") if arm == "off" else \
-        cosmic_fx.CosmicConfig.off(cdg="prefix", cdg_prefix_signal=arm, lower="eager")
+    cfg = (
+        cosmic_fx.CosmicConfig.off(lower="eager")
+        if arm == "off"
+        else cosmic_fx.CosmicConfig.off(cdg="prefix", cdg_prefix_signal=arm, lower="eager")
+    )
     tm = cosmic_fx.transform(model, cfg)
     rt = cosmic_fx.attach_hooks(tm) if arm != "off" else None
     opt = torch.optim.AdamW(tm.parameters(), lr=1e-3)
@@ -61,7 +64,7 @@ def main(pretrained: str, arm: str, steps: int = 1500, seed: int = 0) -> None:
         return nn.functional.cross_entropy(tm(x).reshape(-1, 97), y.reshape(-1))
 
     spent = 0.0
-    for step in range(1, steps + 1):
+    for _ in range(1, steps + 1):
         s = torch.randint(0, len(train) - CTX - 1, (BATCH,), generator=gen)
         idx = s[:, None] + torch.arange(CTX)
         t0 = time.thread_time()
@@ -75,8 +78,10 @@ def main(pretrained: str, arm: str, steps: int = 1500, seed: int = 0) -> None:
         bpc = loss_of(vx, vy).item() / math.log(2)
     events = [(s, len(names)) for s, names in rt.freeze_events] if rt is not None else []
     blocks = [name for name, _ in rt.prefix_units] if rt is not None else []
-    print(f"arm={arm} seed={seed} steps={steps} val_bpc={bpc:.4f} train_thread_s={spent:.1f} "
-          f"events(step, frozen tensors)={events} frozen_blocks={rt.prefix.length if rt else 0}/{len(blocks)}")
+    print(
+        f"arm={arm} seed={seed} steps={steps} val_bpc={bpc:.4f} train_thread_s={spent:.1f} "
+        f"events(step, frozen tensors)={events} frozen_blocks={rt.prefix.length if rt else 0}/{len(blocks)}"
+    )
 
 
 if __name__ == "__main__":

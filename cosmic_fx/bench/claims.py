@@ -153,7 +153,8 @@ def run(
     payload = {
         "lower": lower, "seeds": seeds, "quick": quick, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "claims": claim_payload, "targets": target_payload,
-        "tasks": {t.name: {"metric": t.metric, "target": t.target, "steps": t.steps, "pretraining": pretrain.get(t.name),
+        "tasks": {t.name: {"metric": t.metric, "target": t.target, "steps": t.steps,
+                           "pretraining": pretrain.get(t.name),
                            "arms": {k: [dataclasses.asdict(r) for r in v] for k, v in results[t.name].items()}}
                   for t in task_objs},
     }

@@ -102,7 +102,8 @@ def _hand_written(transformed, config):
     class HandMLP(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            seq = [m for name, m in transformed.named_children() if name not in ("cosmic_qci", "cosmic_csc", "cosmic_state")]
+            extra = ("cosmic_qci", "cosmic_csc", "cosmic_state")
+            seq = [m for name, m in transformed.named_children() if name not in extra]
             self.layers = nn.ModuleList(copy.deepcopy(seq))
             qcis = transformed.get_submodule("cosmic_qci")
             self.qci = nn.ModuleDict({k: copy.deepcopy(v) for k, v in qcis.named_children()})

@@ -74,7 +74,8 @@ class Pretraining:
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("momentum", "adamw"):
-            raise ValueError(f"Pretraining {self.name!r}: optimizer must be 'momentum' or 'adamw', got {self.optimizer!r}")
+            raise ValueError(f"Pretraining {self.name!r}: optimizer must be 'momentum' or 'adamw', "
+                             f"got {self.optimizer!r}")
         if self.steps < 1:
             raise ValueError(f"Pretraining {self.name!r}: steps must be >= 1, got {self.steps}")
         if not self.name or not all(c.isalnum() or c == "-" for c in self.name):

@@ -196,7 +196,8 @@ def _col_train(run: TrainRun, settings: Settings) -> Cell:
     if not head:
         return Cell(False, run.error or "no step ran")
     if not all(math.isfinite(v) for v in run.losses):
-        return Cell(False, f"non-finite loss at step {next(i for i, v in enumerate(run.losses) if not math.isfinite(v))}")
+        first = next(i for i, v in enumerate(run.losses) if not math.isfinite(v))
+        return Cell(False, f"non-finite loss at step {first}")
     if run.error:
         return Cell(False, f"step {len(run.losses)}: {run.error}")
     text = f"{head[0]:.3g} → {head[-1]:.3g}"
@@ -376,7 +377,8 @@ def render(rows: Sequence[Row], settings: Settings) -> str:
                                         (rates[k] for k, _ in COLUMNS)], f"{sum(r.seconds for r in rows):.0f}"])
     ran = sum(r.skipped is None for r in rows)
     lines = [
-        f"torch {torch.__version__}, lowering {settings.lower}, {settings.steps} Adam steps (lr {settings.lr}) at batch "
+        f"torch {torch.__version__}, lowering {settings.lower}, {settings.steps} Adam steps (lr {settings.lr}) "
+        "at batch "
         f"{settings.batch}, then batches {', '.join(map(str, settings.extra_batches)) or 'none'}; "
         f"{ran} model(s) ran, {len(rows) - ran} skipped",
         "",

@@ -200,7 +200,8 @@ def _transformers():
     except ImportError:
         raise LibraryMissing("transformers not installed (pip install 'cosmic-fx[zoo]')") from None
     except Exception as err:  # noqa: BLE001 - e.g. a broken torchvision next to it
-        raise LibraryMissing(f"transformers does not import here: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+        first_line = str(err).splitlines()[0]
+        raise LibraryMissing(f"transformers does not import here: {type(err).__name__}: {first_line}") from None
     return transformers
 
 

@@ -42,7 +42,8 @@ _HINT = "run `make zoo-vendor` (pip install --no-deps --target .zoo-vendor torch
 def vendor_dir() -> Path | None:
     """The folder holding the isolated torchvision / timm, if there is one."""
     env = os.environ.get(VENDOR_ENV)
-    candidates = [Path(env)] if env else [Path.cwd() / ".zoo-vendor", Path(__file__).resolve().parents[2] / ".zoo-vendor"]
+    here = Path(__file__).resolve().parents[2]
+    candidates = [Path(env)] if env else [Path.cwd() / ".zoo-vendor", here / ".zoo-vendor"]
     return next((p.resolve() for p in candidates if p.is_dir()), None)
 
 
