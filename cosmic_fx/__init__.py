@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .adapter import load_adapter
+from .checks import check_module
 from .backend import cosmic_backend
 from .config import CCEFused, CCEMode, CDGMode, CosmicConfig, CSCPlacement, Lowering, PrefixSignal, QCIForm, QCIInit
 from .export import export
@@ -63,6 +64,7 @@ def compile(model: nn.Module, config: CosmicConfig | None = None, **compile_kwar
     from .runtime import _unwrap
     from .runtime.distributed import check_not_wrapped
 
+    check_module(model, "cosmic_fx.compile")
     if config is not None:
         config = as_config(config, "cosmic_fx.compile")
     for key in ("backend", "options", "mode"):

@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 
 from . import policy
+from .checks import check_module
 from .config import CDGMode, CosmicConfig, CSCPlacement
 from .quantities import efficiency
 from .report import ParamRow, PrefixView, Report, SiteRow, _Node, _shape
@@ -58,11 +59,10 @@ def explain(model: nn.Module, example_inputs: Any, config: CosmicConfig | None =
     from .tracer import symbolic_trace
     from .transform import transform, transform_info
 
+    check_module(model, "cosmic_fx.explain")
     inputs = _as_tuple(example_inputs)
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         model = model._orig_mod
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"cosmic_fx.explain expects an nn.Module; got {type(model).__name__}")
     _check_not_meta(model, inputs)
     info = transform_info(model)
     if info is not None:

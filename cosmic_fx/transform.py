@@ -33,6 +33,7 @@ import types
 import torch
 from torch import fx, nn
 
+from .checks import check_module
 from .config import CosmicConfig, CSCPlacement
 from .runtime import STATE_NAME, CosmicRuntime, CosmicState
 from .runtime.distributed import check_not_wrapped
@@ -135,9 +136,8 @@ def transform(model: nn.Module, config: CosmicConfig | None = None) -> nn.Module
         >>> torch.equal(tm(x), model(x))
         True
     """
+    check_module(model, "cosmic_fx.transform")
     config = as_config(config, "cosmic_fx.transform")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"cosmic_fx.transform expects an nn.Module; got {type(model).__name__}")
     check_not_wrapped(model, "cosmic_fx.transform")
     if transform_info(model) is not None:
         raise ValueError(

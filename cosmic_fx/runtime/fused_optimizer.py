@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from ..checks import check_module
 from ..config import CCEFused, CCEMode, CDGMode, CosmicConfig
 
 __all__ = ["FusedOptimizer", "compiled_autograd_compiler", "fused_optimizer", "traced_backward", "watch_double_updates"]
@@ -150,8 +151,7 @@ def fused_optimizer(model: nn.Module) -> FusedOptimizer:
     """
     from . import runtime_of
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"cosmic_fx.fused_optimizer expects an nn.Module; got {type(model).__name__}")
+    check_module(model, "cosmic_fx.fused_optimizer")
     rt = runtime_of(model)
     if rt is None:
         raise ValueError(
