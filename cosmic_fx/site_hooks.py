@@ -139,7 +139,7 @@ def attach_sites(root: nn.Module, sites: list[Site], config) -> list[str]:
             continue
         layer = root.get_submodule(site.module) if site.module else root
         like = next(layer.parameters(), None)
-        qci = make_qci(site.width, site.feature_dim, config, like) if config.qci_at(site.width) else None
+        qci = make_qci(site.width, site.feature_dim, config, like, site.name) if config.qci_at(site.width) else None
         csc = make_csc(config, site.feature_dim) if config.csc is CSCPlacement.SITES else None
         if qci is not None:
             register_nested(root, f"{QCI_ROOT}.{site.name}", qci)
