@@ -16,7 +16,11 @@ diagonal   ``s * x + b``                         ``2 dim`` (``h`` only), element
 ========== ===================================== ============================================
 
 With ``init="identity"`` (``W = I``; ``B = 0``; ``s = 1``; ``b = 0``) every form returns ``x``
-exactly until trained: ``P(x)`` is exactly ``x``, so the lerp returns ``x`` whatever the gate.
+exactly until trained: ``P(x)`` is exactly ``x``, so the lerp returns ``x`` whatever the gate. That
+holds for non-finite inputs too: a row (the features of one position; of one pixel for channel
+features) whose ``mean_f |P(x)|`` is not finite -- a NaN or infinite input feature, or an overflow --
+comes out as it went in, at any init (``P`` is undefined on it: ``0 * inf`` is NaN). Gradients
+through such a row are not finite, as in the model without the QCI.
 Under torch.compile / torch.export the forms use ops Inductor fuses into one pass over the
 activations; eagerly, fused ATen kernels (an L1 norm, a GEMV, addcmul, lerp) that avoid temporaries.
 Measurements: docs/perf.md.
@@ -167,7 +171,8 @@ class QuantumClassicalInterface(nn.Module):
         gate = torch.sigmoid(self.beta * mean_abs / (torch.sigmoid(h) + self.eps))
         # lerp(x, P(x), g) = x + g (P(x) - x) = g P(x) + (1 - g) x in one pass; it returns x exactly
         # whenever P(x) == x (the identity init), whatever the gate
-        return torch.lerp(x, proj, gate)
+        out = torch.lerp(x, proj, gate)
+        return _pass_non_finite_rows(x, out, mean_abs)
 
     def _feature_view(self, v: torch.Tensor) -> torch.Tensor:
         """A per-feature vector shaped to broadcast against inputs with features on ``feature_dim``."""
@@ -292,6 +297,23 @@ class DiagonalQCI(QuantumClassicalInterface):
     @property
     def estimator_weight(self) -> torch.Tensor:
         return self.h_weight
+
+
+def _pass_non_finite_rows(x: torch.Tensor, out: torch.Tensor, mean_abs: torch.Tensor) -> torch.Tensor:
+    """``out``, with ``x`` in every row whose ``mean_f |P(x)|`` is not finite.
+
+    A non-finite feature poisons its whole row: ``P``'s matmul multiplies it by the zeros of the
+    identity (``0 * inf`` is NaN), and ``lerp`` computes ``inf - inf``. Such a row passes through as it
+    came in, so the identity init is exact for every input and a transformed model has the model's own
+    NaN/inf pattern. ``mean_abs`` is already there (one value per row): the check reads it, not the
+    activations. Eagerly on the CPU the row check decides whether the (rare) replacement pass runs at
+    all; elsewhere a ``where`` that Inductor fuses into the pass that writes ``out``, and that on CUDA
+    eager costs one elementwise pass (a data-dependent branch would synchronise the device instead).
+    """
+    bad = ~torch.isfinite(mean_abs)
+    if type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return torch.where(bad, x, out) if bool(bad.any()) else out
+    return torch.where(bad, x, out)
 
 
 QCI_FORMS: dict[QCIForm, type[QuantumClassicalInterface]] = {
