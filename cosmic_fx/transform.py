@@ -61,6 +61,8 @@ class TransformInfo:
             the passes inserted (traced path) or the hooks attached (module swap), in order.
         trace_error: why symbolic tracing was not used (module_swap path only).
         graph_module: traced path: the rewritten graph, whose ``forward`` the result runs.
+        output_csc: ``csc="output"``: the site whose output the output CSC acts on, the output
+            layer (:func:`cosmic_fx.policy.output_site`); else ``None``.
     """
 
     path: str
@@ -69,6 +71,7 @@ class TransformInfo:
     rewritten: list[str]
     trace_error: str | None = None
     graph_module: fx.GraphModule | None = dataclasses.field(default=None, repr=False, compare=False)
+    output_csc: str | None = None
 
 
 def transform_info(model: nn.Module) -> TransformInfo | None:
@@ -240,7 +243,8 @@ def _rewrite_traced(model: nn.Module, out: nn.Module, gm: fx.GraphModule, config
     InsertCSC(config)(gm)
     _bind_graph(out, gm)
     keep_sequential_face(out)
-    info = TransformInfo("symbolic_trace", config, [s.info() for s in sites], _inserted_sites(gm), graph_module=gm)
+    info = TransformInfo("symbolic_trace", config, [s.info() for s in sites], _inserted_sites(gm), graph_module=gm,
+                         output_csc=_output_csc_site(gm))
     setattr(out, INFO_ATTR, info)
     return _add_runtime(out, config, output_layer_params(gm), params_in_forward_order(gm))
 
@@ -249,6 +253,12 @@ def _inserted_sites(gm: fx.GraphModule) -> list[str]:
     """Names of the sites the passes inserted a QCI or CSC after, in graph order."""
     names = (n.meta.get(META_KEY, {}) for n in gm.graph.nodes)
     return list(dict.fromkeys(m["site"] for m in names if m.get("inserted_by") and "site" in m))
+
+
+def _output_csc_site(gm: fx.GraphModule) -> str | None:
+    """The site the output CSC follows (``None``: none, or one on a returned value)."""
+    return next((n.meta[META_KEY]["output_layer"] for n in gm.graph.nodes
+                 if "output_layer" in n.meta.get(META_KEY, {})), None)
 
 
 def _bind_graph(out: nn.Module, gm: fx.GraphModule) -> None:
@@ -280,9 +290,9 @@ def _module_swap(model: nn.Module, out: nn.Module, config: CosmicConfig, kinds, 
     _check_has_sites(model, sites, config)
     check_selection(sites, config)
     rewritten = attach_sites(out, sites, config)
-    if config.csc is CSCPlacement.OUTPUT:
-        attach_output_csc(out, config)
+    output_csc = attach_output_csc(out, sites, config) if config.csc is CSCPlacement.OUTPUT else None
     keep_sequential_face(out)
-    info = TransformInfo("module_swap", config, [s.info() for s in sites], rewritten, trace_error)
+    info = TransformInfo("module_swap", config, [s.info() for s in sites], rewritten, trace_error,
+                         output_csc=output_csc)
     setattr(out, INFO_ATTR, info)
     return _add_runtime(out, config, None)  # the output layer is known at the first forward

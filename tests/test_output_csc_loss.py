@@ -1,0 +1,100 @@
+"""Output CSC acts where the model's own loss sees it (issue 16 item 1): on the output layer's output
+(the last site, after its QCI), so the loss a forward computes from its logits is the loss of the
+logits it returns. Before, CSC was applied to the forward's result: a Hugging Face model's out.loss
+ignored it (GPT-2: 4.91442 vs 4.91545 for the cross-entropy of out.logits)."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import assert_close
+
+import cosmic_fx
+from cosmic_fx import CosmicConfig
+
+from .test_hf_models import CASES, ids
+
+transformers = pytest.importorskip("transformers")
+
+
+def convnext():
+    cfg = transformers.ConvNextConfig(num_channels=3, hidden_sizes=[16, 32], depths=[1, 1], num_stages=2,
+                                      image_size=16, num_labels=4)
+    return transformers.ConvNextForImageClassification(cfg)
+
+
+def lm_loss(logits, labels, shift):
+    """The models' own loss, written out: (shifted) token cross-entropy, -100 ignored."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+
+
+MODELS = {
+    "gpt2": (CASES["gpt2"][0], CASES["gpt2"][1], lambda out, inp: lm_loss(out.logits, inp["labels"], shift=True),
+             "lm_head"),
+    "t5": (CASES["t5"][0], CASES["t5"][1], lambda out, inp: lm_loss(out.logits, inp["labels"], shift=False), "lm_head"),
+    "bert": (CASES["bert"][0], CASES["bert"][1], lambda out, inp: F.cross_entropy(out.logits, inp["labels"]),
+             "classifier"),
+    "vit": (CASES["vit"][0], CASES["vit"][1], lambda out, inp: F.cross_entropy(out.logits, inp["labels"]),
+            "classifier"),
+    "convnext": (convnext, lambda: {"pixel_values": torch.rand(2, 3, 16, 16), "labels": torch.tensor([1, 3])},
+                 lambda out, inp: F.cross_entropy(out.logits, inp["labels"]), "classifier"),
+}
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_hf_loss_is_the_loss_of_the_returned_logits(name, train):
+    factory, make_inputs, loss_of, head = MODELS[name]
+    torch.manual_seed(0)
+    model = factory().train(train)
+    inputs = make_inputs()
+    tm = cosmic_fx.transform(model, CosmicConfig(csc="output"))
+    assert cosmic_fx.transform_info(tm).output_csc == head
+    out = tm(**inputs)
+    assert_close(out.loss, loss_of(out, inputs))
+    # and CSC did act: the logits are the compressed head output (identity QCI: the model's own logits)
+    if not train:
+        with torch.no_grad():
+            ref = model(**inputs).logits
+        assert_close(out.logits, cosmic_fx.cosmic_state_compression(ref, 0.5))
+        assert not torch.allclose(out.logits, ref)
+
+
+class LossInside(nn.Module):
+    """A traceable model that computes its loss inside forward, Hugging Face style."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(8, 32), nn.Linear(32, 12)
+
+    def forward(self, x, labels):
+        logits = self.head(self.body(x).relu())
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_traced_and_backend_paths_compute_the_loss_from_the_compressed_logits():
+    torch.manual_seed(0)
+    model = LossInside()
+    x, y = torch.randn(4, 8), torch.tensor([0, 3, 5, 11])
+    tm = cosmic_fx.transform(model, CosmicConfig(csc="output"))
+    info = cosmic_fx.transform_info(tm)
+    assert info.path == "symbolic_trace" and info.output_csc == "head"
+    out = tm(x, y)
+    assert_close(out["loss"], F.cross_entropy(out["logits"], y))
+    assert_close(out["logits"], cosmic_fx.cosmic_state_compression(model(x, y)["logits"]))
+    # an untransformed model compiled with the backend: the pass runs on dynamo's graph (a fresh model:
+    # the backend treats a model whose parameters a transformed model shares as transformed)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = LossInside()
+    compiled = torch.compile(model, backend="cosmic", options={"lower": "aot_eager", "csc": "output"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the once-per-process notice that the model was not transformed
+        out = compiled(x, y)
+    assert_close(out["loss"], F.cross_entropy(out["logits"], y))
+    assert_close(out["logits"], cosmic_fx.cosmic_state_compression(model(x, y)["logits"]))
+    torch._dynamo.reset()
