@@ -98,3 +98,55 @@ def test_traced_and_backend_paths_compute_the_loss_from_the_compressed_logits():
     assert_close(out["loss"], F.cross_entropy(out["logits"], y))
     assert_close(out["logits"], cosmic_fx.cosmic_state_compression(model(x, y)["logits"]))
     torch._dynamo.reset()
+
+
+class Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x).relu()) * 2
+
+
+class HeadFirst(nn.Module):
+    """Registers its head before its body, and does not trace (module swap reads the module order)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head, self.body = nn.Linear(32, 5), nn.Linear(8, 32)
+
+    def forward(self, x):
+        h = self.body(x)
+        if h.sum() > 0:
+            h = h.relu()
+        return self.head(h)
+
+
+class SharedHead(nn.Module):
+    """Calls its head twice, and does not trace (on the traced path CSC follows the last call only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 16)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 2
+        return self.head(x) + self.head(x.flip(-1))
+
+
+def test_explain_notes_where_output_csc_is_not_on_the_prediction_itself():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8)
+    assert "output CSC" not in cosmic_fx.explain(LossInside(), (x, torch.tensor([1, 2]))).note
+    assert "output CSC" not in cosmic_fx.explain(nn.Sequential(nn.Linear(8, 32), nn.Linear(32, 4)), x).note
+    scaled = cosmic_fx.explain(Scaled(), x).note
+    assert "output CSC acts on the output of the output layer fc2" in scaled and "further operations" in scaled
+    first = cosmic_fx.explain(HeadFirst(), x)
+    assert first.path == "module_swap"
+    assert "output CSC sits on body, the last site in module order" in first.note
+    assert "the forward runs head last" in first.note and "Register the head last" in first.note
+    shared = cosmic_fx.explain(SharedHead(), x).note
+    assert "the output layer head ran 2 times in one forward" in shared
+    assert "output CSC" not in cosmic_fx.explain(Scaled(), x, CosmicConfig(csc="none")).note
