@@ -115,8 +115,22 @@ def transform(model: nn.Module, config: CosmicConfig | None = None) -> nn.Module
 
     The result shares the original weights and owns the new QCI parameters (they are in
     ``.parameters()`` and ``state_dict()``, so an optimizer built on the result trains them). With the
-    default identity init, the result computes exactly what the model did (up to CSC, if enabled).
-    ``cosmic_fx.transform_info(result)`` says which path was taken and what was rewritten.
+    default identity init, the result computes exactly what the model did (up to CSC, if enabled),
+    NaN and inf included. ``cosmic_fx.transform_info(result)`` says which path was taken and what was
+    rewritten.
+
+    The global RNG (``torch.get_rng_state()``, the CUDA generators) is left as it was: each QCI draws
+    its initial values (``qci_init="seed"``, and the random half of the identity forms) from a CPU
+    generator of its own, seeded with :func:`cosmic_fx.qci.qci_seed` from ``torch.initial_seed()``
+    and the site's name. The same ``torch.manual_seed`` gives the same QCIs, and a model with dropout
+    draws the same masks as without the transform.
+
+    Output CSC (``csc="output"``) acts on the output of the output layer: the last site the forward
+    runs (:func:`cosmic_fx.policy.output_site`; on the module-swap path the last site in module
+    order), after its QCI. Everything the forward computes from it sees the compressed value, so the
+    loss a Hugging Face model returns is the loss of the logits it returns.
+    ``transform_info(result).output_csc`` names that site; :func:`cosmic_fx.explain` notes a model
+    whose output is computed from it by further operations or whose forward runs another site last.
 
     Args:
         model: any ``nn.Module`` (left untouched).
