@@ -123,6 +123,12 @@ class HeadFirst(nn.Module):
         return self.head(h)
 
 
+class HeadLast(HeadFirst):
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+        self.body, self.head = nn.Linear(8, 32), nn.Linear(32, 5)
+
+
 class SharedHead(nn.Module):
     """Calls its head twice, and does not trace (on the traced path CSC follows the last call only)."""
 
@@ -150,3 +156,19 @@ def test_explain_notes_where_output_csc_is_not_on_the_prediction_itself():
     shared = cosmic_fx.explain(SharedHead(), x).note
     assert "the output layer head ran 2 times in one forward" in shared
     assert "output CSC" not in cosmic_fx.explain(Scaled(), x, CosmicConfig(csc="none")).note
+
+
+def test_training_a_model_whose_head_is_not_last_in_module_order_warns():
+    torch.manual_seed(0)
+    tm = cosmic_fx.transform(HeadFirst(), CosmicConfig(csc="output"))
+    cosmic_fx.attach_hooks(tm)
+    with pytest.warns(UserWarning, match=r"output CSC acts on body, the last site in HeadFirst's module order, but "
+                                         r"its forward runs head last.*Register the output layer last in __init__"):
+        tm(torch.randn(2, 8)).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the output layer is learnt at the first forward
+        tm(torch.randn(2, 8)).sum().backward()
+        ok = cosmic_fx.transform(HeadLast(), CosmicConfig())
+        assert cosmic_fx.transform_info(ok).path == "module_swap"
+        cosmic_fx.attach_hooks(ok)
+        ok(torch.randn(2, 8)).sum().backward()
