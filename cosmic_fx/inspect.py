@@ -291,7 +291,8 @@ class _OutputCSCSeen:
     csc_outputs: list[Any] = dataclasses.field(default_factory=list)
 
 
-def _run_recording_output_layer(model: nn.Module, inputs: tuple) -> tuple[Any, list[torch.Tensor], list, _OutputCSCSeen]:
+def _run_recording_output_layer(model: nn.Module,
+                                inputs: tuple) -> tuple[Any, list[torch.Tensor], list, _OutputCSCSeen]:
     """Run the model; return its output, the output layer's parameters
     (:func:`cosmic_fx.policy.output_layer` over the module calls, as the runtime protects them), the
     parameters in the order the forward read them, and what it showed about the output CSC."""

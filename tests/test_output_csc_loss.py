@@ -14,7 +14,7 @@ from torch.testing import assert_close
 import cosmic_fx
 from cosmic_fx import CosmicConfig
 
-from .test_hf_models import CASES, ids
+from .test_hf_models import CASES
 
 transformers = pytest.importorskip("transformers")
 
