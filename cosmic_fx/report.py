@@ -98,9 +98,9 @@ class Report:
             a model that does not trace, the module calls of one forward).
         inserted_nodes: names of the nodes the passes inserted into ``graph_after``.
         totals: sites found/rewritten, parameters and FLOPs before/after.
-        note: why the model was not traced (module_swap path), and where output CSC does not act on
-            the model's prediction itself (ops after the output layer, another layer run last, the
-            output layer run several times); else ``""``.
+        note: which path the transform took and why, when it is the module swap, and where output
+            CSC does not act on the model's prediction itself (ops after the output layer, another
+            layer run last, the output layer run several times); else ``""``.
     """
 
     def __init__(self, **fields: Any) -> None:
@@ -240,7 +240,7 @@ class Report:
             f"{t['flops_after']:,} (matmul/conv, torch.utils.flop_counter)",
         ]
         if self.note:
-            lines.append(f"note: {self.note}")
+            lines.append(self.note)
         return lines
 
     def __str__(self) -> str:

@@ -24,6 +24,7 @@ ENTRY_POINTS = {
     "hooks_of": lambda m: cosmic_fx.hooks_of(m),
     "load_adapter": lambda m: cosmic_fx.load_adapter(m, "unused"),
     "fused_optimizer": lambda m: cosmic_fx.fused_optimizer(m),
+    "PrefixCache": lambda m: cosmic_fx.PrefixCache(m),
 }
 
 NOT_MODULES = [

@@ -228,6 +228,13 @@ class CosmicRuntime:
         """The names of the parameters this runtime covers, in its index order."""
         return list(self._names)
 
+    # ------------------------------------------------------------------ hook point: fused updates
+    @property
+    def fuses_update(self) -> bool:
+        """Whether the hooks apply an update inside backward: the config's ``cce_fused``, or a
+        ``torch.optim`` optimizer that :func:`cosmic_fx.fused_optimizer` put in ``self.fused``."""
+        return self.config.cce_fused is not CCEFused.OFF or self.fused.external
+
     # ------------------------------------------------------------------ activation
     def activate(self, mode: str) -> None:
         """Start applying CDG/CCE: ``"eager"`` (``attach_hooks``) or ``"compiled"`` (the backend)."""
@@ -251,7 +258,7 @@ class CosmicRuntime:
         model = self.model
         if model is not None:
             check_not_sharded(model, self.config)
-        if self.config.hooks_enabled:
+        if self.config.hooks_enabled or self.fuses_update:
             self._attach_hooks()
         if self.config.cdg is CDGMode.PREFIX and self.prefix.length and not self.cdg.frozen:
             # remove() thawed the prefix; prefix CDG never thaws it while it runs
@@ -260,7 +267,7 @@ class CosmicRuntime:
                 if p is not None and i in self.cdg.frozen:
                     p.requires_grad_(False)
         self.mode = mode
-        if self.config.cce_fused is not CCEFused.OFF:
+        if self.fuses_update:
             from .fused_optimizer import watch_double_updates
 
             watch_double_updates(self)
@@ -458,7 +465,7 @@ class CosmicRuntime:
             _queue_callback(self._end_of_backward)
         if p.grad is None:
             return
-        if self._decide(i, p) and self.config.cce_fused is not CCEFused.OFF:
+        if self._decide(i, p) and self.fuses_update:
             if self.mode == "compiled" and not self._warned_untraced:
                 self._warned_untraced = True
                 warnings.warn(
