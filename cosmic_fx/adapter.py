@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import check_module
 from .config import CosmicConfig
 from .loading import CorruptFileError
 
@@ -178,13 +179,12 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, *, check_base: 
     """
     from .transform import transform, transform_info
 
+    check_module(base_model, "cosmic_fx.load_adapter")
     folder = Path(path)
     if folder.is_file():
         folder = folder.parent
     elif not folder.exists():
         raise CorruptFileError(f"{folder}: no such adapter directory")
-    if not isinstance(base_model, nn.Module):
-        raise TypeError(f"cosmic_fx.load_adapter expects an nn.Module; got {type(base_model).__name__}")
     if transform_info(base_model) is not None:
         raise ValueError("load_adapter needs the base model, not a transformed one (it would get two QCIs per site)")
     meta = _read_adapter_config(folder)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .backend import cosmic_backend
+from .checks import check_module
 from .config import CosmicConfig
 from .runtime import runtime_of
 from .transform import as_config, transform, transform_info
@@ -46,6 +47,7 @@ def compile(model: nn.Module, config: CosmicConfig | None = None, **compile_kwar
     from .runtime import _unwrap
     from .runtime.distributed import check_not_wrapped
 
+    check_module(model, "cosmic_fx.compile")
     if config is not None:
         config = as_config(config, "cosmic_fx.compile")
     for key in ("backend", "options", "mode"):

@@ -146,7 +146,8 @@ class CosmicConfig:
         targets: regexes (full match on the qualified module name); when given, only matching sites
             qualify.
         exclude: regexes; matching sites never qualify.
-        csc: where cosmic state compression goes: ``"output"``, ``"sites"`` or ``"none"``.
+        csc: where cosmic state compression goes: ``"output"`` (on the output layer's output, the
+            last site's, before the forward computes a loss from it), ``"sites"`` or ``"none"``.
         csc_alpha: the entropy threshold ``alpha`` of CSC, finite and >= 0.
         eps: the epsilon of every formula, in (0, 1e-2].
         cdg: ``"off"``, ``"seed"`` (literal), ``"calibrated"`` or ``"prefix"`` (progressive

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _save_adapter, load_adapter
+from .checks import check_module
 from .config import CosmicConfig
 from .loading import CorruptFileError, load_onnx, load_program
 from .scoped import eval_no_grad, quiet_torch_logs
@@ -95,6 +96,7 @@ def export(
         >>> torch.export.load("model.pt2").module()(torch.randn(9, 8)).shape   # doctest: +SKIP
         torch.Size([9, 4])
     """
+    check_module(model, "cosmic_fx.export")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(map(repr, FORMATS))}; got {format!r}")
     tm = _transformed(model, config)
@@ -115,8 +117,6 @@ def _transformed(model: nn.Module, config: CosmicConfig | None) -> nn.Module:
 
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         model = model._orig_mod
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"cosmic_fx.export expects an nn.Module; got {type(model).__name__}")
     info = transform_info(model)
     if info is None:
         with torch.random.fork_rng(devices=[]):

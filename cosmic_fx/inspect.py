@@ -13,6 +13,7 @@ What the ``cosmic`` backend did to the graphs ``torch.compile`` handed it is :fu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 from torch import fx, nn
 
 from . import policy
+from .checks import check_module
 from .config import CDGMode, CosmicConfig, CSCPlacement
 from .quantities import efficiency
 from .report import ParamRow, PrefixView, Report, SiteRow, _Node, _shape
@@ -61,11 +63,10 @@ def explain(model: nn.Module, example_inputs: Any, config: CosmicConfig | None =
     from .tracer import symbolic_trace
     from .transform import transform, transform_info
 
+    check_module(model, "cosmic_fx.explain")
     inputs = _as_tuple(example_inputs)
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         model = model._orig_mod
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"cosmic_fx.explain expects an nn.Module; got {type(model).__name__}")
     _check_not_meta(model, inputs)
     info = transform_info(model)
     if info is not None:
@@ -91,7 +92,7 @@ def explain(model: nn.Module, example_inputs: Any, config: CosmicConfig | None =
         shapes = _site_shapes(original, inputs, before_gm)
         flops_before = _flops(original, inputs)
         flops_after = _flops(tm, inputs)
-        out, protected, order = _run_recording_output_layer(tm, inputs)
+        out, protected, order, seen = _run_recording_output_layer(tm, inputs)
         if info.path == "symbolic_trace":
             before_code, after_code = _code(before_gm), _code(info.graph_module)
             nodes = _fx_nodes(info.graph_module)
@@ -120,7 +121,45 @@ def explain(model: nn.Module, example_inputs: Any, config: CosmicConfig | None =
     return Report(model_name=name, path=info.path, config=config, input_shapes=[_shape_of(x) for x in inputs],
                   sites=sites, params=params, e_out=e_out, graph_before=before_code, graph_after=after_code,
                   inserted_nodes=inserted_nodes, totals=totals, nodes=nodes, prefix=prefix,
-                  note=_path_note(model, info))
+                  note=_note(model, tm, info, out, seen))
+
+
+def _note(model: nn.Module, tm: nn.Module, info, out: Any, seen: _OutputCSCSeen) -> str:
+    """The report's note: the module-swap path's line, then where output CSC is not on the prediction."""
+    csc = _output_csc_notes(tm, info, out, seen) if info.output_csc is not None else []
+    return ". ".join(filter(None, [_path_note(model, info), " ".join(csc)]))
+
+
+def _output_csc_notes(tm: nn.Module, info, out: Any, seen: _OutputCSCSeen) -> list[str]:
+    """Where output CSC does not act as documented (on the model's prediction, before the forward
+    computes its loss from it), read from one forward of the transformed model."""
+    from .outputs import primary_path
+
+    head = info.output_csc
+    if not seen.csc_outputs:
+        return [f"output CSC sits on the output layer {head}, which this forward did not run: the output is "
+                "not compressed."]
+    notes = []
+    if info.path == "module_swap" and seen.last_site is not None and seen.last_site != head:
+        notes.append(
+            f"output CSC sits on {head}, the last site in module order (no forward had run when the model was "
+            f"transformed), but the forward runs {seen.last_site} last: the output is computed from {head}'s "
+            "compressed output by later layers. Register the head last in __init__, or use csc='sites' or "
+            "csc='none'.")
+        return notes
+    if len(seen.csc_outputs) > 1:
+        notes.append(f"the output layer {head} ran {len(seen.csc_outputs)} times in one forward; output CSC "
+                     "acted on each of its outputs.")
+    path = primary_path(out)
+    leaf = out
+    for key in path or ():
+        leaf = leaf[key]
+    if path is not None and not any(leaf is t for t in seen.csc_outputs):
+        notes.append(
+            f"output CSC acts on the output of the output layer {head}, where a loss the forward computes from "
+            "it sees it; the model's output is computed from that by further operations (a norm, a scale, a "
+            "slice), so it is not CSC of the output itself.")
+    return notes
 
 
 def _path_note(model: nn.Module, info) -> str:
@@ -267,16 +306,31 @@ def _flops(model: nn.Module, inputs: tuple) -> int:
     return int(counter.get_total_flops())
 
 
-def _run_recording_output_layer(model: nn.Module, inputs: tuple) -> tuple[Any, list[torch.Tensor]]:
-    """Run the model; return its output and the output layer's parameters
-    (:func:`cosmic_fx.policy.output_layer` over the module calls, as the runtime protects them)."""
+@dataclasses.dataclass
+class _OutputCSCSeen:
+    """What one forward showed about the output CSC: the last site module it ran (by name) and every
+    value the output CSC returned."""
+
+    last_site: str | None = None
+    csc_outputs: list[Any] = dataclasses.field(default_factory=list)
+
+
+def _run_recording_output_layer(model: nn.Module,
+                                inputs: tuple) -> tuple[Any, list[torch.Tensor], list, _OutputCSCSeen]:
+    """Run the model; return its output, the output layer's parameters
+    (:func:`cosmic_fx.policy.output_layer` over the module calls, as the runtime protects them), the
+    parameters in the order the forward read them, and what it showed about the output CSC."""
     from .sites import is_site_module
 
     from .runtime.eager import _ParamOrder
 
     order: list[nn.Module] = []
+    seen = _OutputCSCSeen()
     handles = [m.register_forward_pre_hook(lambda m, a: order.append(m)) for m in model.modules()
                if any(True for _ in m.parameters(recurse=False))]
+    csc = _submodule(model, "cosmic_csc.output")
+    if csc is not None:
+        handles.append(csc.register_forward_hook(lambda m, a, out: seen.csc_outputs.append(out)))
     try:
         with _ParamOrder() as reads:
             out = _call(model, inputs)
@@ -284,7 +338,18 @@ def _run_recording_output_layer(model: nn.Module, inputs: tuple) -> tuple[Any, l
         for h in handles:
             h.remove()
     calls = [policy.Call(is_site_module(m), tuple(m.parameters(recurse=False))) for m in order]
-    return out, list(policy.output_layer(calls)), reads.order
+    last = policy.output_site([c.is_site for c in calls])
+    if last is not None:
+        names = {id(m): n for n, m in model.named_modules()}
+        seen.last_site = names.get(id(order[last]))
+    return out, list(policy.output_layer(calls)), reads.order, seen
+
+
+def _submodule(model: nn.Module, target: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(target)
+    except AttributeError:
+        return None
 
 
 def _prefix_view(tm: nn.Module, config: CosmicConfig, protected: list[torch.Tensor],

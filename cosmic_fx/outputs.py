@@ -1,6 +1,9 @@
 """The primary tensor of a model's output, and replacing it while keeping the output's type.
 
-Output CSC applies to one tensor: the model's prediction. For a tensor output that is the output;
+The primary tensor is the model's prediction. Output CSC acts on the output layer's output (the
+prediction of a model that returns its head's output, as Hugging Face models do); it acts on the
+primary tensor itself only in a dynamo graph without a site, and :func:`cosmic_fx.explain` compares
+the two. For a tensor output that is the output;
 in a ``ModelOutput`` (Hugging Face), ``dict``, tuple or list it is the ``"logits"`` entry if there is
 one, else the first floating-point tensor with at least one dimension that is not the ``"loss"`` (a
 0-d loss first in a tuple is skipped). The container comes back as the same type, so ``out.loss``

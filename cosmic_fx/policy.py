@@ -29,6 +29,7 @@ __all__ = [
     "mean_efficiency",
     "next_low_count",
     "output_layer",
+    "output_site",
     "prefix_decision",
     "prefix_units",
     "settle_change",
@@ -181,8 +182,24 @@ class Call:
     params: tuple[Hashable, ...] = ()
 
 
+def output_site(is_site: Sequence[bool]) -> int | None:
+    """Index of the output layer's site among a forward's calls in execution order: the last site
+    executed (``None``: no site).
+
+    The one rule for "the output layer": calibrated CDG protects its parameters (:func:`output_layer`)
+    and output CSC acts on its output (after its QCI), before the forward computes anything from it
+    (the loss of a Hugging Face model), so the loss a forward returns sees the CSC its logits got.
+
+    Example:
+        >>> output_site([True, False, True, False]), output_site([False])
+        (2, None)
+    """
+    return max((i for i, s in enumerate(is_site) if s), default=None)
+
+
 def output_layer(calls: Sequence[Call]) -> list[Hashable]:
-    """The output layer: parameters read by the last site executed and by every call after it.
+    """The output layer: parameters read by the last site executed (:func:`output_site`) and by every
+    call after it.
 
     Calibrated CDG never freezes them (``cdg_protect_output``): the classifier head and anything
     applied after it (a final norm, a bias) decide the output directly. The one rule used by the
@@ -194,7 +211,7 @@ def output_layer(calls: Sequence[Call]) -> list[Hashable]:
         ...               Call(True, ("head.weight", "head.bias")), Call(False, ("scale",))])
         ['head.weight', 'head.bias', 'scale']
     """
-    last = max((i for i, c in enumerate(calls) if c.is_site), default=None)
+    last = output_site([c.is_site for c in calls])
     if last is None:
         return []
     return list(dict.fromkeys(p for c in calls[last:] for p in c.params))

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .checks import check_module
 from .config import CDGMode
 
 __all__ = ["KeyedDataset", "PrefixCache"]
@@ -249,8 +250,7 @@ class PrefixCache:
         from .runtime import _unwrap, runtime_of
         from .transform import transform_info
 
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"cosmic_fx.PrefixCache expects an nn.Module; got {type(model).__name__}")
+        check_module(model, "cosmic_fx.PrefixCache")
         if isinstance(max_mib, bool) or not isinstance(max_mib, (int, float)) or not math.isfinite(max_mib) \
                 or max_mib <= 0:
             raise ValueError(f"PrefixCache: max_mib must be a finite number of MiB > 0; got {max_mib!r}")

@@ -16,7 +16,11 @@ diagonal   ``s * x + b``                         ``2 dim`` (``h`` only), element
 ========== ===================================== ============================================
 
 With ``init="identity"`` (``W = I``; ``B = 0``; ``s = 1``; ``b = 0``) every form returns ``x``
-exactly until trained: ``P(x)`` is exactly ``x``, so the lerp returns ``x`` whatever the gate.
+exactly until trained: ``P(x)`` is exactly ``x``, so the lerp returns ``x`` whatever the gate. That
+holds for non-finite inputs too: a row (the features of one position; of one pixel for channel
+features) whose ``mean_f |P(x)|`` is not finite -- a NaN or infinite input feature, or an overflow --
+comes out as it went in, at any init (``P`` is undefined on it: ``0 * inf`` is NaN). Gradients
+through such a row are not finite, as in the model without the QCI.
 Under torch.compile / torch.export the forms use ops Inductor fuses into one pass over the
 activations; eagerly, fused ATen kernels (an L1 norm, a GEMV, addcmul, lerp) that avoid temporaries.
 Measurements: docs/perf.md.
@@ -25,6 +29,7 @@ Measurements: docs/perf.md.
 from __future__ import annotations
 
 import math
+import zlib
 from typing import ClassVar
 
 import torch
@@ -32,9 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CosmicConfig, QCIForm, QCIInit
+from .csc import _plain_eager_context
 from .quantities import DEFAULT_EPS
 
-__all__ = ["QCI_FORMS", "DiagonalQCI", "LowRankQCI", "QuantumClassicalInterface", "make_qci"]
+__all__ = ["QCI_FORMS", "DiagonalQCI", "LowRankQCI", "QuantumClassicalInterface", "make_qci", "qci_seed"]
 
 
 class QuantumClassicalInterface(nn.Module):
@@ -54,6 +60,10 @@ class QuantumClassicalInterface(nn.Module):
             or ``"seed"`` (``nn.Linear``'s default init for both ``P`` and ``h``, as the source text).
         feature_dim: -1 (Linear outputs) or -3 (Conv2d outputs).
         eps: the epsilon of the gate.
+        generator: where the initial values are drawn from (on the CPU, then copied to the
+            parameters' device). ``None``: the global RNG, as ``nn.Linear`` does; :func:`make_qci`
+            (used by :func:`cosmic_fx.transform`) passes a generator of the QCI's own, so that
+            creating QCIs leaves the global RNG state as it was.
 
     Example:
         >>> qci = QuantumClassicalInterface(16)
@@ -74,6 +84,7 @@ class QuantumClassicalInterface(nn.Module):
         eps: float = DEFAULT_EPS,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
@@ -88,15 +99,16 @@ class QuantumClassicalInterface(nn.Module):
         # every form: bias[:dim] is P's bias, bias[dim] is h's (registered last: the dense form keeps
         # the parameter order beta, weight, bias of earlier versions)
         self.bias = nn.Parameter(torch.empty(dim + 1, **factory))
-        self.reset_parameters()
+        self.reset_parameters(generator)
 
     # ------------------------------------------------------------------ per form
     def _create_parameters(self, factory: dict) -> None:
         self.weight = nn.Parameter(torch.empty(self.dim + 1, self.dim, **factory))
 
-    def _init_projector(self, bound: float) -> None:
-        """Initialise the form's parameters in place (under ``no_grad``); ``bias`` is already drawn."""
-        self.weight.uniform_(-bound, bound)
+    def _init_projector(self, bound: float, gen: torch.Generator | None) -> None:
+        """Initialise the form's parameters in place (under ``no_grad``) with :func:`_uniform_` from
+        ``gen``; ``bias`` is already drawn."""
+        _uniform_(self.weight, bound, gen)
         if self.init is QCIInit.IDENTITY:
             self.weight[: self.dim].copy_(torch.eye(self.dim))
 
@@ -123,13 +135,15 @@ class QuantumClassicalInterface(nn.Module):
         return self.weight[self.dim :]
 
     # ------------------------------------------------------------------ shared
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Draw the initial values again (``init`` decides which are fixed), from ``generator``
+        (``None``: the global RNG)."""
         bound = 1.0 / math.sqrt(self.dim)  # nn.Linear's default init for fan_in = dim
         with torch.no_grad():
-            self.bias.uniform_(-bound, bound)
+            _uniform_(self.bias, bound, generator)
             if self.init is QCIInit.IDENTITY:
                 self.bias[: self.dim].zero_()
-            self._init_projector(bound)
+            self._init_projector(bound, generator)
 
     @property
     def projector_bias(self) -> torch.Tensor:
@@ -158,7 +172,8 @@ class QuantumClassicalInterface(nn.Module):
         gate = torch.sigmoid(self.beta * mean_abs / (torch.sigmoid(h) + self.eps))
         # lerp(x, P(x), g) = x + g (P(x) - x) = g P(x) + (1 - g) x in one pass; it returns x exactly
         # whenever P(x) == x (the identity init), whatever the gate
-        return torch.lerp(x, proj, gate)
+        out = torch.lerp(x, proj, gate)
+        return _pass_non_finite_rows(x, out, mean_abs)
 
     def _feature_view(self, v: torch.Tensor) -> torch.Tensor:
         """A per-feature vector shaped to broadcast against inputs with features on ``feature_dim``."""
@@ -201,13 +216,13 @@ class LowRankQCI(QuantumClassicalInterface):
         self.up = nn.Parameter(torch.empty(self.dim, self.rank, **factory))
         self.h_weight = nn.Parameter(torch.empty(1, self.dim, **factory))
 
-    def _init_projector(self, bound: float) -> None:
-        self.down.uniform_(-bound, bound)
-        self.h_weight.uniform_(-bound, bound)
+    def _init_projector(self, bound: float, gen: torch.Generator | None) -> None:
+        _uniform_(self.down, bound, gen)
+        _uniform_(self.h_weight, bound, gen)
         if self.init is QCIInit.IDENTITY:
             self.up.zero_()
         else:
-            self.up.uniform_(-1.0 / math.sqrt(self.rank), 1.0 / math.sqrt(self.rank))
+            _uniform_(self.up, 1.0 / math.sqrt(self.rank), gen)
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fd = self.feature_dim
@@ -258,12 +273,12 @@ class DiagonalQCI(QuantumClassicalInterface):
         self.scale = nn.Parameter(torch.empty(self.dim, **factory))
         self.h_weight = nn.Parameter(torch.empty(1, self.dim, **factory))
 
-    def _init_projector(self, bound: float) -> None:
-        self.h_weight.uniform_(-bound, bound)
+    def _init_projector(self, bound: float, gen: torch.Generator | None) -> None:
+        _uniform_(self.h_weight, bound, gen)
         if self.init is QCIInit.IDENTITY:
             self.scale.fill_(1.0)
         else:
-            self.scale.uniform_(-bound, bound)
+            _uniform_(self.scale, bound, gen)
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fd, view = self.feature_dim, self._feature_view
@@ -285,6 +300,27 @@ class DiagonalQCI(QuantumClassicalInterface):
         return self.h_weight
 
 
+def _pass_non_finite_rows(x: torch.Tensor, out: torch.Tensor, mean_abs: torch.Tensor) -> torch.Tensor:
+    """``out``, with ``x`` in every row whose ``mean_f |P(x)|`` is not finite.
+
+    A non-finite feature poisons its whole row: ``P``'s matmul multiplies it by the zeros of the
+    identity (``0 * inf`` is NaN), and ``lerp`` computes ``inf - inf``. Such a row passes through as it
+    came in, so the identity init is exact for every input and a transformed model has the model's own
+    NaN/inf pattern. ``mean_abs`` is already there (one value per row): the check reads it, not the
+    activations. Eagerly on the CPU the row check decides whether the (rare) replacement pass runs at
+    all; elsewhere a ``where`` that Inductor fuses into the pass that writes ``out``, and that on CUDA
+    eager costs one elementwise pass (a data-dependent branch would synchronise the device instead).
+    The eager CPU check is one sum over the row means and one read: a fixed few microseconds per call.
+    """
+    # is_compiling first: under dynamo nothing else may be traced; the branch only on plain eager CPU
+    # tensors (vmap, tracers and dispatch modes must see the where). The sum of the row means is finite
+    # exactly when every row is (or overflows: then the where runs, still correct); one op and a read
+    if (not torch.compiler.is_compiling() and _plain_eager_context(x) and x.device.type == "cpu"
+            and math.isfinite(float(mean_abs.detach().sum()))):
+        return out
+    return torch.where(torch.isfinite(mean_abs), out, x)
+
+
 QCI_FORMS: dict[QCIForm, type[QuantumClassicalInterface]] = {
     QCIForm.DENSE: QuantumClassicalInterface,
     QCIForm.LOWRANK: LowRankQCI,
@@ -292,17 +328,50 @@ QCI_FORMS: dict[QCIForm, type[QuantumClassicalInterface]] = {
 }
 
 
-def make_qci(width: int, feature_dim: int, config: CosmicConfig, like: torch.Tensor | None) -> QuantumClassicalInterface:
-    """The QCI ``config`` asks for (form, init, beta, eps) at a site of ``width`` features, on the
-    device and dtype of ``like`` (the site's weight). A low-rank site narrower than ``qci_rank`` uses
-    its width as the rank.
+def _uniform_(t: torch.Tensor, bound: float, gen: torch.Generator | None) -> None:
+    """``t.uniform_(-bound, bound)``; with a generator, drawn on the CPU in float32 and copied, so that
+    one (CPU) generator gives the same values on every device and dtype and no device RNG moves."""
+    if gen is None:
+        t.uniform_(-bound, bound)
+    else:
+        t.copy_(torch.empty(t.shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen))
+
+
+def qci_seed(site: str) -> int:
+    """The seed of the generator a site's QCI is initialised from: derived from the site's name and
+    ``torch.initial_seed()`` (the seed of the last ``torch.manual_seed``), which reading does not change.
+
+    So ``torch.manual_seed(s)`` before :func:`cosmic_fx.transform` gives the same QCI values on every
+    run and other values for another ``s`` (seed-init runs over several seeds differ as they did),
+    each site's values do not depend on which other sites got a QCI, and the global RNG is left as
+    it was: the model's dropout draws the same numbers as it would without the transform.
 
     Example:
-        >>> make_qci(64, -1, CosmicConfig(qci_form="lowrank", qci_rank=8), None).rank
+        >>> _ = torch.manual_seed(0); a = qci_seed("fc1")
+        >>> _ = torch.manual_seed(0); torch.rand(3).shape, qci_seed("fc1") == a, qci_seed("fc2") == a
+        (torch.Size([3]), True, False)
+    """
+    return zlib.crc32(f"{torch.initial_seed()}/{site}".encode())
+
+
+def make_qci(width: int, feature_dim: int, config: CosmicConfig, like: torch.Tensor | None,
+             site: str = "") -> QuantumClassicalInterface:
+    """The QCI ``config`` asks for (form, init, beta, eps) at a site of ``width`` features, on the
+    device and dtype of ``like`` (the site's weight). A low-rank site narrower than ``qci_rank`` uses
+    its width as the rank. Its initial values come from a generator of its own, seeded with
+    :func:`qci_seed` of ``site`` (the site's name): the global RNG state is not touched.
+
+    Example:
+        >>> state = torch.get_rng_state()
+        >>> make_qci(64, -1, CosmicConfig(qci_form="lowrank", qci_rank=8), None, "fc1").rank
         8
+        >>> torch.equal(torch.get_rng_state(), state)
+        True
     """
     factory = {} if like is None else {"device": like.device, "dtype": like.dtype}
-    kwargs = {"init": config.qci_init, "feature_dim": feature_dim, "eps": config.eps, **factory}
+    generator = torch.Generator().manual_seed(qci_seed(site))
+    kwargs = {"init": config.qci_init, "feature_dim": feature_dim, "eps": config.eps, "generator": generator,
+              **factory}
     if config.qci_form is QCIForm.LOWRANK:
         kwargs["rank"] = min(config.qci_rank, width)
     return QCI_FORMS[config.qci_form](width, config.qci_beta, **kwargs)

@@ -98,7 +98,9 @@ class Report:
             a model that does not trace, the module calls of one forward).
         inserted_nodes: names of the nodes the passes inserted into ``graph_after``.
         totals: sites found/rewritten, parameters and FLOPs before/after.
-        note: which path the transform took and why, when it is the module swap, else ``""``.
+        note: which path the transform took and why, when it is the module swap, and where output
+            CSC does not act on the model's prediction itself (ops after the output layer, another
+            layer run last, the output layer run several times); else ``""``.
     """
 
     def __init__(self, **fields: Any) -> None:

@@ -19,16 +19,12 @@ item 0, which is ``out_proj``'s output), and compile to the same graphs as the p
 
 from __future__ import annotations
 
-import inspect
-import types
-
 from torch import nn
 
 from .modules import CosmicStateCompression, QuantumClassicalInterface, make_csc, make_qci
-from .outputs import map_primary
 from .sites import Site, apply_at
 
-__all__ = ["OutputCSCForward", "SiteHook", "attach_output_csc", "attach_sites", "register_nested"]
+__all__ = ["SiteHook", "attach_output_csc", "attach_sites", "register_nested"]
 
 QCI_ROOT = "cosmic_qci"
 CSC_ROOT = "cosmic_csc"
@@ -57,39 +53,6 @@ class SiteHook:
 
     def __call__(self, module: nn.Module, args, output):
         return apply_at(output, self.output_index, self._apply)
-
-
-class OutputCSCForward:
-    """The model's ``forward`` on the module-swap path: the model's own forward, then CSC on the
-    primary tensor of its output (same type).
-
-    Installed as the instance's ``forward``, not as a forward hook: ``torch.compile(model)`` compiles
-    ``forward`` and runs the model's own hooks outside that frame, so a hook became a compiled frame of
-    its own, recompiled at every new batch size that ``forward``'s frame had already made dynamic (2
-    recompiles where plain ``torch.compile`` has 1, in every module-swap model of the zoo). Inside
-    ``forward`` the CSC is part of the model's graph, as on the traced path, and runs before every
-    forward hook. An object rather than a closure, so that ``copy.deepcopy`` and pickling give the
-    copy a forward that calls the copy; ``inspect.signature`` sees the model's own parameters and
-    ``__code__`` is the model's forward's (Hugging Face ``generate()`` and ``torch.export`` read them).
-    """
-
-    def __init__(self, module: nn.Module, csc: CosmicStateCompression) -> None:
-        self.module, self.csc = module, csc
-        self.inner = module.__dict__.get("forward")  # a forward the instance already had, else the class's
-        self.__signature__ = inspect.signature(module.forward)
-
-    def _base(self):
-        return self.inner if self.inner is not None else types.MethodType(type(self.module).forward, self.module)
-
-    @property
-    def __code__(self):
-        """The model's own forward's code (``torch.export`` reads ``forward.__code__`` for source locations)."""
-        return self._base().__code__
-
-    def __call__(self, *args, **kwargs):
-        module = self.module
-        out = self.inner(*args, **kwargs) if self.inner is not None else type(module).forward(module, *args, **kwargs)
-        return map_primary(out, self.csc)
 
 
 def register_nested(root: nn.Module, target: str, module: nn.Module) -> None:
@@ -139,7 +102,7 @@ def attach_sites(root: nn.Module, sites: list[Site], config) -> list[str]:
             continue
         layer = root.get_submodule(site.module) if site.module else root
         like = next(layer.parameters(), None)
-        qci = make_qci(site.width, site.feature_dim, config, like) if config.qci_at(site.width) else None
+        qci = make_qci(site.width, site.feature_dim, config, like, site.name) if config.qci_at(site.width) else None
         csc = make_csc(config, site.feature_dim) if config.csc is CSCPlacement.SITES else None
         if qci is not None:
             register_nested(root, f"{QCI_ROOT}.{site.name}", qci)
@@ -150,10 +113,29 @@ def attach_sites(root: nn.Module, sites: list[Site], config) -> list[str]:
     return rewritten
 
 
-def attach_output_csc(root: nn.Module, config) -> None:
-    """CSC on the primary tensor of ``root``'s output, as ``cosmic_csc.output``, inside ``root``'s
-    ``forward`` (:class:`OutputCSCForward`): before any forward hook the user registered on the model,
-    as in a traced forward."""
+def attach_output_csc(root: nn.Module, sites: list[Site], config) -> str:
+    """Output CSC on the module-swap path, as ``cosmic_csc.output``: a forward hook on the output
+    layer that applies it after the layer's QCI; returns the site's name.
+
+    The output layer is :func:`cosmic_fx.policy.output_site`'s, the last site, read here from the
+    module order (``sites`` are in ``named_modules()`` order), since no forward has run yet: for
+    Hugging Face models and most others that is the head the forward runs last (``lm_head``,
+    ``classifier``). On the layer's output, every use inside the forward sees the compressed value:
+    the loss a Hugging Face model computes from its logits is the loss of the logits it returns.
+    :func:`cosmic_fx.explain` notes a model whose forward runs another site last, or computes its
+    output from the head's by further ops.
+
+    Example:
+        >>> from cosmic_fx import CosmicConfig
+        >>> from cosmic_fx.sites import module_sites
+        >>> model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> attach_output_csc(model, module_sites(model), CosmicConfig())
+        '2'
+    """
+    site = sites[-1]
     csc = make_csc(config, passthrough=True)
     register_nested(root, f"{CSC_ROOT}.output", csc)
-    root.forward = OutputCSCForward(root, csc)
+    layer = root.get_submodule(site.module) if site.module else root
+    # registered after the site's own hook (attach_sites runs first): CSC follows the QCI
+    layer.register_forward_hook(SiteHook(None, csc, site.output_index))
+    return site.name

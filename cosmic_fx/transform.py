@@ -33,6 +33,7 @@ import types
 import torch
 from torch import fx, nn
 
+from .checks import check_module
 from .config import CosmicConfig, CSCPlacement
 from .runtime import STATE_NAME, CosmicRuntime, CosmicState
 from .runtime.distributed import check_not_wrapped
@@ -60,6 +61,8 @@ class TransformInfo:
             the passes inserted (traced path) or the hooks attached (module swap), in order.
         trace_error: why symbolic tracing was not used (module_swap path only).
         graph_module: traced path: the rewritten graph, whose ``forward`` the result runs.
+        output_csc: ``csc="output"``: the site whose output the output CSC acts on, the output
+            layer (:func:`cosmic_fx.policy.output_site`); else ``None``.
     """
 
     path: str
@@ -68,6 +71,7 @@ class TransformInfo:
     rewritten: list[str]
     trace_error: str | None = None
     graph_module: fx.GraphModule | None = dataclasses.field(default=None, repr=False, compare=False)
+    output_csc: str | None = None
 
 
 def transform_info(model: nn.Module) -> TransformInfo | None:
@@ -111,8 +115,22 @@ def transform(model: nn.Module, config: CosmicConfig | None = None) -> nn.Module
 
     The result shares the original weights and owns the new QCI parameters (they are in
     ``.parameters()`` and ``state_dict()``, so an optimizer built on the result trains them). With the
-    default identity init, the result computes exactly what the model did (up to CSC, if enabled).
-    ``cosmic_fx.transform_info(result)`` says which path was taken and what was rewritten.
+    default identity init, the result computes exactly what the model did (up to CSC, if enabled),
+    NaN and inf included. ``cosmic_fx.transform_info(result)`` says which path was taken and what was
+    rewritten.
+
+    The global RNG (``torch.get_rng_state()``, the CUDA generators) is left as it was: each QCI draws
+    its initial values (``qci_init="seed"``, and the random half of the identity forms) from a CPU
+    generator of its own, seeded with :func:`cosmic_fx.qci.qci_seed` from ``torch.initial_seed()``
+    and the site's name. The same ``torch.manual_seed`` gives the same QCIs, and a model with dropout
+    draws the same masks as without the transform.
+
+    Output CSC (``csc="output"``) acts on the output of the output layer: the last site the forward
+    runs (:func:`cosmic_fx.policy.output_site`; on the module-swap path the last site in module
+    order), after its QCI. Everything the forward computes from it sees the compressed value, so the
+    loss a Hugging Face model returns is the loss of the logits it returns.
+    ``transform_info(result).output_csc`` names that site; :func:`cosmic_fx.explain` notes a model
+    whose output is computed from it by further operations or whose forward runs another site last.
 
     Args:
         model: any ``nn.Module`` (left untouched).
@@ -135,9 +153,8 @@ def transform(model: nn.Module, config: CosmicConfig | None = None) -> nn.Module
         >>> torch.equal(tm(x), model(x))
         True
     """
+    check_module(model, "cosmic_fx.transform")
     config = as_config(config, "cosmic_fx.transform")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"cosmic_fx.transform expects an nn.Module; got {type(model).__name__}")
     check_not_wrapped(model, "cosmic_fx.transform")
     if transform_info(model) is not None:
         raise ValueError(
@@ -240,7 +257,8 @@ def _rewrite_traced(model: nn.Module, out: nn.Module, gm: fx.GraphModule, config
     InsertCSC(config)(gm)
     _bind_graph(out, gm)
     keep_sequential_face(out)
-    info = TransformInfo("symbolic_trace", config, [s.info() for s in sites], _inserted_sites(gm), graph_module=gm)
+    info = TransformInfo("symbolic_trace", config, [s.info() for s in sites], _inserted_sites(gm), graph_module=gm,
+                         output_csc=_output_csc_site(gm))
     setattr(out, INFO_ATTR, info)
     return _add_runtime(out, config, output_layer_params(gm), params_in_forward_order(gm))
 
@@ -249,6 +267,12 @@ def _inserted_sites(gm: fx.GraphModule) -> list[str]:
     """Names of the sites the passes inserted a QCI or CSC after, in graph order."""
     names = (n.meta.get(META_KEY, {}) for n in gm.graph.nodes)
     return list(dict.fromkeys(m["site"] for m in names if m.get("inserted_by") and "site" in m))
+
+
+def _output_csc_site(gm: fx.GraphModule) -> str | None:
+    """The site the output CSC follows (``None``: none, or one on a returned value)."""
+    return next((n.meta[META_KEY]["output_layer"] for n in gm.graph.nodes
+                 if "output_layer" in n.meta.get(META_KEY, {})), None)
 
 
 def _bind_graph(out: nn.Module, gm: fx.GraphModule) -> None:
@@ -280,9 +304,9 @@ def _module_swap(model: nn.Module, out: nn.Module, config: CosmicConfig, kinds, 
     _check_has_sites(model, sites, config)
     check_selection(sites, config)
     rewritten = attach_sites(out, sites, config)
-    if config.csc is CSCPlacement.OUTPUT:
-        attach_output_csc(out, config)
+    output_csc = attach_output_csc(out, sites, config) if config.csc is CSCPlacement.OUTPUT else None
     keep_sequential_face(out)
-    info = TransformInfo("module_swap", config, [s.info() for s in sites], rewritten, trace_error)
+    info = TransformInfo("module_swap", config, [s.info() for s in sites], rewritten, trace_error,
+                         output_csc=output_csc)
     setattr(out, INFO_ATTR, info)
     return _add_runtime(out, config, None)  # the output layer is known at the first forward

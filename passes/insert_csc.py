@@ -34,11 +34,15 @@ class InsertCSC(PassBase):
     """Insert ``CosmicStateCompression`` modules where ``config.csc`` says (output / sites / none).
 
     ``"sites"`` puts CSC after each qualifying site (after its QCI, if one follows), as submodule
-    ``cosmic_csc.<site name>``; ``"output"`` wraps the primary value the graph returns (the logits of a
-    dict or tuple output, see :mod:`cosmic_fx.outputs`) with ``cosmic_csc.output``. CSC is a module call (not an inlined function) so that a later dynamo trace
-    of the rewritten model still sees where it is and the backend never applies it twice. A dynamo
-    graph that ends in a graph break returns values that are not the model's output: ``"output"``
-    leaves such graphs alone.
+    ``cosmic_csc.<site name>``. ``"output"`` puts ``cosmic_csc.output`` on the output of the output
+    layer (:func:`cosmic_fx.policy.output_site`: the graph's last site, after its QCI), and every use
+    of that value reads the compressed one: a loss the forward computes from its logits (Hugging
+    Face ``out.loss``) is the loss of the logits it returns. A graph without a site gets it on the
+    primary value it returns (the logits of a dict or tuple output, see :mod:`cosmic_fx.outputs`).
+    CSC is a module call (not an inlined function) so that a later dynamo trace of the rewritten
+    model still sees where it is and the backend never applies it twice. A dynamo graph that ends in
+    a graph break returns values that are not the model's output: ``"output"`` leaves such graphs
+    alone.
     """
 
     def __init__(self, config: CosmicConfig | None = None) -> None:
@@ -84,6 +88,25 @@ class InsertCSC(PassBase):
         if reason is not None and getattr(reason, "graph_break", False):
             log.debug("insert_csc: graph ends in a graph break; its outputs are not the model output")
             return 0
+        sites = find_sites(gm, self.config)
+        if sites:  # the output layer (cosmic_fx.policy.output_site): the last site; graph order is execution order
+            return self._after_output_layer(gm, sites[-1])
+        return self._at_returned_value(gm)
+
+    def _after_output_layer(self, gm: fx.GraphModule, site) -> int:
+        ensure_site_value(gm, site, "insert_csc")
+        anchor = site_output(gm, site)
+        if anchor is None or any(is_csc_node(gm, u) for u in anchor.users):
+            return 0  # the graph never uses the site's output, or CSC is there already
+        target = f"{CSC_ROOT}.output"
+        gm.add_submodule(target, make_csc(self.config, -1, passthrough=True))
+        with gm.graph.inserting_after(anchor):
+            new = self._new_node(gm, target, anchor)
+        anchor.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        new.meta[META_KEY]["output_layer"] = site.name
+        return 1
+
+    def _at_returned_value(self, gm: fx.GraphModule) -> int:
         output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
         (returned,) = output.args
         container = None  # a ModelOutput built by a node of its own: CSC goes into its arguments

@@ -72,7 +72,7 @@ class InsertQCI(PassBase):
         for site in todo:
             target = f"{QCI_ROOT}.{site.name}"
             if target not in modules and not _has_submodule(gm, target):
-                modules[target] = make_qci(site.width, site.feature_dim, self.config, _like(gm, site))
+                modules[target] = make_qci(site.width, site.feature_dim, self.config, _like(gm, site), site.name)
         for target, qci in modules.items():
             gm.add_submodule(target, qci)
         for site in todo:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..checks import check_module
 from ..config import CosmicConfig
 from .core import CosmicRuntime, runtimes_of_param
 from .distributed import check_not_wrapped
@@ -49,6 +50,7 @@ def runtime_of(obj: nn.Module | "torch.Tensor") -> CosmicRuntime | None:  # noqa
         found = runtimes_of_param(obj)
         active = [rt for rt in found if rt.mode is not None]
         return (active or found or [None])[-1]
+    check_module(obj, "cosmic_fx.runtime_of")
     model = _unwrap(obj)
     for m in model.modules():
         if isinstance(m, CosmicState):
@@ -69,6 +71,10 @@ def runtime_of(obj: nn.Module | "torch.Tensor") -> CosmicRuntime | None:  # noqa
 
 def hooks_of(obj: nn.Module | "torch.Tensor") -> CosmicRuntime | None:  # noqa: F821
     """The runtime whose CDG/CCE hooks are active on a model's (or a parameter's) parameters, else ``None``."""
+    import torch
+
+    if not isinstance(obj, torch.Tensor):
+        check_module(obj, "cosmic_fx.hooks_of")
     rt = runtime_of(obj)
     return rt if rt is not None and rt.mode is not None else None
 
@@ -92,6 +98,7 @@ def attach_hooks(model: nn.Module, config: CosmicConfig | None = None) -> Cosmic
         >>> rt.num_hooked   # doctest: +SKIP
         4
     """
+    check_module(model, "cosmic_fx.attach_hooks")
     if config is not None and not isinstance(config, CosmicConfig):
         raise TypeError(f"attach_hooks expects a CosmicConfig as config; got {type(config).__name__}")
     check_not_wrapped(model, "cosmic_fx.attach_hooks")
@@ -133,6 +140,7 @@ def detach_hooks(model: nn.Module) -> int:
         >>> cosmic_fx.detach_hooks(tm)   # doctest: +SKIP
         1
     """
+    check_module(model, "cosmic_fx.detach_hooks")
     rt = runtime_of(model)
     if rt is None or (rt.mode is None and not rt.num_hooked):
         return 0

@@ -3,6 +3,7 @@ and, on the first forward, the output layer (for ``cdg_protect_output``)."""
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any
 
@@ -31,6 +32,23 @@ def first_float_tensor(out: Any) -> torch.Tensor | None:
             if found is not None:
                 return found
     return None
+
+
+def _check_output_csc(model: nn.Module, head: nn.Module) -> None:
+    """Warn when the module-swap output CSC (placed on the last site in module order, before any
+    forward ran) is not on the site the first forward ran last."""
+    from ..transform import transform_info
+
+    info = transform_info(model)
+    if info is None or info.output_csc is None or info.path != "module_swap":
+        return
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    if name is not None and name != info.output_csc:
+        warnings.warn(
+            f"output CSC acts on {info.output_csc}, the last site in {type(model).__name__}'s module order, but "
+            f"its forward runs {name} last: the output is computed from a compressed intermediate, and is not "
+            "compressed itself. Register the output layer last in __init__ (or use csc='sites' or csc='none'); "
+            "cosmic_fx.explain shows where CSC acts.", UserWarning, stacklevel=2)
 
 
 class _ParamOrder(TorchFunctionMode):
@@ -117,6 +135,9 @@ class OutputTracker:
             calls = [policy.Call(is_site_module(m), tuple(self._names[id(p)] for p in m.parameters(recurse=False)))
                      for m in self._order]
             runtime.set_protected(policy.output_layer(calls))
+            last = policy.output_site([c.is_site for c in calls])
+            if last is not None:
+                _check_output_csc(module, self._order[last])
             self._order = []
         if self._pending_order is not None:  # after set_protected: the blocks stop at the output layer
             runtime.set_forward_order(self._pending_order)

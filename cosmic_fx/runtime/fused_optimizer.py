@@ -49,6 +49,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from ..checks import check_module
 from ..config import CCEFused, CCEMode, CDGMode, CosmicConfig, PrefixSignal
 from .fused import FusedUpdate
 from .optim_update import OptimizerUpdate, check_optimizer
@@ -252,8 +253,7 @@ def fused_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
     """
     from . import runtime_of
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"cosmic_fx.fused_optimizer expects an nn.Module; got {type(model).__name__}")
+    check_module(model, "cosmic_fx.fused_optimizer")
     if optimizer is not None:
         check_optimizer(optimizer)  # before anything else: the error names the supported classes
     rt = runtime_of(model)
