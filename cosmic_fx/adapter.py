@@ -45,7 +45,8 @@ def _sha256(tensors) -> str:
     for name, t in tensors:
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d (QCI beta) has no byte view
+        # a 0-d tensor (QCI beta) has no byte view
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + h.hexdigest()
 
 
@@ -85,11 +86,13 @@ def _save_adapter(tm: nn.Module, path: Path) -> Path:
         "config": info.config.to_options(),
         "rewritten": list(info.rewritten),
         "sites": [[s.name, s.kind, s.width] for s in info.sites],
-        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()},
+        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+                    for k, v in tensors.items()},
         "base_fingerprint": _base_fingerprint(tm),
         "tensors_sha256": _tensors_checksum(tensors),
     }
-    save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt", "cosmic_fx": f"{ADAPTER_FORMAT} v{ADAPTER_VERSION}"})
+    save_file(tensors, str(path / ADAPTER_WEIGHTS),
+              metadata={"format": "pt", "cosmic_fx": f"{ADAPTER_FORMAT} v{ADAPTER_VERSION}"})
     (path / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return path
 

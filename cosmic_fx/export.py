@@ -140,7 +140,8 @@ def _dynamic_shapes(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
     if any(b < 2 for b in batches):
         raise ExportError(
             "the example inputs have batch size 1 (or 0): torch.export treats size-1 dimensions as constants, so "
-            "the batch cannot be made dynamic. Use an example batch of 2 or more, or dynamic_batch=False (cosmic-fx export: --static-batch)."
+            "the batch cannot be made dynamic. Use an example batch of 2 or more, or dynamic_batch=False "
+            "(cosmic-fx export: --static-batch)."
         )
     dims = {b: Dim(f"batch{i}" if len(batches) > 1 else "batch", min=1) for i, b in enumerate(sorted(batches))}
     return tuple({0: dims[x.shape[0]]} if isinstance(x, torch.Tensor) and x.dim() >= 1 else None for x in inputs)

@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from . import policy
 from .checks import check_module
-from .config import CDGMode, CosmicConfig, CSCPlacement
+from .config import CDGMode, CosmicConfig
 from .quantities import efficiency
 from .report import ParamRow, PrefixView, Report, SiteRow, _Node, _shape
 from .runtime.eager import first_float_tensor
@@ -320,9 +320,8 @@ def _run_recording_output_layer(model: nn.Module,
     """Run the model; return its output, the output layer's parameters
     (:func:`cosmic_fx.policy.output_layer` over the module calls, as the runtime protects them), the
     parameters in the order the forward read them, and what it showed about the output CSC."""
-    from .sites import is_site_module
-
     from .runtime.eager import _ParamOrder
+    from .sites import is_site_module
 
     order: list[nn.Module] = []
     seen = _OutputCSCSeen()

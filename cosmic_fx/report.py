@@ -194,7 +194,8 @@ class Report:
         for node in self._nodes:
             for src in node.inputs:
                 ax.annotate("", xy=pos[node.name], xytext=pos[src], arrowprops=dict(
-                    arrowstyle="->", color="#777777", linestyle="--" if node.guessed_input else "-", shrinkA=9, shrinkB=9))
+                    arrowstyle="->", color="#777777", linestyle="--" if node.guessed_input else "-",
+                    shrinkA=9, shrinkB=9))
         for node in self._nodes:
             x, y = pos[node.name]
             ax.text(x, y, node.label.split("\n")[0], ha="center", va="center", fontsize=7,

@@ -30,7 +30,6 @@ import logging
 import re
 import types
 
-import torch
 from torch import fx, nn
 
 from .checks import check_module
@@ -38,8 +37,8 @@ from .config import CosmicConfig, CSCPlacement
 from .runtime import STATE_NAME, CosmicRuntime, CosmicState
 from .runtime.distributed import check_not_wrapped
 from .sequential import keep_sequential_face
-from .site_hooks import CSC_ROOT, QCI_ROOT, attach_output_csc, attach_sites
 from .site import Site, SiteInfo, check_materialized, check_selection
+from .site_hooks import CSC_ROOT, QCI_ROOT, attach_output_csc, attach_sites
 from .sites import NOT_SITES, describe_kinds, module_sites, site_module_kinds
 from .tracer import META_KEY, CosmicTracer, find_sites, output_layer_params, params_in_forward_order, symbolic_trace
 

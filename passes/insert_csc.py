@@ -79,7 +79,7 @@ class InsertCSC(PassBase):
             gm.add_submodule(target, make_csc(self.config, site.feature_dim))
             with gm.graph.inserting_after(anchor):
                 new = self._new_node(gm, target, anchor)
-            anchor.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+            anchor.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
             new.meta[META_KEY]["site"] = site.name
         return len(sites)
 

@@ -80,7 +80,7 @@ class InsertQCI(PassBase):
             value = ensure_site_value(gm, site, "insert_qci")
             with gm.graph.inserting_after(value):
                 new = gm.graph.call_module(target, (value,))
-            value.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+            value.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
             new.meta[META_KEY] = {"inserted_by": "insert_qci", "site": site.name}
             counters["cosmic_fx"]["insert_qci"] += 1
         gm.graph.lint()

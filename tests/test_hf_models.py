@@ -114,8 +114,8 @@ def test_explain_an_hf_model():
     report = cosmic_fx.explain(model, ids(2, 6))
     assert report.path == "module_swap" and [s.name for s in report.sites] == linear_like(model)
     assert all(row.inserted == [f"cosmic_qci.{row.name}"] and row.output_shape is not None for row in report.sites)
-    assert "cosmic_qci_transformer_h_0_attn_c_attn = self.cosmic_qci.transformer.h.0.attn.c_attn(transformer_h_0_attn_c_attn)" \
-        in report.graph_after
+    assert ("cosmic_qci_transformer_h_0_attn_c_attn = "
+            "self.cosmic_qci.transformer.h.0.attn.c_attn(transformer_h_0_attn_c_attn)") in report.graph_after
 
 
 @pytest.mark.slow
