@@ -22,7 +22,11 @@ What it did to each graph goes to the listeners :func:`cosmic_fx.inspect.watch_b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import hashlib
+import inspect
 import logging
 import weakref
 from collections.abc import Callable, Sequence
@@ -30,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch._functorch.autograd_function import AutogradFunctionApply
 
 from . import policy
 from .config import CDGMode, CosmicConfig, Lowering
@@ -203,10 +208,54 @@ def _add_efficiency_output(gm: fx.GraphModule, node: fx.Node, eps: float) -> Non
         detached = gm.graph.call_function(torch.ops.aten.detach.default, (node,))
         e_node = gm.graph.call_function(efficiency, (detached, -1, eps))
     e_node.meta[META_KEY] = {"inserted_by": "cosmic_backend"}
+    # AOTAutograd's cache bypasses any graph that calls a Python function it cannot hash; a node marked
+    # as fx-wrapped with a hash of the function's source is keyed on that hash instead (torch's own
+    # contract for wrapped functions), so a warm process hits the cache for the E_out graph too
+    e_node.meta["is_wrapped"] = True
+    e_node.meta["user_cache_hash"] = _efficiency_cache_hash()
     (outs,) = output.args
     output.args = ((*outs, e_node),) if isinstance(outs, (tuple, list)) else ((outs, e_node),)
     gm.graph.lint()
     gm.recompile()
+
+
+@functools.cache
+def _efficiency_cache_hash() -> str:
+    """A hash of the code behind the E_out node: :mod:`cosmic_fx.quantities` and the torch version."""
+    from . import quantities
+
+    source = inspect.getsource(quantities).encode()
+    return hashlib.sha256(source + torch.__version__.encode()).hexdigest()
+
+
+def _csc_function_nodes(gm: fx.GraphModule) -> tuple[int, int]:
+    """``(cosmic CSC nodes, all nodes)`` among the graph's ``autograd.Function`` calls (dynamo's
+    ``autograd_function_apply``); a CSC call is one made by a :class:`CosmicStateCompression` module."""
+    from .csc import CosmicStateCompression
+
+    ours = total = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, AutogradFunctionApply):
+            total += 1
+            stack = list((node.meta.get("nn_module_stack") or {}).values())
+            ours += bool(stack) and isinstance(stack[-1][1], type) and issubclass(stack[-1][1], CosmicStateCompression)
+    return ours, total
+
+
+def _cache_settings(gm: fx.GraphModule) -> contextlib.AbstractContextManager:
+    """Let AOTAutograd cache a graph whose only ``autograd.Function`` calls are cosmic's CSC.
+
+    AOTAutograd bypasses its cache for every custom ``autograd.Function`` unless
+    ``autograd_cache_allow_custom_autograd_functions`` is set: a warm process then re-traces and
+    re-partitions every graph with CSC. Cosmic's CSC is safe to cache: dynamo traces both of its
+    passes into the graph (the cache key), and its backward reads only constants baked into them.
+    A graph that also calls the user's own ``autograd.Function`` keeps torch's default (bypass).
+    The setting is patched for this compile only, never globally.
+    """
+    ours, total = _csc_function_nodes(gm)
+    if ours == 0 or ours != total:
+        return contextlib.nullcontext()
+    return torch._functorch.config.patch(autograd_cache_allow_custom_autograd_functions=True)
 
 
 def _lower(gm: fx.GraphModule, example_inputs: Sequence[Any], lowering: Lowering) -> Callable:
@@ -218,7 +267,8 @@ def _lower(gm: fx.GraphModule, example_inputs: Sequence[Any], lowering: Lowering
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    with _cache_settings(gm):
+        return compile_fx(gm, example_inputs)
 
 
 def cosmic_backend(
