@@ -36,9 +36,8 @@ def test_recompiles_per_event_are_plain_torch_compiles():
 
 def test_a_cdg_freeze_event_recompiles_exactly_once():
     """The runtime's own freeze event (prefix CDG of the fast preset, block 0 at step 6) costs one graph."""
-    from tests import recipes
-
     import cosmic_fx
+    from tests import recipes
 
     torch._dynamo.reset()
     tm, run = recipes.prepare(recipes.make_model(0), recipes.config("fast"), "compile")
