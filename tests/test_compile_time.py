@@ -121,7 +121,7 @@ def test_bench_compile_quick_prints_the_tables(capsys):
     out = capsys.readouterr().out
     assert "lower=aot_eager" in out
     assert "| mlp | torch | " in out and "| mlp | cosmic | " in out
-    assert "eval: s (graphs)" in out
+    assert "eval: CPU s (graphs)" in out
 
 
 def test_bench_compile_rejects_unknown_models_and_bad_numbers(capsys):

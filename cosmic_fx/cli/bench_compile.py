@@ -58,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as err:
         raise CLIError(str(err)) from err
     print(f"# bench compile: lower={args.lower}, batch {args.batch}, {args.threads} thread(s), a fresh process "
-          "per measurement, a new cache directory per arm; times are wall-clock seconds of the first "
-          "forward + backward, compile included")
+          "per measurement, a new cache directory per arm, one Inductor compile thread; times are seconds of the "
+          "first forward + backward, compile included: CPU time of the process and its compiler children "
+          "(robust on a shared machine), and wall time")
     print(compile_time.render(out))
     if args.json:
         with open(args.json, "w") as f:
