@@ -372,7 +372,10 @@ def _prepare(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[st
                 "before wrapping it: DistributedDataParallel(cosmic_fx.transform(model))."
             )
 
-    wants_e_out = active is not None and config.reads_e_out and returns_output and active._tracker is None
+    # dynamo guards on grad mode, so a graph traced under no_grad (evaluation) only ever runs there, where
+    # the runtime ignores E_out: computing it would only make that graph slower to compile and run
+    wants_e_out = (active is not None and config.reads_e_out and returns_output and active._tracker is None
+                   and torch.is_grad_enabled())
     primary = _primary_output(gm) if wants_e_out else None
     if primary is not None:
         _add_efficiency_output(gm, primary, config.eps)

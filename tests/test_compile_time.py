@@ -131,3 +131,29 @@ def test_bench_compile_rejects_unknown_models_and_bad_numbers(capsys):
     assert "--threads must be >= 1; got 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"unknown arm 'cosmic-x'; choose from torch, cosmic"):
         compile_time.run(compile_time.Settings(models=("mlp",), arms=("torch", "cosmic-x")))
+
+
+def test_a_graph_traced_under_no_grad_computes_no_e_out():
+    """E_out feeds CDG's training decisions only; the evaluation graph (no_grad, guarded by dynamo) skips it."""
+    import cosmic_fx
+    from cosmic_fx.backend import add_listener
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    cm = cosmic_fx.compile(model, cosmic_fx.CosmicConfig(lower="aot_eager"))
+    records = []
+    handle = add_listener(records.append)
+    try:
+        x = torch.randn(4, 16)
+        cm(x).square().mean().backward()
+        cm.eval()
+        with torch.no_grad():
+            out = cm(x)
+        cm.train()
+    finally:
+        handle.remove()
+    assert len(records) == 2
+    train_graph, eval_graph = (r.graph_after for r in records)
+    assert "efficiency" in train_graph and "efficiency" not in eval_graph
+    assert isinstance(out, torch.Tensor) and out.shape == (4, 8)  # nothing stripped from the eval output
