@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cosmic-installed
 
-.PHONY: demo test setup bench-claims bench-perf bench-zoo zoo-vendor clean
+.PHONY: demo test lint docs setup bench-claims bench-perf bench-zoo zoo-vendor clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,20 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# The docs site: mkdocs-material + mkdocstrings, built with --strict (a broken link, anchor or API
+# reference fails the build) into site/ (not in git).
+DOCS_STAMP := $(VENV)/.cosmic-docs-installed
+
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[docs]"
+	touch $@
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 bench-claims: $(STAMP)
 	$(BIN)/cosmic-fx bench claims
@@ -45,4 +59,4 @@ bench-zoo: $(STAMP) zoo-vendor
 	$(BIN)/cosmic-fx bench zoo
 
 clean:
-	rm -rf $(VENV) build *.egg-info $(ZOO_VENDOR)
+	rm -rf $(VENV) build *.egg-info $(ZOO_VENDOR) site

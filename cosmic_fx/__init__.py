@@ -1,90 +1,71 @@
 """cosmic_fx: torch.fx / torch.compile passes for the cosmic mechanisms.
 
 ``torch.compile(model, backend="cosmic")`` works without importing this package (entry point).
-The public API is re-exported here.
+The public API is re-exported here, lazily: ``import cosmic_fx`` is cheap (it imports neither torch nor
+the library), and the first use of a name (``cosmic_fx.transform``, ``from cosmic_fx import explain``)
+imports the module that defines it. The command line (``cosmic-fx --help``) relies on this.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from .adapter import load_adapter
-from .backend import cosmic_backend
-from .config import CCEFused, CCEMode, CDGMode, CosmicConfig, CSCPlacement, Lowering, PrefixSignal, QCIForm, QCIInit
-from .export import export
-from .runtime import CosmicRuntime, FusedOptimizer, attach_hooks, detach_hooks, fused_optimizer, hooks_of, runtime_of
-from .inspect import explain
-from .modules import (
-    CosmicStateCompression,
-    DiagonalQCI,
-    LowRankQCI,
-    QuantumClassicalInterface,
-    cosmic_state_compression,
-)
-from .quantities import efficiency, entropy, info
-from .report import Report
-from .sites import SITE_KINDS, Site, SiteInfo, SiteKind, module_sites
-from .tracer import find_sites, sites_in_forward_order
-from .transform import TransformInfo, as_config, transform, transform_info
+if TYPE_CHECKING:
+    from .adapter import load_adapter
+    from .backend import cosmic_backend
+    from .compiling import compile
+    from .config import CCEFused, CCEMode, CDGMode, CosmicConfig, CSCPlacement, Lowering, PrefixSignal, QCIForm, QCIInit
+    from .export import export
+    from .inspect import explain
+    from .modules import (
+        CosmicStateCompression,
+        DiagonalQCI,
+        LowRankQCI,
+        QuantumClassicalInterface,
+        cosmic_state_compression,
+    )
+    from .prefix_cache import PrefixCache
+    from .quantities import efficiency, entropy, info
+    from .report import Report
+    from .runtime import (
+        CosmicRuntime,
+        FusedOptimizer,
+        attach_hooks,
+        detach_hooks,
+        fused_optimizer,
+        hooks_of,
+        runtime_of,
+        watch_optimizer,
+    )
+    from .sites import SITE_KINDS, Site, SiteInfo, SiteKind, module_sites
+    from .tracer import find_sites, sites_in_forward_order
+    from .transform import TransformInfo, transform, transform_info
 
 __version__ = "0.1.0"
 
-
-def compile(model: nn.Module, config: CosmicConfig | None = None, **compile_kwargs: Any) -> nn.Module:
-    """Transform ``model`` (QCI + CSC) and ``torch.compile`` it with the ``cosmic`` backend bound to
-    the model's runtime.
-
-    Args:
-        model: the model (left untouched); or a model returned by :func:`cosmic_fx.transform`, also
-            wrapped in ``DistributedDataParallel`` (then compiled as it is, with its runtime: e.g.
-            after loading a checkpoint into it).
-        config: a :class:`CosmicConfig` (default preset when omitted; for a transformed model, omit
-            it or pass the transform's, with any ``lower``).
-        **compile_kwargs: passed to ``torch.compile`` (``dynamic=``, ``fullgraph=``, ...).
-
-    Returns:
-        the ``torch.compile`` wrapper (an ``OptimizedModule``; the transformed model is its ``_orig_mod``),
-        made to answer like the model (:mod:`cosmic_fx.compiled`): ``inspect.signature(result.forward)``
-        is the model's, ``result.state_dict()`` has the model's own keys (no ``_orig_mod.`` prefix), and
-        a checkpoint loaded through it restores calibrated CDG's frozen set at the next forward.
-
-    Example:
-        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
-        >>> cm = cosmic_fx.compile(model, cosmic_fx.CosmicConfig(lower="aot_eager"))
-        >>> cm(torch.randn(2, 8)).shape   # doctest: +SKIP
-        torch.Size([2, 4])
-    """
-    import functools
-
-    from .compiled import present_as_model
-    from .runtime import _unwrap
-    from .runtime.distributed import check_not_wrapped
-
-    if config is not None:
-        config = as_config(config, "cosmic_fx.compile")
-    for key in ("backend", "options", "mode"):
-        if key in compile_kwargs:
-            raise TypeError(f"cosmic_fx.compile sets torch.compile's {key!r} itself; put settings in the CosmicConfig")
-    check_not_wrapped(model, "cosmic_fx.compile")
-    inner = _unwrap(model)
-    if transform_info(inner) is not None:
-        # transform(model), or DDP(transform(model)): compile it as it is, with its runtime
-        target, runtime = model, runtime_of(inner)
-    else:
-        target = transform(model, config or CosmicConfig())
-        runtime = runtime_of(target)
-    options = runtime.config if config is None else config
-    if runtime.config.hooks_enabled:
-        runtime.activate("compiled")  # now, so that eager regions after a graph break are treated alike
-    backend = functools.partial(cosmic_backend, runtime=runtime, options=options)
-    compiled = torch.compile(target, backend=backend, **compile_kwargs)
-    # training code written for the model (the Hugging Face Trainer) reads its forward signature and
-    # state-dict keys, and builds its optimizer after loading a checkpoint: see cosmic_fx.compiled
-    return present_as_model(compiled, _unwrap(target))
-
+# public name -> the module that defines it (relative to this package)
+_EXPORTS: dict[str, str] = {
+    **{name: "adapter" for name in ("load_adapter",)},
+    **{name: "backend" for name in ("cosmic_backend",)},
+    **{name: "compiling" for name in ("compile",)},
+    **{name: "config" for name in ("CCEFused", "CCEMode", "CDGMode", "CSCPlacement", "CosmicConfig", "Lowering",
+                                   "PrefixSignal", "QCIForm", "QCIInit")},
+    **{name: "export" for name in ("export",)},
+    **{name: "inspect" for name in ("explain",)},
+    **{name: "modules" for name in ("CosmicStateCompression", "DiagonalQCI", "LowRankQCI",
+                                    "QuantumClassicalInterface", "cosmic_state_compression")},
+    **{name: "prefix_cache" for name in ("PrefixCache",)},
+    **{name: "quantities" for name in ("efficiency", "entropy", "info")},
+    **{name: "report" for name in ("Report",)},
+    **{name: "runtime" for name in ("CosmicRuntime", "FusedOptimizer", "attach_hooks", "detach_hooks",
+                                    "fused_optimizer", "hooks_of", "runtime_of", "watch_optimizer")},
+    **{name: "sites" for name in ("SITE_KINDS", "Site", "SiteInfo", "SiteKind", "module_sites")},
+    **{name: "tracer" for name in ("find_sites", "sites_in_forward_order")},
+    **{name: "transform" for name in ("TransformInfo", "transform", "transform_info")},
+}
 
 __all__ = [
     "CCEFused",
@@ -98,6 +79,7 @@ __all__ = [
     "FusedOptimizer",
     "LowRankQCI",
     "Lowering",
+    "PrefixCache",
     "PrefixSignal",
     "QCIForm",
     "QCIInit",
@@ -127,4 +109,39 @@ __all__ = [
     "sites_in_forward_order",
     "transform",
     "transform_info",
+    "watch_optimizer",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        # A submodule (``cosmic_fx.inspect.watch_backend``) loads on first use too, as it did when this
+        # package imported every module eagerly.
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+        raise AttributeError(f"module 'cosmic_fx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """This package's module type: importing a submodule that shares its name with a public function
+    (``cosmic_fx.transform``, ``cosmic_fx.export``) must not rebind ``cosmic_fx.transform`` to the
+    submodule, as the import system does for a package attribute; the submodule stays in ``sys.modules``."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -39,9 +39,9 @@ from torch._functorch.autograd_function import AutogradFunctionApply
 from . import policy
 from .config import CDGMode, CosmicConfig, Lowering
 from .notices import warn_once
-from .quantities import efficiency
 from .runtime import CosmicRuntime, runtime_of
 from .runtime.distributed import active_ddp
+from .runtime.readings import output_sums
 from .sites import SiteInfo
 from .tracer import META_KEY, find_sites, placeholder_fqn, site_has_qci
 
@@ -202,17 +202,18 @@ def _primary_output(gm: fx.GraphModule) -> fx.Node | None:
 
 
 def _add_efficiency_output(gm: fx.GraphModule, node: fx.Node, eps: float) -> None:
-    """Make the graph also return ``E(node, last dim)`` (detached) as its last output."""
+    """Make the graph also return ``output_sums(node)`` (its efficiency sums, detached) as its last
+    output: sums add up over the micro-batches of an accumulated step and over DDP ranks."""
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     with gm.graph.inserting_before(output):
         detached = gm.graph.call_function(torch.ops.aten.detach.default, (node,))
-        e_node = gm.graph.call_function(efficiency, (detached, -1, eps))
+        e_node = gm.graph.call_function(output_sums, (detached,))
     e_node.meta[META_KEY] = {"inserted_by": "cosmic_backend"}
     # AOTAutograd's cache bypasses any graph that calls a Python function it cannot hash; a node marked
     # as fx-wrapped with a hash of the function's source is keyed on that hash instead (torch's own
     # contract for wrapped functions), so a warm process hits the cache for the E_out graph too
     e_node.meta["is_wrapped"] = True
-    e_node.meta["user_cache_hash"] = _efficiency_cache_hash()
+    e_node.meta["user_cache_hash"] = _e_out_cache_hash()
     (outs,) = output.args
     output.args = ((*outs, e_node),) if isinstance(outs, (tuple, list)) else ((outs, e_node),)
     gm.graph.lint()
@@ -220,12 +221,14 @@ def _add_efficiency_output(gm: fx.GraphModule, node: fx.Node, eps: float) -> Non
 
 
 @functools.cache
-def _efficiency_cache_hash() -> str:
-    """A hash of the code behind the E_out node: :mod:`cosmic_fx.quantities` and the torch version."""
+def _e_out_cache_hash() -> str:
+    """A hash of the code behind the E_out node (:func:`~cosmic_fx.runtime.readings.output_sums` and the
+    quantities it computes) and of the torch version."""
     from . import quantities
+    from .runtime import readings
 
-    source = inspect.getsource(quantities).encode()
-    return hashlib.sha256(source + torch.__version__.encode()).hexdigest()
+    source = inspect.getsource(readings) + inspect.getsource(quantities)
+    return hashlib.sha256((source + torch.__version__).encode()).hexdigest()
 
 
 def _csc_function_nodes(gm: fx.GraphModule) -> tuple[int, int]:
@@ -303,17 +306,17 @@ def cosmic_backend(
         )
     # timed under dynamo's own metrics, so torch._dynamo.utils.compile_times() shows cosmic's share
     with torch._dynamo.utils.dynamo_timed("cosmic_backend.passes"):
-        config, active, covered, strip = _prepare(gm, example_inputs, options, runtime)
+        config, active, covered, strip, piece = _prepare(gm, example_inputs, options, runtime)
     compiled = _lower(gm, example_inputs, config.lower)
     if active is None:
         return compiled
-    return _report_to_runtime(compiled, weakref.ref(active), covered, strip_efficiency=strip)
+    return _report_to_runtime(compiled, weakref.ref(active), covered, strip_efficiency=strip, piece=piece)
 
 
 def _prepare(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | CosmicConfig | None,
-             runtime: CosmicRuntime | None) -> tuple[CosmicConfig, CosmicRuntime | None, frozenset[int], bool]:
+             runtime: CosmicRuntime | None) -> tuple[CosmicConfig, CosmicRuntime | None, frozenset[int], bool, bool]:
     """Everything the backend does before lowering: ``(config, active runtime, covered parameter
-    indices, whether the graph returns E_out last)``."""
+    indices, whether the graph returns E_out's sums last, whether it is a piece of a compiled DDP)``."""
     from cosmic_fx.passes import InsertCSC
 
     real = _real_params(gm, example_inputs)
@@ -376,7 +379,12 @@ def _prepare(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[st
     # the runtime ignores E_out: computing it would only make that graph slower to compile and run
     wants_e_out = (active is not None and config.reads_e_out and returns_output and active._tracker is None
                    and torch.is_grad_enabled())
-    primary = _primary_output(gm) if wants_e_out else None
+    # compiled DDP splits the forward into one graph per bucket, none of which is "the model's": on the
+    # first step each piece returns its output's sums and the last piece run gives E_out (the runtime's
+    # forward hook takes over from the next forward)
+    ddp_piece = (active is not None and config.reads_e_out and not returns_output and active._tracker is None
+                 and active_ddp() is not None and torch.is_grad_enabled())
+    primary = _primary_output(gm) if wants_e_out or ddp_piece else None
     if primary is not None:
         _add_efficiency_output(gm, primary, config.eps)
 
@@ -396,7 +404,7 @@ def _prepare(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[st
         for listener in list(_LISTENERS):
             listener(record)
 
-    return config, active, covered, primary is not None
+    return config, active, covered, primary is not None, ddp_piece
 
 
 def _check_recompile_budget(config: CosmicConfig) -> None:
@@ -415,7 +423,7 @@ def _check_recompile_budget(config: CosmicConfig) -> None:
 
 
 def _report_to_runtime(compiled: Callable, runtime: weakref.ref, covered: frozenset[int],
-                       strip_efficiency: bool) -> Callable:
+                       strip_efficiency: bool, piece: bool = False) -> Callable:
     """Tell the runtime that a compiled graph ran (and give it E_out, which the graph returns last).
 
     The runtime is held weakly: dynamo's cache may outlive the model."""
@@ -428,7 +436,7 @@ def _report_to_runtime(compiled: Callable, runtime: weakref.ref, covered: frozen
         if rt is not None and torch.is_grad_enabled() and not fake:
             rt.note_compiled_forward(covered)
             if strip_efficiency:
-                rt.set_output_efficiency(outs[-1])
+                (rt.set_piece_sums if piece else rt.set_output_sums)(outs[-1])
         if strip_efficiency and isinstance(outs, (tuple, list)):
             return type(outs)(outs[:-1])
         return outs

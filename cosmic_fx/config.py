@@ -142,7 +142,7 @@ class CosmicConfig:
             this (default 0: every qualifying site). The ``fast`` preset sets 511: the diagonal QCI
             costs at most 10% of its site's forward+backward from width 512 on (docs/perf.md), more on
             narrow sites (11% at width 256; at width 64 it added 22-33% to a whole training step,
-            docs/fast_window_experiment.py); CSC, CDG and CCE still cover the narrower sites.
+            benchmarks/experiments/fast_window_experiment.py); CSC, CDG and CCE still cover the narrower sites.
         targets: regexes (full match on the qualified module name); when given, only matching sites
             qualify.
         exclude: regexes; matching sites never qualify.
@@ -183,7 +183,7 @@ class CosmicConfig:
             gradient in ``torch.optim``. The update state (momentum, Adam moments) checkpoints through
             :func:`cosmic_fx.fused_optimizer`; under ``torch.compile`` call its ``backward(loss)``
             for the memory saving. Every backward is a step: no gradient accumulation, no clipping
-            by global norm, and no other optimizer over these parameters (an error). See README,
+            by global norm, and no other optimizer over these parameters (an error). See docs/guide/performance.md,
             "Fused updates".
         cce_fused_lr: the fused update's learning rate (> 0), required with ``cce_fused``. Given
             alone (the former API) it means ``cce_fused="sgd"`` without momentum: ``p <- p - lr * m(p) * grad``.
@@ -345,7 +345,7 @@ class CosmicConfig:
     def seed(cls, **overrides: Any) -> CosmicConfig:
         """The source text's literal rules: random QCI init, CSC on the output, literal CDG and CCE.
 
-        These rules wreck training (see README, "Default vs seed"); they are kept so that anyone can
+        These rules wreck training (see docs/guide/presets.md, "Default vs seed"); they are kept so that anyone can
         reproduce the text exactly.
         """
         base = dict(qci_init=QCIInit.SEED, csc=CSCPlacement.OUTPUT, cdg=CDGMode.SEED, cce=CCEMode.SEED,
@@ -355,7 +355,7 @@ class CosmicConfig:
     @classmethod
     def fast(cls, **overrides: Any) -> CosmicConfig:
         """The preset to try for speed and memory when fine-tuning: the mechanisms in their cheapest
-        measured forms. Measured (``cosmic-fx bench claims``, README "Do the claims hold?"): 30-31% less
+        measured forms. Measured (``cosmic-fx bench claims``, docs/guide/claims.md): 30-31% less
         step memory than ``torch.compile`` on the fine-tuning tasks and the 6-block LM, steps 9-22%
         faster, accuracy within budget when fine-tuning; from scratch it froze blocks still learning
         (+0.28 bits/char on ``stdlib-lm-deep``), so check your own validation metric.
@@ -364,16 +364,16 @@ class CosmicConfig:
           adds 1-10% to its site's forward+backward under Inductor (the dense form: 2-2.3x;
           docs/perf.md, "CSC and the QCI forms"); on narrower sites it costs more (11% of its site at
           width 256; a 6-block width-64 transformer with a QCI on every site: 1.33x step time and
-          1.47x step memory, docs/fast_preset_cost_experiment.py), so they get none. ``qci_min_width=0`` puts it back
-          everywhere.
+          1.47x step memory, benchmarks/experiments/fast_preset_cost_experiment.py), so they get none.
+          ``qci_min_width=0`` puts it back everywhere.
         * CSC off (``csc="none"``): after every site it costs 12-14x a clone per site, and on the
           output it slowed the start of training (digits, 40 steps: 66% test error against 34%
-          without it; 3.3% and 3.5% after 400 steps; docs/fast_preset_forms_experiment.py).
+          without it; 3.3% and 3.5% after 400 steps; benchmarks/experiments/fast_preset_forms_experiment.py).
         * CDG ``"prefix"``: blocks on the input side freeze once their gradient norm has settled and
           then cost no backward at all (no weight or input gradients, no saved activations); a
           25-step window (a decision is possible from step 50) and at most a third of the blocks
           (``cdg_prefix_max=0.34``): freezing more, or sooner, lost accuracy when fine-tuning
-          (docs/fast_window_experiment.py, README "The fast preset").
+          (benchmarks/experiments/fast_window_experiment.py, docs/guide/presets.md).
         * CCE ``"relative"`` as the default preset (frozen blocks no longer pay for it).
 
         Example:

@@ -15,9 +15,29 @@ from .transform import transform, transform_info
 
 
 def run_demo(epochs: int = 30, lower: str = "inductor", show_progress: bool = True, seed: int = 0) -> dict:
-    """Train ``DigitsCNN`` twice on the same data and seed: plain PyTorch, then ``cosmic_fx.compile``."""
+    """Train ``DigitsCNN`` twice on the same data and seed: plain PyTorch, then ``cosmic_fx.compile``;
+    print the rewritten sites and a results table (one row per arm).
+
+    Args:
+        epochs: training epochs of each arm.
+        lower: what the cosmic backend lowers the rewritten graph to (``"inductor"``, ``"aot_eager"``,
+            ``"eager"``).
+        show_progress: show a progress bar per arm (stderr).
+        seed: the seed of the models' initialisation and of the batch order (both arms alike).
+
+    Returns:
+        ``{arm name: RunResult}``, in the order the table prints them.
+
+    Example:
+        >>> results = run_demo(epochs=1, lower="aot_eager", show_progress=False)   # doctest: +SKIP
+    """
     from .bench.common import progress
 
+    with torch.random.fork_rng(devices=[]):  # the demo seeds torch itself; the caller's RNG stays as it was
+        return _run(epochs, lower, show_progress, seed, progress)
+
+
+def _run(epochs: int, lower: str, show_progress: bool, seed: int, progress) -> dict:
     data = load_digits(image=True)
     cfg = CosmicConfig(lower=lower)
     print(f"digits: {len(data.y_train)} train / {len(data.y_test)} test images (scikit-learn, bundled)")
@@ -25,7 +45,8 @@ def run_demo(epochs: int = 30, lower: str = "inductor", show_progress: bool = Tr
 
     torch.manual_seed(seed)
     info = transform_info(transform(DigitsCNN(), cfg))
-    rows = [(name, kind, width, "yes" if ok else f"no ({why})") for name, kind, width, ok, why in info.sites]
+    rows = [(s.name, s.kind, s.width, "yes" if s.name in info.rewritten else f"no ({s.reason or 'not rewritten'})")
+            for s in info.sites]
     print(f"rewritten sites (path: {info.path}; QCI init {cfg.qci_init.value}, CSC at {cfg.csc.value}):")
     print(tabulate(rows, headers=["site", "kind", "width", "QCI inserted"], tablefmt="github"))
     print()

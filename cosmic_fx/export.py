@@ -71,6 +71,9 @@ def export(
     A model not yet transformed is transformed first with ``config`` (default ``CosmicConfig()``);
     a transformed one (from :func:`cosmic_fx.transform`, or compiled from one) is exported as it is.
     ``.pt2`` and ONNX are traced in eval mode under ``torch.no_grad()``; the model's modes are restored.
+    A Hugging Face model whose config has ``use_cache=True`` is traced with ``use_cache`` off (its
+    config is restored afterwards): the key/value cache it would return (a ``DynamicCache``) is no
+    tensor that ``torch.export`` can output, and a single inference forward does not need it.
 
     Args:
         model: the model (original, transformed, or ``torch.compile``'d).
@@ -149,7 +152,7 @@ def _export_program(tm: nn.Module, inputs: tuple[Any, ...], dynamic_batch: bool)
     # pass it on only when the export succeeds (on failure our error says what matters)
     held = io.StringIO()
     try:
-        with eval_no_grad(tm), contextlib.redirect_stderr(held), \
+        with eval_no_grad(tm), _without_kv_cache(tm), contextlib.redirect_stderr(held), \
                 quiet_torch_logs("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export"):
             program = torch.export.export(tm, inputs, dynamic_shapes=dynamic_shapes)
     except Exception as err:
@@ -161,6 +164,21 @@ def _export_program(tm: nn.Module, inputs: tuple[Any, ...], dynamic_batch: bool)
         raise failure from err
     sys.stderr.write(held.getvalue())
     return program
+
+
+@contextlib.contextmanager
+def _without_kv_cache(tm: nn.Module):
+    """Turn off a Hugging Face model's ``config.use_cache`` for the duration (every submodule's config,
+    which is usually the same object), and restore it."""
+    configs = {id(c): c for m in tm.modules() if (c := getattr(m, "config", None)) is not None
+               and getattr(c, "use_cache", None) is True and type(c).__module__.startswith("transformers.")}
+    for c in configs.values():
+        c.use_cache = False
+    try:
+        yield
+    finally:
+        for c in configs.values():
+            c.use_cache = True
 
 
 def _describe_input(x: Any) -> str:
@@ -221,6 +239,10 @@ def _explain_export_failure(tm: nn.Module, err: BaseException, dynamic_batch: bo
                 "control flow). torch.export records one graph for every input, so rewrite that code "
                 "without a Python branch on tensor values (torch.where, or torch.cond for two different "
                 "computations), or export a submodule that has none.")
+    elif "cache_utils" in text or "Cache'> in output" in text:
+        what = (f"its forward returns a key/value cache (a Hugging Face Cache object){at}, which is not a tensor "
+                "torch.export can output. Export it with the cache turned off: a model whose forward takes "
+                "use_cache, called with use_cache=False, or config.use_cache = False.")
     elif dynamic_batch and ("Constraints violated" in text or "specializ" in text or "batch" in text and "Dim" in text):
         const = re.search(r"specialized it to be a constant \((\d+)\)", text)
         fixed = f" to {const.group(1)}" if const else ""

@@ -13,6 +13,7 @@ What the ``cosmic`` backend did to the graphs ``torch.compile`` handed it is :fu
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -26,6 +27,8 @@ from .report import ParamRow, PrefixView, Report, SiteRow, _Node, _shape
 from .runtime.eager import first_float_tensor
 from .scoped import eval_no_grad
 from .watch import BackendReport, BackendWatch, watch_backend
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BackendReport", "BackendWatch", "ParamRow", "Report", "SiteRow", "explain", "watch_backend"]
 
@@ -117,8 +120,30 @@ def explain(model: nn.Module, example_inputs: Any, config: CosmicConfig | None =
     return Report(model_name=name, path=info.path, config=config, input_shapes=[_shape_of(x) for x in inputs],
                   sites=sites, params=params, e_out=e_out, graph_before=before_code, graph_after=after_code,
                   inserted_nodes=inserted_nodes, totals=totals, nodes=nodes, prefix=prefix,
-                  note="" if info.trace_error is None else f"symbolic_trace failed ({info.trace_error}); "
-                  "the graphs are the module calls of one forward")
+                  note=_path_note(model, info))
+
+
+def _path_note(model: nn.Module, info) -> str:
+    """The report's line on a module-swap transform: the path taken and why, in a user's words (the
+    tracer's own error goes to the debug log)."""
+    if info.path != "module_swap":
+        return ""
+    error = info.trace_error or ""
+    log.debug("cosmic_fx.explain: %s does not symbolic-trace (%s); explaining the module-swap transform",
+              type(model).__name__, error)
+    detail = error.split(": ", 1)[-1]
+    if "has forward hooks" in error or "depends on self.training" in error:
+        why = f"a traced graph would change this model's behaviour: {detail}"
+    elif type(model).__module__.startswith("transformers."):
+        why = ("this model's forward cannot be traced by torch.fx.symbolic_trace, which is normal for Hugging "
+               "Face models")
+    elif "cannot be used as inputs to control flow" in error:
+        why = ("this model's forward branches on tensor values (data-dependent control flow), which "
+               "torch.fx.symbolic_trace cannot follow")
+    else:
+        why = f"torch.fx.symbolic_trace cannot trace this model's forward ({detail})"
+    return (f"path: module swap (forward hooks on each site), because {why}; nothing is lost: the same sites "
+            "are rewritten, and the graphs below are the module calls of one forward")
 
 
 def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:

@@ -98,7 +98,7 @@ class Report:
             a model that does not trace, the module calls of one forward).
         inserted_nodes: names of the nodes the passes inserted into ``graph_after``.
         totals: sites found/rewritten, parameters and FLOPs before/after.
-        note: why the model was not traced (module_swap path), else ``""``.
+        note: which path the transform took and why, when it is the module swap, else ``""``.
     """
 
     def __init__(self, **fields: Any) -> None:
@@ -238,7 +238,7 @@ class Report:
             f"{t['flops_after']:,} (matmul/conv, torch.utils.flop_counter)",
         ]
         if self.note:
-            lines.append(f"note: {self.note}")
+            lines.append(self.note)
         return lines
 
     def __str__(self) -> str:

@@ -138,13 +138,17 @@ def _get_attr(gm: fx.GraphModule, node: fx.Node) -> Any:
 
 
 # ---------------------------------------------------------------------- names
-_STACK_ROOT = re.compile(r"^L\[['\"][^'\"]+['\"]\]\.?")
+# The frame's local that holds the compiled module: `L['self']`, or `L['args'][0]` when dynamo starts in a
+# wrapper `f(*args, **kwargs)` around the forward (Hugging Face's output decorators on Mistral, Phi, ...);
+# an index is part of the root only when a path follows it, so an input `L['args'][1]` keeps its "1".
+_STACK_ROOT = re.compile(r"^L\[['\"][^'\"]+['\"]\](?:\[\d+\](?=\.))?\.?")
 _GETATTR = re.compile(r"getattr\(([^,]+),\s*['\"]([^'\"]+)['\"]\)")
 _MANGLED = re.compile(r"_(?:modules|parameters|buffers)_")
 
 
 def _normalize_dynamo_path(path: str) -> str:
-    """``"L['self'].layers[0].fc"`` -> ``"layers.0.fc"``."""
+    """``"L['self'].layers[0].fc"`` (or ``"L['args'][0].layers[0].fc"``) -> ``"layers.0.fc"``: the names
+    ``model.named_modules()`` gives, the ones :func:`cosmic_fx.explain` shows."""
     while _GETATTR.search(path):
         path = _GETATTR.sub(r"\1.\2", path)
     path = re.sub(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]", r".\1", path)

@@ -151,7 +151,7 @@ def transform(model: nn.Module, config: CosmicConfig | None = None) -> nn.Module
         _check_no_bypassed_hooks(out, kinds)
         gm = _trace_in_both_modes(out, kinds)
     except Exception as err:  # noqa: BLE001 - any trace failure means: use the fallback path
-        log.info("cosmic_fx.transform: not traced (%s); using module swap", err)
+        log.debug("cosmic_fx.transform: not traced (%s); using module swap", err, exc_info=True)
         return _module_swap(model, out, config, kinds, f"{type(err).__name__}: {err}".splitlines()[0])
     return _rewrite_traced(model, out, gm, config)
 

@@ -30,8 +30,14 @@ SCHEDULE = {"default": {"cdg_interval": 10, "efficiency_every": 2}, "seed": {},
             "fast": {"cdg_prefix_window": 3, "cdg_prefix_threshold": 1e9, "cdg_prefix_max": 0.75, "qci_min_width": 0}}
 
 
-def config(preset: str) -> CosmicConfig:
-    return PRESETS[preset](lower="aot_eager", **SCHEDULE[preset])
+# DDP runs decide every 3 steps (calibrated CDG counts every reading: a counter one step behind on one
+# side shows in the next decision)
+DDP_SCHEDULE = {"default": {"cdg_interval": 3, "efficiency_every": 1}, "fast": SCHEDULE["fast"]}
+DDP_ENGINES = ("eager", "compile", "torch.compile")
+
+
+def config(preset: str, ddp: bool = False) -> CosmicConfig:
+    return PRESETS[preset](lower="aot_eager", **(DDP_SCHEDULE if ddp else SCHEDULE)[preset])
 
 
 def make_model(seed: int) -> nn.Module:
@@ -108,21 +114,25 @@ def shard(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_ddp(engine: str, steps: int, preset: str = "default") -> dict:
-    """One rank of a DistributedDataParallel run: returns what the test compares."""
+    """One rank of a DistributedDataParallel run: returns what the test compares. ``engine``: eager DDP
+    with ``attach_hooks``, ``cosmic_fx.compile(DDP(tm))``, or ``torch.compile(DDP(tm), backend="cosmic")``
+    with ``find_unused_parameters=True`` (each rank's own shard: its per-rank state differs most)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     rank = dist.get_rank()
     torch._dynamo.reset()
-    tm = cosmic_fx.transform(make_model(0), config(preset))  # transform first, then wrap
-    ddp = DistributedDataParallel(tm)
+    tm = cosmic_fx.transform(make_model(0), config(preset, ddp=True))  # transform first, then wrap
+    ddp = DistributedDataParallel(tm, find_unused_parameters=engine == "torch.compile")
     if engine == "eager":
         cosmic_fx.attach_hooks(tm)
         run = ddp
-    else:
+    elif engine == "compile":
         run = cosmic_fx.compile(ddp)
+    else:
+        run = torch.compile(ddp, backend="cosmic")
     opt = optimizer(tm)
-    losses, scaled = [], 0
+    losses, scaled, e_outs = [], 0, []
     for step in range(steps):
         x, y = shard(step, rank)
         loss = nn.functional.cross_entropy(run(x), y)
@@ -134,9 +144,11 @@ def train_ddp(engine: str, steps: int, preset: str = "default") -> dict:
         losses.append(mean_loss.item() / dist.get_world_size())
         rt = cosmic_fx.runtime_of(tm)
         scaled += sum(1 for v in rt.last_step["scale"].values() if v != 1.0)
+        e_outs.append(rt.last_step["e_out"])
     return {"params": {n: p.detach().clone() for n, p in tm.named_parameters()}, "losses": losses,
             "events": rt.freeze_events, "num_hooked": rt.num_hooked, "n_params": len(rt.names),
-            "scaled": scaled, "uncompiled_steps": rt.uncompiled_steps}
+            "scaled": scaled, "uncompiled_steps": rt.uncompiled_steps, "e_outs": e_outs,
+            "state": {k: v.clone() for k, v in rt.state_dict().items()}}
 
 
 def main(argv: list[str]) -> None:
@@ -155,7 +167,7 @@ def main(argv: list[str]) -> None:
         dist.init_process_group("gloo")
         steps, presets = int(argv[1]), argv[2:-1] or ["default"]
         result = {(preset, engine): train_ddp(engine, steps, preset)
-                  for preset in presets for engine in ("eager", "compile")}
+                  for preset in presets for engine in DDP_ENGINES}
         torch.save(result, f"{out}.rank{dist.get_rank()}")
         dist.destroy_process_group()
     else:

@@ -117,7 +117,10 @@ def test_effect_uses_seed_spread():
 @pytest.mark.parametrize("argv,message", [
     (["--tasks", "imagenet"], r"unknown task\(s\) \['imagenet'\]; valid: digits-mlp, .*mnist-transfer"),
     (["--tasks", "digits-mlp,digits-mlp"], r"task\(s\) named twice"),
-    (["--arms", "cosmic turbo"], r"unknown arm\(s\) \['cosmic turbo'\]; valid: eager SGD\+momentum, .*cosmic default"),
+    (["--arms", "cosmic turbo"], r"--arms: 'cosmic turbo' is not an arm name; valid: 'eager SGD\+momentum' .*'cosmic "
+                                 r"default' .*'cosmic fast, freeze more'"),
+    (["--arm", "cosmic turbo"], r"unknown arm\(s\) \['cosmic turbo'\]; valid: 'eager SGD\+momentum' .*'cosmic default' "
+                                r".*'cosmic fast, freeze more'"),
     (["--seeds", "0"], r"seeds must be an int >= 1, got 0"),
     (["--threads", "0"], r"threads must be an int >= 1, got 0"),
 ])

@@ -334,26 +334,43 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
 
 
 # ------------------------------------------------------------------ distributed
-def test_ddp_two_processes_take_identical_decisions_and_keep_identical_parameters(tmp_path):
-    """torchrun --nproc-per-node 2 (gloo), on different data per rank, eager DDP and
-    torch.compile(DDP(transform(model))): the default preset through two calibrated-CDG decisions, and
-    the fast preset through a prefix-CDG freeze event (the reducer rebuilt for the trainable suffix).
-    Every rank hooks every parameter, takes the same decisions and ends with the same parameters (QCIs
-    included); one process on the full batch agrees within float rounding."""
-    steps = 25  # two calibrated-CDG decisions (recipes.SCHEDULE); prefix CDG freezes at step 6
-    presets = ("default", "fast")
-    out = tmp_path / "ddp"
+def assert_close_state(got: dict, want: dict, msg: str) -> None:
+    """Runtime state dicts equal: counters, masks and sets exactly, readings up to float rounding."""
+    assert got.keys() == want.keys(), msg
+    for k in want:
+        if want[k].is_floating_point():
+            assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, equal_nan=True, msg=f"{msg} {k}")
+        else:
+            assert torch.equal(got[k], want[k]), f"{msg} {k}: {got[k]} vs {want[k]}"
+
+
+def start_ddp(out: Path, steps: int, presets: tuple[str, ...]) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              "-m", "tests.recipes", "ddp", str(steps), *presets, str(out)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # meanwhile, one process on the full batch, the reference for both engines
+
+
+def test_ddp_two_processes_take_identical_decisions_and_keep_identical_parameters(tmp_path):
+    """torchrun --nproc-per-node 2 (gloo), on different data per rank: eager DDP,
+    cosmic_fx.compile(DDP(tm)) and torch.compile(DDP(tm), backend="cosmic") (with
+    find_unused_parameters=True); the default preset deciding every 3 steps, and the fast preset through a
+    prefix-CDG freeze event (the reducer rebuilt for the trainable suffix). Every rank hooks every
+    parameter, reads E_out from the first step on, takes the same decisions and ends with the same
+    parameters (QCIs included) and runtime state (low-reading counters, readings, CCE's mean) as one
+    process on the full batch, within float rounding. Run three times in a row (the repeats with the
+    default preset), each under a timeout: a collective that one rank skips would hang a run."""
+    steps = 12  # calibrated-CDG decisions at steps 3, 6, 9 and 12; prefix CDG freezes at step 6
+    presets = ("default", "fast")
+    runs = []
+    proc = start_ddp(tmp_path / "ddp0", steps, presets)
+    # meanwhile, one process on the full batch, the reference for every engine
     reference = {}
     for preset in presets:
         for engine in ("eager", "compile"):
-            tm, run = recipes.prepare(recipes.make_model(0), recipes.config(preset), engine)
+            tm, run = recipes.prepare(recipes.make_model(0), recipes.config(preset, ddp=True), engine)
             opt = recipes.optimizer(tm)
-            ref_losses = []
+            ref_losses, e_outs = [], []
             for step in range(steps):
                 x, y = recipes.full_batch(step, 2)
                 loss = nn.functional.cross_entropy(run(x), y)
@@ -361,12 +378,20 @@ def test_ddp_two_processes_take_identical_decisions_and_keep_identical_parameter
                 loss.backward()
                 opt.step()
                 ref_losses.append(loss.item())
-            reference[preset, engine] = (cosmic_fx.runtime_of(tm).freeze_events, ref_losses,
-                                         {n: p.detach().clone() for n, p in tm.named_parameters()})
+                e_outs.append(cosmic_fx.runtime_of(tm).last_step["e_out"])
+            rt = cosmic_fx.runtime_of(tm)
+            reference[preset, engine] = {"events": rt.freeze_events, "losses": ref_losses, "e_outs": e_outs,
+                                         "params": {n: p.detach().clone() for n, p in tm.named_parameters()},
+                                         "state": rt.state_dict()}
             torch._dynamo.reset()
-    finish(proc)
-    ranks = [torch.load(f"{out}.rank{r}", weights_only=False) for r in (0, 1)]
-    for key in reference:
+    for repeat in range(3):
+        if repeat:  # the repeats: the preset that all-reduces E_out and broadcasts decisions
+            proc = start_ddp(tmp_path / f"ddp{repeat}", steps, presets[:1])
+        finish(proc, timeout=240)  # a hang fails here, not at the suite's end
+        runs.append([torch.load(f"{tmp_path}/ddp{repeat}.rank{r}", weights_only=False) for r in (0, 1)])
+    ranks = runs[0]
+    for preset, engine in ranks[0]:
+        key = (preset, engine)
         a, b = (r[key] for r in ranks)
         assert a["num_hooked"] == b["num_hooked"] == a["n_params"]
         assert a["events"] == b["events"] and len(a["events"]) >= 1 and any(names for _, names in a["events"])
@@ -374,17 +399,28 @@ def test_ddp_two_processes_take_identical_decisions_and_keep_identical_parameter
         assert any(n.startswith("cosmic_qci.") for n in a["params"])
         for n in a["params"]:
             assert torch.equal(a["params"][n], b["params"][n]), (key, n)
+        assert_close_state(b["state"], a["state"], f"{key} rank 1 vs rank 0")
         assert a["uncompiled_steps"] == 0
-        # one process on the full batch: the same decisions, the same curve up to float rounding
-        events, ref_losses, ref_params = reference[key]
-        assert events == a["events"]
+        # one process on the full batch: the same decisions and state, the same curve up to float rounding
+        ref = reference[preset, "eager" if engine == "eager" else "compile"]
+        if recipes.config(preset, ddp=True).reads_e_out:  # (prefix CDG and CCE do not read it: not reduced)
+            assert None not in a["e_outs"], (key, a["e_outs"])  # E_out of the full batch from the first step
+            assert a["e_outs"] == pytest.approx(ref["e_outs"], abs=1e-6), key
+        assert a["events"] == ref["events"], key
+        assert_close_state(a["state"], ref["state"], f"{key} DDP vs one process")
         # measured (examples/ddp_digits.py, 300 steps): loss 4.8e-7, parameters 3.6e-7
-        assert max(abs(p - q) for p, q in zip(a["losses"], ref_losses)) < 1e-5
-        assert ref_params.keys() == a["params"].keys()
-        for n, p in ref_params.items():
+        assert max(abs(p - q) for p, q in zip(a["losses"], ref["losses"])) < 1e-5
+        assert ref["params"].keys() == a["params"].keys()
+        for n, p in ref["params"].items():
             assert_close(a["params"][n], p, rtol=1e-5, atol=2e-6, msg=f"{key} {n}")
-    # prefix CDG froze the first block (and its QCI) at step 6, for good, on both ranks and both engines
-    for engine in ("eager", "compile"):
+        # the repeats end where the first run did
+        for other in runs[1:] if preset == presets[0] else ():
+            for n in a["params"]:
+                assert torch.equal(other[0][key]["params"][n], a["params"][n]), (key, n)
+    if ranks[0]["default", "eager"]["events"] == []:
+        pytest.fail("the default preset must reach a freeze event within the schedule")
+    # prefix CDG froze the first block (and its QCI) at step 6, for good, on both ranks and every engine
+    for engine in recipes.DDP_ENGINES:
         (step, names), = ranks[0]["fast", engine]["events"]
         assert step == 6 and set(names) == {"0.weight", "0.bias", *(n for n in ranks[0]["fast", engine]["params"]
                                                                    if n.startswith("cosmic_qci.0."))}

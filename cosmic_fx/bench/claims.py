@@ -82,7 +82,8 @@ def _check_arms(arms: list[str] | None) -> None:
     valid = arm_names()
     unknown = [a for a in arms if a not in valid]
     if unknown:
-        raise ValueError(f"unknown arm(s) {unknown}; valid: {', '.join(valid)}")
+        # quoted: some names contain a comma ('cosmic fast, freeze more')
+        raise ValueError(f"unknown arm(s) {unknown}; valid: {' '.join(repr(a) for a in valid)}")
 
 
 def run(

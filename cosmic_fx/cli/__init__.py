@@ -7,7 +7,7 @@ once in :data:`cosmic_fx.cli.app.COMMANDS`.
 
 from __future__ import annotations
 
-from .errors import CLIError
 from .app import COMMANDS, build_parser, main
+from .errors import CLIError
 
 __all__ = ["COMMANDS", "CLIError", "build_parser", "main"]

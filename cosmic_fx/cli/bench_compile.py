@@ -8,7 +8,10 @@ import sys
 
 from .errors import CLIError
 
-__all__ = ["add_parser", "run"]
+__all__ = ["HELP", "NAME", "add_parser", "run"]
+
+NAME = "compile"
+HELP = "first-step compile time, cold / warm / recompiles, cosmic vs torch.compile (issue 18)"
 
 _QUICK_MODELS = ("mlp",)
 
@@ -16,7 +19,7 @@ _QUICK_MODELS = ("mlp",)
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``compile`` to the ``bench`` group."""
     p = subparsers.add_parser(
-        "compile", help="first-step compile time, cold / warm / recompiles, cosmic vs torch.compile (issue 18)",
+        NAME, help=HELP,
         epilog="examples:\n  cosmic-fx bench compile\n  cosmic-fx bench compile --quick\n"
                "  cosmic-fx bench compile --models mlp,gpt2 --breakdown",
         formatter_class=argparse.RawDescriptionHelpFormatter,

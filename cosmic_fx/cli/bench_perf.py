@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import argparse
 
-from ..bench import perf
 from .errors import CLIError
 
-__all__ = ["add_parser", "run"]
+__all__ = ["HELP", "NAME", "add_parser", "run"]
+
+NAME = "perf"
+HELP = "cost of each mechanism and savings of CDG/CCE, as side-by-side ratios (issue 5 targets)"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``perf`` to the ``bench`` group."""
+    from ..bench import perf
+
     p = subparsers.add_parser(
-        "perf", help="cost of each mechanism and savings of CDG/CCE, as side-by-side ratios (issue 5 targets)",
+        NAME, help=HELP,
         epilog="examples:\n  cosmic-fx bench perf\n  cosmic-fx bench perf --quick\n"
                "  cosmic-fx bench perf --sections csc,qci --threads 2",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -24,11 +28,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="torch threads (default 1: timed with the thread's CPU clock, robust on a shared machine)")
     p.add_argument("--sections", default=None, help=f"comma list of {','.join(perf.SECTIONS)} (default: all)")
     p.add_argument("--out", default=None, help="folder for perf.md and perf.json")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..bench import perf
+
     if args.threads < 1:
         raise CLIError(f"--threads must be >= 1; got {args.threads}")
     sections = tuple(s.strip() for s in args.sections.split(",")) if args.sections else perf.SECTIONS

@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_parser", "run"]
+__all__ = ["HELP", "NAME", "add_parser", "run"]
+
+NAME = "presets"
+HELP = "default vs seed vs plain SGD on digits, and each mechanism alone"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``presets`` to the ``bench`` group."""
-    p = subparsers.add_parser("presets", help="default vs seed vs plain SGD on digits, and each mechanism alone",
+    p = subparsers.add_parser(NAME, help=HELP,
                               epilog="example:\n  cosmic-fx bench presets --seeds 3 --out results",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3, 1 with --quick)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 30, 10 with --quick)")
     p.add_argument("--engine", choices=["eager", "compile"], default="eager",
                    help="eager: transform + eager hooks; compile: cosmic_fx.compile with aot_eager lowering")
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer arms and seeds (1 seed, 10 epochs unless --seeds / --epochs say otherwise)")
     p.add_argument("--search", action="store_true",
                    help="run the calibrated CDG/CCE forms that were tried for the default, each alone")
     p.add_argument("--out", default=None, help="folder for presets.md / presets.json")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
     return p
 
 

@@ -6,21 +6,20 @@ from __future__ import annotations
 import argparse
 import os
 
-import torch
-
-from ..bench import zoo
-from ..bench.common import write_results
-from ..bench.zoo_models import all_models
-from ..bench.zoo_vision import VENDOR_ENV
 from .errors import CLIError
 
-__all__ = ["add_parser", "run"]
+__all__ = ["HELP", "NAME", "add_parser", "run"]
+
+NAME = "zoo"
+HELP = "pass-rate table over torch built-ins, HF transformers, torchvision and timm models"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``zoo`` to the ``bench`` group."""
+    from ..bench import zoo
+
     p = subparsers.add_parser(
-        "zoo", help="pass-rate table over torch built-ins, HF transformers, torchvision and timm models",
+        NAME, help=HELP,
         epilog="examples:\n  cosmic-fx bench zoo --out results\n  cosmic-fx bench zoo --quick\n"
                "  cosmic-fx bench zoo --models 'hf-|tv-vit' --lower inductor\n\n"
                "torchvision and timm are read from an isolated folder: `make zoo-vendor` (see "
@@ -39,11 +38,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="folder with the isolated torchvision/timm (default: $COSMIC_FX_ZOO_VENDOR or .zoo-vendor)")
     p.add_argument("--list", action="store_true", help="list the selected models and exit")
     p.add_argument("--out", default=None, help="folder for zoo.md and zoo.json")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..bench import zoo
+    from ..bench.common import write_results
+    from ..bench.zoo_models import all_models
+    from ..bench.zoo_vision import VENDOR_ENV
+
     if args.vendor:
         os.environ[VENDOR_ENV] = args.vendor
     if args.list:

@@ -6,19 +6,18 @@ from __future__ import annotations
 import argparse
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from ..adapter import load_adapter
-from ..export import FORMATS, ExportError, export
-from ..loading import CorruptFileError, load_onnx, load_program
-from ..scoped import eval_no_grad
-from ..transform import transform, transform_info
 from .errors import CLIError
 from .model_args import add_model_command, make_inputs, model_and_inputs
 
-__all__ = ["add_parser", "run"]
+if TYPE_CHECKING:  # torch and the library load when the command runs, not for `cosmic-fx --help`
+    from torch import nn
+
+__all__ = ["HELP", "NAME", "add_parser", "run"]
+
+NAME = "export"
+HELP = "export the transformed model: .pt2, ONNX, or adapter files"
 
 _EPILOG = """\
 examples:
@@ -32,8 +31,10 @@ After writing, the file is loaded back and checked against the in-memory model a
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``export`` to ``subparsers``."""
+    from ..export import FORMATS
+
     p = add_model_command(
-        subparsers, "export", help="export the transformed model: .pt2, ONNX, or adapter files",
+        subparsers, NAME, help=HELP,
         description="Transform a model with cosmic_fx and export it (cosmic_fx.export).",
         epilog=_EPILOG,
     )
@@ -44,6 +45,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..export import ExportError, export
+    from ..transform import transform, transform_info
+
     model, inputs, config = model_and_inputs(args)
     try:
         with torch.random.fork_rng(devices=[]):
@@ -61,6 +67,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _verify(tm: nn.Module, model: nn.Module, inputs: tuple, written: Path, args: argparse.Namespace) -> str:
     """Load what was written and compare with the in-memory model (another batch size when dynamic)."""
+    import torch
+
+    from ..adapter import load_adapter
+    from ..loading import CorruptFileError, load_onnx, load_program
+    from ..scoped import eval_no_grad
+
     batch = inputs[0].shape[0] + 3 if inputs and inputs[0].dim() >= 1 and not args.static_batch else None
     if batch is not None:
         torch.manual_seed(args.seed + 1)
@@ -75,7 +87,7 @@ def _verify(tm: nn.Module, model: nn.Module, inputs: tuple, written: Path, args:
                     session = load_onnx(written)
                 except ModuleNotFoundError:
                     return "not checked: onnxruntime is not installed"
-                feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
+                feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs, strict=False)}
                 got, how = torch.from_numpy(session.run(None, feed)[0]), "onnxruntime"
             else:
                 with warnings.catch_warnings():

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 
-from ..inspect import explain
 from .errors import CLIError
 from .model_args import add_model_command, model_and_inputs
 
-__all__ = ["add_parser", "run"]
+__all__ = ["HELP", "NAME", "add_parser", "run"]
+
+NAME = "inspect"
+HELP = "show what cosmic does to a model: sites, parameters, graph diff, diagram"
 
 _EPILOG = """\
 examples:
@@ -23,7 +25,7 @@ examples:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``inspect`` to ``subparsers``."""
     p = add_model_command(
-        subparsers, "inspect", help="show what cosmic does to a model: sites, parameters, graph diff, diagram",
+        subparsers, NAME, help=HELP,
         description="Transform a model with cosmic_fx and report every change (cosmic_fx.explain).",
         epilog=_EPILOG,
     )
@@ -35,6 +37,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..inspect import explain
+
     model, inputs, config = model_and_inputs(args)
     try:
         report = explain(model, inputs, config)

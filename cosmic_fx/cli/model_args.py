@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from ..config import CosmicConfig
-from ..inspect import _first_layer_hint
-from ..scoped import eval_no_grad
 from .errors import CLIError
+
+if TYPE_CHECKING:  # torch and the library load when a command runs, not for `--help`
+    import torch
+    from torch import nn
+
+    from ..config import CosmicConfig
 
 __all__ = ["add_model_arguments", "add_model_command", "load_factory", "load_weights", "make_inputs",
            "model_and_inputs", "parse_shape"]
@@ -51,7 +52,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(part) for part in text.replace("x", ",").split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a shape; expected comma-separated sizes like 8,1,8,8") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a shape; expected comma-separated sizes like 8,1,8,8") from None
     if not shape or any(s < 1 for s in shape):
         raise argparse.ArgumentTypeError(f"{text!r}: every size must be a positive integer")
     return shape
@@ -59,6 +61,13 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 def model_and_inputs(args: argparse.Namespace) -> tuple[nn.Module, tuple[torch.Tensor, ...], CosmicConfig]:
     """Build the model, example inputs and config from the shared arguments (errors as ``CLIError``)."""
+    import torch
+    from torch import nn
+
+    from ..config import CosmicConfig
+    from ..inspect import _first_layer_hint
+    from ..scoped import eval_no_grad
+
     torch.manual_seed(args.seed)
     model = load_factory(args.model)()
     if not isinstance(model, nn.Module):
@@ -80,6 +89,8 @@ def model_and_inputs(args: argparse.Namespace) -> tuple[nn.Module, tuple[torch.T
 
 def make_inputs(args: argparse.Namespace, shapes: Sequence[tuple[int, ...]]) -> tuple[torch.Tensor, ...]:
     """Random example inputs of ``shapes`` as the arguments ask: ``--input-dtype``, ``--int-high``."""
+    import torch
+
     if args.input_dtype == "int64":
         return tuple(torch.randint(0, max(args.int_high, 1), s) for s in shapes)
     return tuple(torch.rand(s, dtype=getattr(torch, args.input_dtype)) for s in shapes)
@@ -87,6 +98,8 @@ def make_inputs(args: argparse.Namespace, shapes: Sequence[tuple[int, ...]]) -> 
 
 def load_weights(model: nn.Module, file: str) -> None:
     """Load a state_dict file into ``model`` without unpickling objects (errors as ``CLIError``)."""
+    import torch
+
     try:
         if file.endswith(".safetensors"):
             from safetensors.torch import load_file

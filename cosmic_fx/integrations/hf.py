@@ -145,7 +145,9 @@ class CosmicCallback(TrainerCallback):
     Each training log entry (the one with ``loss``) gets, in ``trainer.state.log_history`` and in the
     ``logs`` handed to the callbacks after this one:
 
-    * ``cosmic/steps``: backward passes the runtime has counted (it continues across a resume);
+    * ``cosmic/steps``: optimizer steps the runtime has counted (it continues across a resume); with
+      ``gradient_accumulation_steps`` the runtime decides once per optimizer step, on the accumulated
+      gradients, so this equals the Trainer's ``global_step``;
     * ``cosmic/frozen_share``: share of the elements of the parameters cosmic trains that CDG holds
       frozen now; ``cosmic/frozen_tensors``: how many tensors;
     * ``cosmic/prefix_blocks_frozen``: the frozen prefix, in blocks (``cdg="prefix"`` only);
@@ -190,6 +192,7 @@ class CosmicCallback(TrainerCallback):
 
         self._runtime = check_trainer_setup(model, args)
         self._model = _unwrap(model)
+        self._watch(kwargs.get("optimizer"))
         self._graphs = self._recompiles = 0
         self._reset_window()
         self._seen_step = self._runtime.steps
@@ -219,6 +222,20 @@ class CosmicCallback(TrainerCallback):
             self._listener.remove()
             self._listener = None
 
+    def _watch(self, optimizer: Any) -> None:
+        """End the runtime's steps at the Trainer's optimizer steps from the first one on (accelerate
+        wraps the torch optimizer: its step hooks are on the one inside)."""
+        import torch
+
+        while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+            optimizer = optimizer.optimizer
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            return
+        rt = self._runtime
+        if rt is not None and rt.config.cce_fused.value == "off" \
+                and rt.indices_of(p for g in optimizer.param_groups for p in g["params"]):
+            rt.watch_optimizer(optimizer)
+
     # ------------------------------------------------------------------ readings
     def _on_graph(self, record) -> None:
         rt = record.runtime() if record.runtime is not None else None
@@ -230,7 +247,8 @@ class CosmicCallback(TrainerCallback):
             self._recompiles += 1
 
     def _collect(self) -> None:
-        """Read the runtime's latest backward pass once (per backward, with gradient accumulation too)."""
+        """Read the runtime's latest step once (an optimizer step: with gradient accumulation, after the
+        last micro-batch)."""
         rt = self._runtime
         if rt is None or rt.steps == self._seen_step:
             return

@@ -3,6 +3,7 @@ distributed training. The public entry points are re-exported by :mod:`cosmic_fx
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..config import CosmicConfig
@@ -13,7 +14,7 @@ from .fused_optimizer import FusedOptimizer, fused_optimizer
 from .state import CosmicState
 
 __all__ = ["STATE_NAME", "CosmicRuntime", "CosmicState", "FusedOptimizer", "attach_hooks", "detach_hooks",
-           "fused_optimizer", "hooks_of", "runtime_of", "runtimes_of_param"]
+           "fused_optimizer", "hooks_of", "runtime_of", "runtimes_of_param", "watch_optimizer"]
 
 STATE_NAME = "cosmic_state"
 _PLAIN_ATTR = "_cosmic_runtime"  # the runtime of a plain (not transformed) model given to attach_hooks
@@ -138,3 +139,38 @@ def detach_hooks(model: nn.Module) -> int:
     rt.remove()
     _unwrap(model).__dict__.pop(_PLAIN_ATTR, None)
     return 1
+
+
+def watch_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> CosmicRuntime:
+    """End each of the model's cosmic steps at ``optimizer.step()``: with gradient accumulation, one
+    step per optimizer step (not per backward), decided on the accumulated gradients.
+
+    The runtime also finds an optimizer over the model's parameters by itself, on that optimizer's
+    first ``step()``; calling this before training makes the first step count too. With
+    ``optimizer=None`` a step ends only at ``runtime_of(model).optimizer_step()`` (loops that update
+    the parameters themselves). Refused with the fused update (``cce_fused``): it updates inside
+    every backward, so every backward is a step.
+
+    Args:
+        model: a transformed, compiled or DDP-wrapped model with a cosmic runtime.
+        optimizer: a ``torch.optim`` optimizer over the model's parameters, or ``None``.
+
+    Example:
+        >>> tm = cosmic_fx.transform(model)                        # doctest: +SKIP
+        >>> opt = torch.optim.SGD(tm.parameters(), lr=0.1)         # doctest: +SKIP
+        >>> rt = cosmic_fx.watch_optimizer(cosmic_fx.compile(tm), opt)   # doctest: +SKIP
+        >>> for xs, ys in micro_batches:                           # doctest: +SKIP
+        ...     (loss_fn(cm(xs), ys) / len(micro_batches)).backward()
+        >>> opt.step(); rt.steps                                   # doctest: +SKIP
+        1
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"cosmic_fx.watch_optimizer expects an nn.Module; got {type(model).__name__}")
+    rt = runtime_of(model)
+    if rt is None:
+        raise ValueError(
+            f"{type(model).__name__} has no cosmic runtime, so there are no steps to count: build it with "
+            "cosmic_fx.transform / cosmic_fx.compile, or call cosmic_fx.attach_hooks(model) first"
+        )
+    rt.watch_optimizer(optimizer)
+    return rt

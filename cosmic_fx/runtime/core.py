@@ -7,16 +7,19 @@ trainable parameter at once; the hooks do nothing until the runtime is *activate
 or by the ``cosmic`` backend / :func:`cosmic_fx.compile` (the compiled graph returns ``E_out``).
 Parameters that run in eager regions after a graph break are hooked like the rest.
 
-Each parameter's hook runs as soon as its gradient is accumulated: it reads ``E(p)``
-(:class:`~cosmic_fx.runtime.readings.Readings`), applies seed CDG's skip, counts calibrated CDG's
-low readings (:class:`~cosmic_fx.runtime.cdg.CDGState`), scales the gradient by CCE's multiplier and
-optionally applies the fused update (:class:`~cosmic_fx.runtime.fused.FusedUpdate`). Under
-``torch.compile``, :func:`~cosmic_fx.runtime.fused_optimizer.traced_backward` runs the backward
-through compiled autograd: the readings and multipliers are taken just before it, and the hooks,
-traced into the compiled backward, only apply the fused update (each gradient is freed as soon as
-it is used). At the end of each backward the runtime closes the step: the relative-CCE mean, compile accounting
-(:class:`~cosmic_fx.runtime.accounting.CompileAccounting`) and, every ``cdg_interval`` steps, the
-frozen set. Every decision is a function of :mod:`cosmic_fx.policy`.
+This module binds a runtime to its model, activates it and checkpoints it; what happens in each
+step is :mod:`cosmic_fx.runtime.step`'s (:class:`~cosmic_fx.runtime.step.StepMixin`). A step is an
+optimizer step: with gradient accumulation the runtime reads ``E(p)``
+(:class:`~cosmic_fx.runtime.readings.Readings`), applies seed CDG's skip, counts calibrated CDG's low
+readings (:class:`~cosmic_fx.runtime.cdg.CDGState`) and scales the gradient by CCE's multiplier once,
+on the accumulated gradient, before the optimizer updates; without a known optimizer, and with the
+fused update (:class:`~cosmic_fx.runtime.fused.FusedUpdate`), each backward is a step and the hooks do
+that work as each gradient is accumulated. Under ``torch.compile``,
+:func:`~cosmic_fx.runtime.fused_optimizer.traced_backward` runs the backward through compiled
+autograd: the readings and multipliers are taken just before it, and the hooks, traced into the
+compiled backward, only apply the fused update. When a step ends the runtime updates the relative-CCE
+mean, compile accounting (:class:`~cosmic_fx.runtime.accounting.CompileAccounting`) and, every
+``cdg_interval`` steps, the frozen set. Every decision is a function of :mod:`cosmic_fx.policy`.
 
 Ownership is explicit: the runtime holds its parameters and model weakly, the model (or, for a
 plain model compiled without ``transform``, its parameters' hooks) holds the runtime, so a model
@@ -26,24 +29,23 @@ that is garbage-collected frees its runtime and two models never share one.
 from __future__ import annotations
 
 import logging
-import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .. import policy
-from ..config import CCEFused, CCEMode, CDGMode, CosmicConfig, PrefixSignal
+from ..config import CCEFused, CDGMode, CosmicConfig
 from .accounting import CompileAccounting
 from .cce import CCEState
 from .cdg import CDGState
-from .distributed import DistributedContext, active_ddp, check_not_sharded, rebuild_reducer, why_not_rebuildable
+from .distributed import DistributedContext, check_not_sharded, rebuild_reducer
 from .fused import FusedUpdate
 from .prefix import PrefixState, check_has_sites
 from .readings import Readings
+from .step import StepMixin, _wait_for_optimizer
 
 __all__ = ["CosmicRuntime", "runtimes_of_param"]
 
@@ -60,17 +62,13 @@ def runtimes_of_param(p: torch.Tensor) -> list[CosmicRuntime]:
     return [rt for ref, _ in _OWNERS.get(p, ()) if (rt := ref()) is not None]
 
 
-def _queue_callback(fn: Callable[[], None]) -> None:
-    torch.autograd.Variable._execution_engine.queue_callback(fn)
-
-
 def _remove_handles(handles: list) -> None:
     for h in handles:
         h.remove()
     handles.clear()
 
 
-class CosmicRuntime:
+class CosmicRuntime(StepMixin):
     """The CDG/CCE state of one training run of one model, and the hooks on its parameters.
 
     Create one with :func:`cosmic_fx.transform` (``cosmic_fx.runtime_of(tm)``) or
@@ -78,8 +76,8 @@ class CosmicRuntime:
 
     Attributes:
         config: the rules it applies.
-        steps: completed backward passes (training steps).
-        last_step: what CDG/CCE did in the latest backward: ``step``, ``e_out``, ``efficiency``
+        steps: completed training steps: optimizer steps (see :attr:`step_boundary`).
+        last_step: what CDG/CCE did in the latest step: ``step``, ``e_out``, ``efficiency``
             (``E(p)`` of the parameters measured), ``skipped`` (seed CDG), ``scale`` (CCE multipliers),
             ``frozen`` (calibrated CDG) and ``outside_graphs`` (parameters whose gradients came from
             code outside every compiled graph).
@@ -123,7 +121,7 @@ class CosmicRuntime:
         self.accounting = CompileAccounting()
         self._in_backward = False
         self._e_out_seen = False
-        self._reset_step()
+        self._init_steps()
 
     # ------------------------------------------------------------------ binding
     @property
@@ -228,6 +226,13 @@ class CosmicRuntime:
         """The names of the parameters this runtime covers, in its index order."""
         return list(self._names)
 
+    # ------------------------------------------------------------------ hook point: fused updates
+    @property
+    def fuses_update(self) -> bool:
+        """Whether the hooks apply an update inside backward: the config's ``cce_fused``, or a
+        ``torch.optim`` optimizer that :func:`cosmic_fx.fused_optimizer` put in ``self.fused``."""
+        return self.config.cce_fused is not CCEFused.OFF or self.fused.external
+
     # ------------------------------------------------------------------ activation
     def activate(self, mode: str) -> None:
         """Start applying CDG/CCE: ``"eager"`` (``attach_hooks``) or ``"compiled"`` (the backend)."""
@@ -251,7 +256,7 @@ class CosmicRuntime:
         model = self.model
         if model is not None:
             check_not_sharded(model, self.config)
-        if self.config.hooks_enabled:
+        if self.config.hooks_enabled or self.fuses_update:
             self._attach_hooks()
         if self.config.cdg is CDGMode.PREFIX and self.prefix.length and not self.cdg.frozen:
             # remove() thawed the prefix; prefix CDG never thaws it while it runs
@@ -260,10 +265,12 @@ class CosmicRuntime:
                 if p is not None and i in self.cdg.frozen:
                     p.requires_grad_(False)
         self.mode = mode
-        if self.config.cce_fused is not CCEFused.OFF:
+        if self.fuses_update:
             from .fused_optimizer import watch_double_updates
 
             watch_double_updates(self)
+        else:
+            _wait_for_optimizer(self)
 
     def remove(self) -> None:
         """Detach every hook, thaw every parameter CDG froze, and deactivate (the state is kept)."""
@@ -276,6 +283,7 @@ class CosmicRuntime:
                 params[i].requires_grad_(True)
         self.cdg.frozen = frozenset()
         _remove_handles(self._handles)
+        self._unwatch()
         self.mode = None
         if not self.transformed:
             # a plain model's runtime ends here; a transformed model keeps its (state-carrying) runtime
@@ -372,237 +380,6 @@ class CosmicRuntime:
             return
         self._protected = {i for n in names if (i := self.index_of(str(n))) is not None}
         self._protected_known = True
-
-    # ------------------------------------------------------------------ per step
-    def set_output(self, out: torch.Tensor) -> None:
-        """Record this step's model output (its efficiency along the last dim). In a distributed run
-        the efficiency is that of the whole batch: its sums are all-reduced over the ranks."""
-        from ..quantities import efficiency, efficiency_from_sums, efficiency_sums
-
-        self._note_ddp()
-        dist = self._distributed()
-        if dist.active and self.config.reads_e_out and self.readings.any_due(self.steps):
-            with torch.no_grad():
-                e_out = efficiency_from_sums(dist.sum(efficiency_sums(out.detach(), -1)), self.config.eps)
-        else:
-            e_out = efficiency(out.detach(), -1, self.config.eps)
-        self._set_e_out(e_out)
-
-    def set_output_efficiency(self, e_out: torch.Tensor) -> None:
-        """Record ``E_out`` computed inside a compiled graph (not under DDP: see :meth:`set_output`)."""
-        self._note_ddp()
-        self._set_e_out(e_out)
-
-    def _set_e_out(self, e_out: torch.Tensor) -> None:
-        self.readings.set_e_out(e_out)
-        self._e_out_seen = True
-
-    def _distributed(self) -> DistributedContext:
-        if self._dist is None:
-            self._dist = DistributedContext()
-        return self._dist
-
-    def _note_ddp(self) -> None:
-        """On the first forward under a DistributedDataParallel wrapper: check what cosmic supports,
-        and take E_out from the model's forward hook (all-reduced) rather than from a compiled graph."""
-        ddp = active_ddp()
-        if ddp is None or (self._ddp is not None and self._ddp() is ddp):
-            return
-        if self.config.cce_fused is not CCEFused.OFF:
-            raise RuntimeError(
-                f"cosmic_fx: cce_fused={self.config.cce_fused.value!r} cannot be used under DistributedDataParallel: "
-                "the fused update would run on each rank's local gradient before DDP all-reduces it, and the ranks "
-                "would drift apart. Use cce_fused='off' and cce_fused_lr=None (CCE then scales the gradient and your "
-                "optimizer steps after the all-reduce)."
-            )
-        why = why_not_rebuildable(ddp) if self.config.cdg in (CDGMode.CALIBRATED, CDGMode.PREFIX) else None
-        if why is not None:
-            raise RuntimeError(
-                f"cosmic_fx: {self.config.cdg.value} CDG freezes parameters, so it rebuilds DistributedDataParallel's "
-                "reducer "
-                f"at each freeze event, and this wrapper cannot be rebuilt: {why}. Use cdg='off' or cdg='seed', "
-                "or wrap without that feature."
-            )
-        self._ddp = weakref.ref(ddp)
-        if self.mode == "compiled":
-            self.use_output_hook()
-
-    def use_output_hook(self) -> None:
-        """Take ``E_out`` from a forward hook on the model (run outside dynamo) from the next forward
-        on: under DDP, and when the code that returns the output ran outside compiled graphs."""
-        model = self.model
-        if self._tracker is None and model is not None and self.config.reads_e_out:
-            from .eager import OutputTracker
-
-            self._tracker = OutputTracker(model, self, probe=False)
-
-    def note_compiled_forward(self, covered: frozenset[int] = frozenset()) -> None:
-        """Called by the backend each time one of its compiled graphs runs with grad enabled;
-        ``covered`` are the indices of the parameters that graph reads."""
-        if not self.accounting.compiled:
-            model = self.model
-            if model is not None:
-                check_not_sharded(model, self.config)
-        self._note_ddp()
-        self.accounting.note_forward(covered)
-
-    def _reset_step(self) -> None:
-        self._step_e: dict[int, float] = {}
-        self._step_skipped: list[int] = []
-        self._step_scale: dict[int, float] = {}
-        self._step_grads: set[int] = set()
-
-    def _on_grad(self, i: int, p: torch.Tensor) -> None:
-        if not self._in_backward:
-            self._in_backward = True
-            _queue_callback(self._end_of_backward)
-        if p.grad is None:
-            return
-        if self._decide(i, p) and self.config.cce_fused is not CCEFused.OFF:
-            if self.mode == "compiled" and not self._warned_untraced:
-                self._warned_untraced = True
-                warnings.warn(
-                    "cosmic_fx: the fused update ran after a plain loss.backward() on a compiled model: it is "
-                    "correct, but the compiled backward returned every gradient before the first update, so no "
-                    "memory is saved. Call cosmic_fx.fused_optimizer(model).backward(loss) instead (compiled "
-                    "autograd; README, 'Fused updates'). (Warned once per model.)",
-                    UserWarning,
-                    stacklevel=2,
-                )
-            if not self.fused.allocated:
-                self.fused.allocate(self._params(), with_scale=False)
-            self.fused.apply(i, p, p.grad)
-            p.grad = None  # freed now: the next layer's gradient can reuse the memory
-
-    def _decide(self, i: int, p: torch.Tensor) -> bool:
-        """This step's reading, CDG and CCE for parameter ``i`` (its gradient is scaled in place when
-        it exists); ``False`` when seed CDG skips it (no update)."""
-        cfg = self.config
-        self._step_grads.add(i)
-        if cfg.cdg is CDGMode.PREFIX:
-            if cfg.cdg_prefix_signal is PrefixSignal.GRAD:
-                self.prefix.note_grad(i, p.grad)
-            if cfg.cce is CCEMode.OFF and cfg.cdg_prefix_signal is PrefixSignal.GRAD:
-                return True  # nothing reads E(p): do not measure it (a fused update still applies)
-        r = self.readings
-        fresh = r.due(i, self.steps)
-        if fresh:
-            value, low = r.measure(i, p, self.steps, self._names[i])
-            self._step_e[i] = value
-        else:  # between measurements: reuse the last verdict and multiplier
-            value, low = r.value[i], r.low[i]
-        if cfg.cdg is CDGMode.SEED and low is True:
-            self._step_skipped.append(i)
-            if self._ddp is None:
-                p.grad = None
-            return False  # under DDP the gradient is dropped after the all-reduce (it must take part)
-        if cfg.cdg is CDGMode.CALIBRATED and fresh:
-            self.cdg.note_reading(i, value, low)
-        if cfg.cce is not CCEMode.OFF:
-            scale = self.cce.multiplier(value, self._initial_efficiencies)
-            if p.grad is not None and scale != 1.0:
-                p.grad.mul_(scale)
-            if self.fused.scale is not None:
-                self.fused.scale[i].fill_(scale)
-            self._step_scale[i] = scale
-        return True
-
-    # ------------------------------------------------------------------ compiled fused backward
-    def _traced_update(self, i: int, p: torch.Tensor) -> None:
-        grad = p.grad
-        if self.fused.scale is not None:
-            grad = grad * self.fused.scale[i]
-        self.fused.apply(i, p, grad)
-        p.grad = None
-
-    def _initial_efficiencies(self) -> list[float]:
-        from ..quantities import efficiency
-
-        with torch.no_grad():
-            return [float(efficiency(p, 0, self.config.eps)) for p in self._params() if p is not None]
-
-    def _end_of_backward(self) -> None:
-        self._in_backward = False
-        self.backwards_since_step += 1
-        step = self.steps
-        self.steps += 1
-        self.cce.end_of_step(self._step_e.values())
-        outside = self.accounting.end_of_step(self.steps, self._step_grads, len(self.cdg.sets_used),
-                                              self.config.cdg_max_sets)
-        names = self._names
-        self.last_step = {
-            "step": self.steps,
-            "e_out": self.readings.e_out_value(),
-            "efficiency": {names[k]: v for k, v in self._step_e.items()},
-            "skipped": [names[k] for k in self._step_skipped],
-            "scale": {names[k]: v for k, v in self._step_scale.items()},
-            "frozen": self.frozen,
-            "outside_graphs": [names[k] for k in outside],
-        }
-        skipped = list(self._step_skipped)
-        self._reset_step()
-        if self.mode == "compiled" and not self._e_out_seen and self.config.reads_e_out:
-            # no compiled graph returned the model output (its last part ran eagerly): read E_out
-            # from a forward hook from now on
-            self.use_output_hook()
-        self._e_out_seen = False
-        wanted = None
-        if self.config.cdg is CDGMode.CALIBRATED:
-            self.cdg.since_decision += 1
-            if self.cdg.since_decision >= self.config.cdg_interval:
-                self.cdg.since_decision = 0
-                wanted = self.cdg.decide(self._protected, self.config)
-                if self._distributed().active:  # rank 0 decides for every rank
-                    wanted = self._distributed().broadcast_set(wanted, len(names), self._device())
-        elif self.config.cdg is CDGMode.PREFIX:
-            length = self.prefix.end_of_step(step, self.readings.value, self.config)
-            if length != self.prefix.length or self._distributed().active:
-                wanted = frozenset(i for u in self.prefix.units[:length] for i in u.params)
-                if self._distributed().active:  # rank 0 decides for every rank
-                    wanted = self._distributed().broadcast_set(wanted, len(names), self._device())
-                if wanted == self.cdg.frozen:
-                    wanted = None
-        self.last_step["prefix"] = self.prefix.reason if self.config.cdg is CDGMode.PREFIX else None
-        if self.config.cdg is CDGMode.PREFIX and not self.prefix.known and step == 0:
-            warnings.warn(
-                "cosmic_fx: cdg='prefix' does not know the order in which the forward pass reads the parameters "
-                "(no traced graph, no compiled graph that reads every parameter, no eager forward with "
-                "attach_hooks), so it cannot find the blocks and freezes nothing. Transform a model that "
-                "symbolic-traces, remove the graph breaks, or train eagerly with cosmic_fx.attach_hooks.",
-                RuntimeWarning, stacklevel=2)
-        ddp = self._ddp() if self._ddp is not None else None
-        if ddp is None:
-            self._finish_step(step, skipped, wanted, None)
-        elif skipped or wanted is not None:
-            # DDP's own end-of-backward callback (copying the all-reduced buckets into .grad) was
-            # queued after this one; a callback queued now runs after it
-            _queue_callback(lambda: self._finish_step(step, skipped, wanted, ddp))
-
-    def _finish_step(self, step: int, skipped: list[int], wanted: frozenset[int] | None, ddp) -> None:
-        params = self._params()
-        if ddp is not None:
-            for i in skipped:
-                if params[i] is not None:
-                    params[i].grad = None
-        if wanted is not None:
-            if self.config.cdg is CDGMode.PREFIX:
-                # the prefix grows only (a rank that received rank 0's set follows it); this step's
-                # gradients of the newly frozen blocks are dropped, so no optimizer moves them again
-                wanted = wanted | self.cdg.frozen
-                self.prefix.advance(self.prefix.length_of(wanted), step)
-                for i in wanted - self.cdg.frozen:
-                    if params[i] is not None:
-                        params[i].grad = None
-            if wanted not in self.cdg.sets_used:
-                self.cdg.sets_used.append(wanted)
-            changed = self.cdg.apply(wanted, self.steps, params,
-                                     on_change=(lambda: rebuild_reducer(ddp)) if ddp is not None else None)
-            if changed:
-                log.debug("cosmic CDG step %d: frozen %s", self.steps, self.frozen)
-
-    def _device(self) -> torch.device:
-        p = next((p for p in self._params() if p is not None), None)
-        return p.device if p is not None else torch.device("cpu")
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, torch.Tensor]:

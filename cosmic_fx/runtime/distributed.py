@@ -3,11 +3,15 @@ rank, and a DistributedDataParallel reducer that survives CDG's freeze events.
 
 * ``E_out`` differs per rank (each rank sees its own shard of the batch): the runtime all-reduces
   the sums it is made of (``sum |T|``, ``sum -p log p``, ``numel``), so every rank gets ``E_out`` of
-  the full batch, right after the forward (a root forward hook run outside dynamo) and before DDP's
-  gradient all-reduces start.
+  the full batch, right after the forward (a root forward hook run outside dynamo; on the first step
+  of compiled DDP, before that hook exists, each bucket's graph returns its output's sums) and before
+  DDP's gradient all-reduces start. Every training forward all-reduces them, on every rank: no
+  collective the runtime calls depends on per-rank state (which parameters got a gradient, which
+  readings are due), only on step counts, so no rank can wait in a collective the other skipped.
 * ``E(p)`` is computed from parameters that DDP keeps identical on every rank, but the freeze
   decision itself is broadcast from rank 0 (a mask of one byte per parameter, every
-  ``cdg_interval`` steps), so that the frozen sets cannot diverge.
+  ``cdg_interval`` steps, at the optimizer step every rank takes), so that the frozen sets cannot
+  diverge.
 * DDP's reducer is built for the parameters that required grad when DDP was constructed; a
   parameter that stops requiring grad would never be marked ready ("Expected to have finished
   reduction in the prior iteration ..."). At each freeze event the runtime rebuilds the reducer for

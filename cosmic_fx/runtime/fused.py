@@ -51,6 +51,10 @@ class FusedUpdate:
         tensor([0.9500, 0.9500])
     """
 
+    external = False  # the config's update (runtime.fuses_update reads this); see optim_update.py
+    traced = False  # set around a traced backward (this update's math is the same either way)
+    observer = None  # inside a traced backward: called with (index, p.grad) before the update (block readings)
+
     def __init__(self, config: CosmicConfig, n: int) -> None:
         self.config = config
         self.kind = config.cce_fused
@@ -86,11 +90,20 @@ class FusedUpdate:
             self.scale = [torch.ones((), dtype=torch.float32, device=p.device if p is not None else "cpu")
                           for p in params]
 
+    def ready_for_trace(self, reached: set[int], params: list[torch.Tensor | None]) -> bool:
+        """Always: :meth:`allocate` creates every state tensor before a traced backward."""
+        return True
+
+    def before_trace(self) -> None:
+        """Nothing to refresh: the config's hyperparameters are constants."""
+
     @torch.no_grad()
     def apply(self, i: int, p: torch.Tensor, grad: torch.Tensor) -> None:
         """Update parameter ``i`` (``p``) from ``grad`` in place (the caller frees ``p.grad``)."""
         if self.keys and not self.state[i]:
             raise RuntimeError(f"cosmic fused update: no state for parameter {i}; call allocate() first")
+        if self.traced and self.observer is not None:
+            self.observer(i, p.grad)
         if self.kind is CCEFused.ADAMW:
             self._adamw(p, grad, self.state[i])
         else:

@@ -120,6 +120,8 @@ class PrefixState:
         self._unit_of: dict[int, int] = {}
         self._numel: list[int] = []
         self._acc: dict[int, torch.Tensor] = {}
+        self._acc_traced: dict[int, torch.Tensor] = {}  # per block, summed inside a traced backward
+        self._traced_units: list[int] = []
 
     # ------------------------------------------------------------------ blocks
     def build(self, model: nn.Module, order: Sequence[int], index: dict[str, int], protected: set[int],
@@ -168,10 +170,35 @@ class PrefixState:
     def note_grad(self, i: int, grad: torch.Tensor) -> None:
         """Add ``|grad|^2`` of parameter ``i`` to its block's reading of this step (a block that trains)."""
         u = self._unit_of.get(i)
-        if u is None or u < self.length:
-            return
+        if u is None or u < self.length or grad is None:
+            return  # no gradient yet: before a traced backward, which reads it itself (note_traced_grad)
         sq = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()  # no gradient-sized temporary
         self._acc[u] = self._acc[u] + sq if u in self._acc else sq
+
+    # a backward traced by compiled autograd frees each gradient inside it, so the block readings are
+    # taken there, into 0-d tensors that persist between steps (one compiled graph serves every step)
+    def begin_traced(self, reached: set[int], device: torch.device) -> None:
+        """Before a traced backward that reaches the parameters ``reached``: zero the blocks' sums."""
+        units = (self._unit_of.get(i) for i in reached)
+        self._traced_units = sorted({u for u in units if u is not None and u >= self.length})
+        for u in self._traced_units:
+            t = self._acc_traced.get(u)
+            if t is None or t.device != device:
+                self._acc_traced[u] = torch.zeros((), dtype=torch.float32, device=device)
+            else:
+                t.zero_()
+
+    def note_traced_grad(self, i: int, grad: torch.Tensor) -> None:
+        """Inside a traced backward: add ``|grad|^2`` of parameter ``i`` to its block's sum."""
+        u = self._unit_of.get(i)
+        if u is not None and u >= self.length and u in self._acc_traced:
+            self._acc_traced[u].add_(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square())
+
+    def end_traced(self) -> None:
+        """After a traced backward: its sums become this step's readings, as :meth:`note_grad`'s."""
+        for u in self._traced_units:
+            self._acc[u] = self._acc_traced[u].clone()
+        self._traced_units = []
 
     def end_of_step(self, step: int, efficiencies: Sequence[float], config: CosmicConfig) -> int:
         """Record this step's readings and decide; returns the wanted prefix length.

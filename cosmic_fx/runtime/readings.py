@@ -1,6 +1,10 @@
 """The readings a runtime decides from: each parameter's efficiency ``E(p)`` (measured every
 ``efficiency_every`` steps and reused in between) and the model output's ``E_out`` of the step.
 
+``E_out`` is that of every training output of the step: the efficiency sums of each forward's
+output (:func:`cosmic_fx.quantities.efficiency_sums`) add up over the micro-batches of a step with
+gradient accumulation, so that it equals ``E_out`` of the whole batch.
+
 ``E(p)`` is a softmax over the whole parameter: measuring it costs about one pass over the weights,
 so between measurements the last reading — its value and its low/high verdict against ``E_out`` —
 is reused. The seed preset measures every step, as the text does.
@@ -14,9 +18,29 @@ import warnings
 import torch
 
 from .. import policy
-from ..quantities import efficiency
+from ..quantities import efficiency, efficiency_from_sums
 
-__all__ = ["Readings"]
+__all__ = ["Readings", "output_sums"]
+
+
+def output_sums(t: torch.Tensor) -> torch.Tensor:
+    """:func:`cosmic_fx.quantities.efficiency_sums` along the last dim, in a form a compiled graph
+    keeps symbolic: the element count is a 0-d tensor made from the (symbolic) ``numel``, never a
+    Python float of it (which would add a shape guard and recompile for every new batch size).
+
+    Example:
+        >>> from cosmic_fx.quantities import efficiency_sums
+        >>> t = torch.randn(3, 5)
+        >>> torch.allclose(output_sums(t), efficiency_sums(t, -1))
+        True
+    """
+    x = t.detach()
+    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    if x.dim() == 0:
+        x = x.reshape(1)
+    log_p = torch.log_softmax(x, -1)
+    count = torch.full((), x.numel(), dtype=torch.float64, device=x.device)
+    return torch.stack([x.abs().sum().double(), (-(log_p.exp() * log_p).sum()).double(), count])
 
 
 class Readings:
@@ -33,28 +57,31 @@ class Readings:
         self.value: list[float] = [math.nan] * n  # the last E(p) measured
         self.low: list[bool | None] = [None] * n  # its verdict against that step's E_out
         self.has: list[bool] = [False] * n
-        self.e_out: torch.Tensor | None = None  # this step's E(output), a 0-d tensor
+        self.out_sums: torch.Tensor | None = None  # this step's efficiency sums of the outputs
         self._e_out_value: float | None = None
         self._warned_non_finite = False
 
     # ------------------------------------------------------------------ E_out
-    def set_e_out(self, e_out: torch.Tensor) -> None:
-        self.e_out = e_out.detach()
+    def add_output(self, sums: torch.Tensor) -> None:
+        """Add one forward's ``efficiency_sums`` of the model output to this step's."""
+        sums = sums.detach()
+        self.out_sums = sums if self.out_sums is None else self.out_sums + sums
         self._e_out_value = None  # read on the first measurement of the step
 
     def e_out_value(self) -> float | None:
         """``E_out`` as a float, read from the device once per step (a sync on CUDA), not per parameter."""
-        if self.e_out is not None and self._e_out_value is None:
-            self._e_out_value = float(self.e_out)
+        if self.out_sums is not None and self._e_out_value is None:
+            self._e_out_value = float(efficiency_from_sums(self.out_sums, self.eps))
         return self._e_out_value
+
+    def end_step(self) -> None:
+        """Start the next step's ``E_out`` afresh."""
+        self.out_sums, self._e_out_value = None, None
 
     # ------------------------------------------------------------------ E(p)
     def due(self, i: int, step: int) -> bool:
         """Whether parameter ``i`` is measured in step ``step`` (0-based count of completed steps)."""
         return not self.has[i] or step % self.every == 0
-
-    def any_due(self, step: int) -> bool:
-        return step % self.every == 0 or not all(self.has)
 
     def measure(self, i: int, p: torch.Tensor, step: int, name: str) -> tuple[float, bool | None]:
         """Measure ``E(p)`` now and store it with its verdict; warn once about non-finite readings."""

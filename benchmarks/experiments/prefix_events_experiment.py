@@ -1,6 +1,10 @@
 """When do the fast preset's freeze events fire? Steps and blocks, per task, seed 0, eager engine.
 
-    python docs/prefix_events_experiment.py [--tasks stdlib-lm-deep,docs-finetune] [--steps 200] [key=value ...]
+Produced: docs/guide/claims.md, section "Do the claims hold?", "What the numbers say", the bullet
+"Prefix freezing hurts training from scratch" (the freeze events at steps 79 and 153, and 51).
+
+    python benchmarks/experiments/prefix_events_experiment.py [--tasks stdlib-lm-deep,docs-finetune] \
+        [--steps 200] [key=value ...]
 
 Trains ``cosmic_fx.transform(model, CosmicConfig.fast(overrides))`` with hooks attached (eager: the
 same decisions as compiled, see tests/test_runtime.py) on the task's batches and prints every freeze

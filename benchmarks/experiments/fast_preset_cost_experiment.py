@@ -1,8 +1,12 @@
 """What the fast preset costs before any block freezes, against torch.compile (Inductor both).
 
+Produced: docs/guide/presets.md, section "The fast preset: prefix freezing", the paragraph "Before any
+block freezes, the fast preset costs what its QCIs cost" (41.8 / 61.6 MiB, 148 / 197 / 154 ms), and the
+`fast(qci=False)` figures in docs/claims/fast_first_run.md.
+
 TinyTransformerLM(97, dim=64, heads=4, layers=6, context=64), batch 32, AdamW, one thread: the peak
 step memory (CPU allocator, profiler) and the median step thread time of 11 steps after warm-up.
-usage: python docs/fast_preset_cost_experiment.py "torch.compile" | fast | "fast qci off"
+usage: python benchmarks/experiments/fast_preset_cost_experiment.py "torch.compile" | fast | "fast qci off"
 """
 import torch, cosmic_fx, time, sys
 from torch import nn

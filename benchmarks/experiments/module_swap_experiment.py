@@ -1,7 +1,10 @@
 """Wrapper (peft-style base_layer delegation) vs forward hook, on T5, ViT, GPT-2, nn.TransformerEncoder.
 
+Produced: docs/module_swap.md, "Module swap: forward hooks, not wrappers" (the wrapper-vs-hook
+comparison and its table).
+
 The measurement behind cosmic_fx's module-swap mechanism (docs/module_swap.md). Run from the repo:
-    .venv/bin/python docs/module_swap_experiment.py
+    .venv/bin/python benchmarks/experiments/module_swap_experiment.py
 It prints one dict per (model, mechanism): QCIs inserted, QCIs that ran in a training forward and in an
 eval forward under no_grad, identity at init, state_dict keys kept, tie_weights(), graphs/graph breaks
 under torch.compile (a counting backend), generate().

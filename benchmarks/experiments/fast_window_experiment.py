@@ -1,6 +1,9 @@
 """Which prefix window (and QCI or not) makes the `fast` preset freeze within a fine-tuning budget?
 
-    python docs/fast_window_experiment.py [--seeds 0] [--tasks docs-finetune,mnist-transfer] ARM ...
+Produced: docs/guide/presets.md, section "The fast preset: prefix freezing", the table "Choosing the
+window and the cap" (docs-finetune and mnist-transfer, one seed).
+
+    python benchmarks/experiments/fast_window_experiment.py [--seeds 0] [--tasks docs-finetune,mnist-transfer] ARM ...
 
 ARM is ``compile`` (plain torch.compile with the task's optimizer) or ``fast:key=value,...``
 (``CosmicConfig.fast`` with overrides, e.g. ``fast:qci=False,cdg_prefix_window=25``). Every arm trains

@@ -1,5 +1,8 @@
 """Which settle signal should prefix CDG read? Fine-tuning a pretrained character transformer.
 
+Produced: docs/guide/presets.md, section "The fast preset: prefix freezing", the table "Which signal"
+(no CDG / prefix `grad` / prefix `efficiency`).
+
 Model: ``cosmic_fx.models.TinyTransformerLM(97, dim=64, heads=4, layers=6, context=64)`` pretrained on
 Python standard-library code (AdamW lr 2e-3, batch 32, 2000 steps; ``PRETRAINED``), fine-tuned on
 ``pydoc_data/topics.py`` (documentation prose: another kind of text), first 90% train, 128 windows of
@@ -9,7 +12,8 @@ Arms (every other mechanism off, so only CDG differs): no CDG; prefix CDG readin
 (``cdg_prefix_signal="grad"``) and reading the efficiency (``"efficiency"``), window 100, threshold
 0.02. Reports the final validation bits per character, the freeze events and the training thread time.
 
-usage: python docs/prefix_signal_experiment.py PRETRAINED ARM [STEPS] [SEED]    ARM: off | grad | efficiency
+usage: python benchmarks/experiments/prefix_signal_experiment.py PRETRAINED ARM [STEPS] [SEED]
+    ARM: off | grad | efficiency
 """
 
 from __future__ import annotations

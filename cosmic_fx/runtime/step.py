@@ -1,0 +1,449 @@
+"""The training step of a :class:`~cosmic_fx.runtime.CosmicRuntime`: what each gradient hook does, what
+the end of a backward does, and where a step ends.
+
+**A step is an optimizer step.** With gradient accumulation several backward passes (micro-batches)
+feed one optimizer step; the runtime then takes its readings and CCE's multipliers once per step, on
+the accumulated gradients, with ``E_out`` of every output of the step (the efficiency sums of the
+micro-batches' outputs add up: ``E_out`` is that of the whole batch), and takes CDG's and prefix CDG's
+decisions between optimizer steps. ``cdg_interval``, ``efficiency_every`` and ``cdg_prefix_window``
+count optimizer steps. N micro-batches of B/N (each loss divided by N) train like one batch of B.
+
+Where a step ends (:attr:`StepMixin.step_boundary`):
+
+* ``"optimizer"``: at the ``step()`` of a ``torch.optim`` optimizer over the model's parameters — in
+  that optimizer's own step pre-hook, so before it updates. The runtime learns of the optimizer from
+  :func:`cosmic_fx.watch_optimizer` (or :class:`~cosmic_fx.integrations.hf.CosmicCallback`, for the
+  Trainer's), or by itself on the optimizer's first ``step()`` (one process-wide step pre-hook, which
+  only finds optimizers; a step that accumulated several backwards before that first ``step()`` was
+  counted per backward, with a warning).
+* ``"explicit"``: at :meth:`StepMixin.optimizer_step` (``cosmic_fx.watch_optimizer(model, None)``), for
+  loops that update the parameters themselves.
+* ``"backward"``: at the end of every backward, until an optimizer is known; always with the fused
+  update (``cce_fused``), which updates inside each backward and so cannot accumulate.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from ..config import CCEFused, CCEMode, CDGMode, PrefixSignal
+from .distributed import DistributedContext, active_ddp, check_not_sharded, rebuild_reducer, why_not_rebuildable
+
+__all__ = ["StepMixin"]
+
+log = logging.getLogger(__name__)
+
+
+def _queue_callback(fn: Callable[[], None]) -> None:
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
+# ---------------------------------------------------------------------------------------------- finding optimizers
+# Runtimes that do not know an optimizer yet (and train without the fused update). One process-wide
+# step pre-hook, installed with the first of them, finds the optimizers over their parameters on the
+# first step() of each; the per-optimizer hooks it registers then do the work.
+_WAITING: weakref.WeakSet = weakref.WeakSet()
+_SEEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> (generation, number of params)
+_GENERATION = [0]
+_DISCOVERY: list = []
+
+
+def _wait_for_optimizer(runtime: StepMixin) -> None:
+    _WAITING.add(runtime)
+    _GENERATION[0] += 1
+    if not _DISCOVERY:
+        _DISCOVERY.append(register_optimizer_step_pre_hook(_discover))
+
+
+def _discover(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    if not _WAITING:
+        return
+    key = (_GENERATION[0], sum(len(g["params"]) for g in optimizer.param_groups))
+    if _SEEN.get(optimizer) == key:
+        return  # checked already, and neither it nor the waiting runtimes changed since
+    _SEEN[optimizer] = key
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for rt in list(_WAITING):
+        if rt.mode is not None and rt.indices_of(params):
+            rt._watch(optimizer, discovered=True)
+
+
+class StepMixin:
+    """The per-step half of :class:`~cosmic_fx.runtime.CosmicRuntime` (see the module docstring)."""
+
+    def _init_steps(self) -> None:
+        self._watched: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> hook handle
+        self._explicit = False
+        self._window = 0  # backward passes in the step still open (optimizer / explicit boundary)
+        self._unstepped = 0  # backward passes since the last optimizer step (any boundary)
+        self._warned_accumulation = False
+        self._piece_sums: torch.Tensor | None = None
+        self._reset_step()
+
+    # ------------------------------------------------------------------ where a step ends
+    @property
+    def step_boundary(self) -> str:
+        """Where this runtime's steps end now: ``"optimizer"``, ``"explicit"`` or ``"backward"`` (module
+        docstring)."""
+        if self.fuses_update:
+            return "backward"
+        if self._explicit:
+            return "explicit"
+        return "optimizer" if len(self._watched) else "backward"
+
+    def watch_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """End each step at ``optimizer.step()`` (before it updates), or with ``None`` only at
+        :meth:`optimizer_step`. See :func:`cosmic_fx.watch_optimizer`."""
+        if self.fuses_update:
+            how = (f"cce_fused={self.config.cce_fused.value!r}" if self.config.cce_fused is not CCEFused.OFF
+                   else "cosmic_fx.fused_optimizer")
+            raise ValueError(
+                f"cosmic_fx.watch_optimizer: this model is updated inside each backward ({how}), so every backward "
+                "is a step and gradients cannot be accumulated over several. Use one backward per step (a larger "
+                "batch), or train with cce_fused='off' and your optimizer's own step()."
+            )
+        if optimizer is None:
+            self._explicit = True
+            return
+        while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+            optimizer = optimizer.optimizer  # a wrapper (accelerate's AcceleratedOptimizer): its step() steps this
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError("cosmic_fx.watch_optimizer expects a torch.optim.Optimizer (or None for explicit "
+                            f"runtime.optimizer_step() calls); got {type(optimizer).__name__}")
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if not self.indices_of(params):
+            raise ValueError(
+                f"cosmic_fx.watch_optimizer: this {type(optimizer).__name__} steps none of the parameters this "
+                "model's cosmic runtime covers; pass the optimizer built over this model's parameters "
+                "(torch.optim.SGD(model.parameters(), ...))."
+            )
+        self._watch(optimizer, discovered=False)
+
+    def _watch(self, optimizer: torch.optim.Optimizer, *, discovered: bool) -> None:
+        if optimizer in self._watched:
+            return
+        me = weakref.ref(self)
+
+        def pre_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            rt = me()
+            if rt is not None and rt.mode is not None:
+                rt._at_optimizer_step()
+
+        self._watched[optimizer] = optimizer.register_step_pre_hook(pre_step)
+        if discovered and self._unstepped > 1 and not self._warned_accumulation:
+            self._warned_accumulation = True
+            warnings.warn(
+                f"cosmic_fx: {self._unstepped} backward passes ran before the first {type(optimizer).__name__}.step() "
+                f"the runtime saw (gradient accumulation); it counted them as {self._unstepped} steps. From now on "
+                "a step is an optimizer step. To count optimizer steps from the first, call "
+                "cosmic_fx.watch_optimizer(model, optimizer) before training (CosmicCallback does it for the "
+                "Hugging Face Trainer). (Warned once per model.)",
+                UserWarning,
+                stacklevel=4,
+            )
+        if discovered:  # pre_step may not be in this step's list of hooks yet
+            self._at_optimizer_step()
+
+    def _unwatch(self) -> None:
+        for handle in list(self._watched.values()):
+            handle.remove()
+        self._watched = weakref.WeakKeyDictionary()
+        _WAITING.discard(self)
+
+    def optimizer_step(self) -> None:
+        """End the current step now (``"explicit"`` boundary): call it after the last backward of the
+        step and before the parameters are updated; from then on only these calls end steps.
+
+        Example:
+            >>> rt = cosmic_fx.runtime_of(tm)                       # doctest: +SKIP
+            >>> for xs in micro_batches: loss_fn(tm(xs)).backward() # doctest: +SKIP
+            >>> rt.optimizer_step(); my_update(tm)                  # doctest: +SKIP
+        """
+        if self._in_backward:
+            raise RuntimeError("CosmicRuntime.optimizer_step() was called inside a backward pass; call it after "
+                               "the last backward of the step, before the parameters are updated")
+        self.watch_optimizer(None)
+        self._at_optimizer_step()
+
+    def _at_optimizer_step(self) -> None:
+        self._unstepped = 0
+        if self._window and self.step_boundary != "backward":
+            self._close_window()
+
+    # ------------------------------------------------------------------ E_out
+    def set_output(self, out: torch.Tensor) -> None:
+        """Record a training forward's model output (its efficiency along the last dim). In a
+        distributed run the efficiency is that of the whole batch: its sums are all-reduced over the
+        ranks, on every forward (a collective no rank may skip)."""
+        from ..quantities import efficiency_sums
+
+        self._note_ddp()
+        with torch.no_grad():
+            self._add_output_sums(efficiency_sums(out.detach(), -1))
+
+    def set_output_sums(self, sums: torch.Tensor) -> None:
+        """Record a compiled graph's ``efficiency_sums`` of the model output (all-reduced under DDP)."""
+        self._note_ddp()
+        self._add_output_sums(sums)
+
+    def set_piece_sums(self, sums: torch.Tensor) -> None:
+        """Record the output sums of one piece of a compiled DDP forward (one graph per bucket) on the
+        first step, before the runtime's forward hook exists: the last piece run holds the model output.
+        Every rank runs every piece, so the all-reduce here is entered by all of them."""
+        if self._tracker is not None:
+            return  # the forward hook reads E_out (the same on every rank: it is installed at one step)
+        self._note_ddp()
+        dist = self._distributed()
+        self._piece_sums = dist.sum(sums) if dist.active else sums.detach()
+
+    def _commit_piece_sums(self) -> None:
+        if self._piece_sums is not None:
+            self.readings.add_output(self._piece_sums)
+            self._piece_sums = None
+            self._e_out_seen = True
+            self.use_output_hook()  # from the next forward on, on every rank
+
+    def _add_output_sums(self, sums: torch.Tensor) -> None:
+        dist = self._distributed()
+        if dist.active and self.config.reads_e_out:
+            sums = dist.sum(sums)
+        self.readings.add_output(sums)
+        self._e_out_seen = True
+
+    def _distributed(self) -> DistributedContext:
+        if self._dist is None:
+            self._dist = DistributedContext()
+        return self._dist
+
+    def _note_ddp(self) -> None:
+        """On the first forward under a DistributedDataParallel wrapper: check what cosmic supports."""
+        ddp = active_ddp()
+        if ddp is None or (self._ddp is not None and self._ddp() is ddp):
+            return
+        if self.config.cce_fused is not CCEFused.OFF:
+            raise RuntimeError(
+                f"cosmic_fx: cce_fused={self.config.cce_fused.value!r} cannot be used under DistributedDataParallel: "
+                "the fused update would run on each rank's local gradient before DDP all-reduces it, and the ranks "
+                "would drift apart. Use cce_fused='off' and cce_fused_lr=None (CCE then scales the gradient and your "
+                "optimizer steps after the all-reduce)."
+            )
+        why = why_not_rebuildable(ddp) if self.config.cdg in (CDGMode.CALIBRATED, CDGMode.PREFIX) else None
+        if why is not None:
+            raise RuntimeError(
+                f"cosmic_fx: {self.config.cdg.value} CDG freezes parameters, so it rebuilds DistributedDataParallel's "
+                "reducer "
+                f"at each freeze event, and this wrapper cannot be rebuilt: {why}. Use cdg='off' or cdg='seed', "
+                "or wrap without that feature."
+            )
+        self._ddp = weakref.ref(ddp)
+
+    def use_output_hook(self) -> None:
+        """Take ``E_out`` from a forward hook on the model (run outside dynamo) from the next forward
+        on: when the code that returns the output ran outside compiled graphs."""
+        model = self.model
+        if self._tracker is None and model is not None and self.config.reads_e_out:
+            from .eager import OutputTracker
+
+            self._tracker = OutputTracker(model, self, probe=False)
+
+    def note_compiled_forward(self, covered: frozenset[int] = frozenset()) -> None:
+        """Called by the backend each time one of its compiled graphs runs with grad enabled;
+        ``covered`` are the indices of the parameters that graph reads."""
+        if not self.accounting.compiled:
+            model = self.model
+            if model is not None:
+                check_not_sharded(model, self.config)
+        self._note_ddp()
+        self.accounting.note_forward(covered)
+
+    # ------------------------------------------------------------------ gradient hooks
+    def _reset_step(self) -> None:
+        self._step_e: dict[int, float] = {}
+        self._step_skipped: list[int] = []
+        self._step_scale: dict[int, float] = {}
+        self._step_grads: set[int] = set()
+
+    def _on_grad(self, i: int, p: torch.Tensor) -> None:
+        if not self._in_backward:
+            self._in_backward = True
+            self._commit_piece_sums()
+            _queue_callback(self._end_of_backward)
+        if p.grad is None:
+            return
+        if self.step_boundary != "backward":
+            self._step_grads.add(i)  # decided once, on the accumulated gradient, when the step ends
+            return
+        if self._decide(i, p) and self.fuses_update:
+            if self.mode == "compiled" and not self._warned_untraced:
+                self._warned_untraced = True
+                warnings.warn(
+                    "cosmic_fx: the fused update ran after a plain loss.backward() on a compiled model: it is "
+                    "correct, but the compiled backward returned every gradient before the first update, so no "
+                    "memory is saved. Call cosmic_fx.fused_optimizer(model).backward(loss) instead (compiled "
+                    "autograd; README, 'Fused updates'). (Warned once per model.)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            if not self.fused.allocated:
+                self.fused.allocate(self._params(), with_scale=False)
+            self.fused.apply(i, p, p.grad)
+            p.grad = None  # freed now: the next layer's gradient can reuse the memory
+
+    def _decide(self, i: int, p: torch.Tensor) -> bool:
+        """This step's reading, CDG and CCE for parameter ``i`` (its gradient is scaled in place when
+        it exists); ``False`` when seed CDG skips it (no update)."""
+        cfg = self.config
+        self._step_grads.add(i)
+        if cfg.cdg is CDGMode.PREFIX:
+            if cfg.cdg_prefix_signal is PrefixSignal.GRAD:
+                self.prefix.note_grad(i, p.grad)
+            if cfg.cce is CCEMode.OFF and cfg.cdg_prefix_signal is PrefixSignal.GRAD:
+                return True  # nothing reads E(p): do not measure it (a fused update still applies)
+        r = self.readings
+        fresh = r.due(i, self.steps)
+        if fresh:
+            value, low = r.measure(i, p, self.steps, self._names[i])
+            self._step_e[i] = value
+        else:  # between measurements: reuse the last verdict and multiplier
+            value, low = r.value[i], r.low[i]
+        if cfg.cdg is CDGMode.SEED and low is True:
+            self._step_skipped.append(i)
+            if self._ddp is None or self._window:
+                p.grad = None  # (in a backward under DDP the gradient must take part in the all-reduce first)
+            return False
+        if cfg.cdg is CDGMode.CALIBRATED and fresh:
+            self.cdg.note_reading(i, value, low)
+        if cfg.cce is not CCEMode.OFF:
+            scale = self.cce.multiplier(value, self._initial_efficiencies)
+            if p.grad is not None and scale != 1.0:
+                p.grad.mul_(scale)
+            if self.fused.scale is not None:
+                self.fused.scale[i].fill_(scale)
+            self._step_scale[i] = scale
+        return True
+
+    # ------------------------------------------------------------------ compiled fused backward
+    def _traced_update(self, i: int, p: torch.Tensor) -> None:
+        grad = p.grad
+        if self.fused.scale is not None:
+            grad = grad * self.fused.scale[i]
+        self.fused.apply(i, p, grad)
+        p.grad = None
+
+    def _initial_efficiencies(self) -> list[float]:
+        from ..quantities import efficiency
+
+        with torch.no_grad():
+            return [float(efficiency(p, 0, self.config.eps)) for p in self._params() if p is not None]
+
+    # ------------------------------------------------------------------ closing a step
+    def _end_of_backward(self) -> None:
+        self._in_backward = False
+        self._commit_piece_sums()
+        self.backwards_since_step += 1
+        self._unstepped += 1
+        if self.mode == "compiled" and not self._e_out_seen and self.config.reads_e_out:
+            # no compiled graph returned the model output (its last part ran eagerly): read E_out
+            # from a forward hook from now on
+            self.use_output_hook()
+        self._e_out_seen = False
+        if self.step_boundary == "backward":
+            self._end_step(in_backward=True)
+        else:
+            self._window += 1
+
+    def _close_window(self) -> None:
+        """End a step of the optimizer / explicit boundary: decide every parameter that received a
+        gradient in it, once, on the accumulated gradient (in index order: the same on every rank)."""
+        params = self._params()
+        under_ddp = self._ddp is not None
+        for i, p in enumerate(params):
+            if p is not None and p.requires_grad and p.grad is not None and (i in self._step_grads or under_ddp):
+                self._decide(i, p)
+        self._window = 0
+        self._end_step(in_backward=False)
+
+    def _end_step(self, *, in_backward: bool) -> None:
+        step = self.steps
+        self.steps += 1
+        self.cce.end_of_step(self._step_e.values())
+        outside = self.accounting.end_of_step(self.steps, self._step_grads, len(self.cdg.sets_used),
+                                              self.config.cdg_max_sets)
+        names = self._names
+        self.last_step = {
+            "step": self.steps,
+            "e_out": self.readings.e_out_value(),
+            "efficiency": {names[k]: v for k, v in self._step_e.items()},
+            "skipped": [names[k] for k in self._step_skipped],
+            "scale": {names[k]: v for k, v in self._step_scale.items()},
+            "frozen": self.frozen,
+            "outside_graphs": [names[k] for k in outside],
+        }
+        skipped = list(self._step_skipped)
+        self._reset_step()
+        self.readings.end_step()
+        wanted = None
+        # every collective below runs on every rank at every step end: its condition is a step count
+        if self.config.cdg is CDGMode.CALIBRATED:
+            self.cdg.since_decision += 1
+            if self.cdg.since_decision >= self.config.cdg_interval:
+                self.cdg.since_decision = 0
+                wanted = self.cdg.decide(self._protected, self.config)
+                if self._distributed().active:  # rank 0 decides for every rank
+                    wanted = self._distributed().broadcast_set(wanted, len(names), self._device())
+        elif self.config.cdg is CDGMode.PREFIX:
+            length = self.prefix.end_of_step(step, self.readings.value, self.config)
+            if length != self.prefix.length or self._distributed().active:
+                wanted = frozenset(i for u in self.prefix.units[:length] for i in u.params)
+                if self._distributed().active:  # rank 0 decides for every rank
+                    wanted = self._distributed().broadcast_set(wanted, len(names), self._device())
+                if wanted == self.cdg.frozen:
+                    wanted = None
+        self.last_step["prefix"] = self.prefix.reason if self.config.cdg is CDGMode.PREFIX else None
+        if self.config.cdg is CDGMode.PREFIX and not self.prefix.known and step == 0:
+            warnings.warn(
+                "cosmic_fx: cdg='prefix' does not know the order in which the forward pass reads the parameters "
+                "(no traced graph, no compiled graph that reads every parameter, no eager forward with "
+                "attach_hooks), so it cannot find the blocks and freezes nothing. Transform a model that "
+                "symbolic-traces, remove the graph breaks, or train eagerly with cosmic_fx.attach_hooks.",
+                RuntimeWarning, stacklevel=2)
+        ddp = self._ddp() if self._ddp is not None else None
+        if ddp is None or not in_backward:
+            self._finish_step(step, skipped, wanted, ddp)
+        elif skipped or wanted is not None:
+            # DDP's own end-of-backward callback (copying the all-reduced buckets into .grad) was
+            # queued after this one; a callback queued now runs after it
+            _queue_callback(lambda: self._finish_step(step, skipped, wanted, ddp))
+
+    def _finish_step(self, step: int, skipped: list[int], wanted: frozenset[int] | None, ddp) -> None:
+        params = self._params()
+        if ddp is not None:
+            for i in skipped:
+                if params[i] is not None:
+                    params[i].grad = None
+        if wanted is not None:
+            if self.config.cdg is CDGMode.PREFIX:
+                # the prefix grows only (a rank that received rank 0's set follows it); this step's
+                # gradients of the newly frozen blocks are dropped, so no optimizer moves them again
+                wanted = wanted | self.cdg.frozen
+                self.prefix.advance(self.prefix.length_of(wanted), step)
+                for i in wanted - self.cdg.frozen:
+                    if params[i] is not None:
+                        params[i].grad = None
+            if wanted not in self.cdg.sets_used:
+                self.cdg.sets_used.append(wanted)
+            changed = self.cdg.apply(wanted, self.steps, params,
+                                     on_change=(lambda: rebuild_reducer(ddp)) if ddp is not None else None)
+            if changed:
+                log.debug("cosmic CDG step %d: frozen %s", self.steps, self.frozen)
+
+    def _device(self) -> torch.device:
+        p = next((p for p in self._params() if p is not None), None)
+        return p.device if p is not None else torch.device("cpu")
