@@ -22,7 +22,11 @@ What it did to each graph goes to the listeners :func:`cosmic_fx.inspect.watch_b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import hashlib
+import inspect
 import logging
 import weakref
 from collections.abc import Callable, Sequence
@@ -30,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch._functorch.autograd_function import AutogradFunctionApply
 
 from . import policy
 from .config import CDGMode, CosmicConfig, Lowering
@@ -204,10 +209,56 @@ def _add_efficiency_output(gm: fx.GraphModule, node: fx.Node, eps: float) -> Non
         detached = gm.graph.call_function(torch.ops.aten.detach.default, (node,))
         e_node = gm.graph.call_function(output_sums, (detached,))
     e_node.meta[META_KEY] = {"inserted_by": "cosmic_backend"}
+    # AOTAutograd's cache bypasses any graph that calls a Python function it cannot hash; a node marked
+    # as fx-wrapped with a hash of the function's source is keyed on that hash instead (torch's own
+    # contract for wrapped functions), so a warm process hits the cache for the E_out graph too
+    e_node.meta["is_wrapped"] = True
+    e_node.meta["user_cache_hash"] = _e_out_cache_hash()
     (outs,) = output.args
     output.args = ((*outs, e_node),) if isinstance(outs, (tuple, list)) else ((outs, e_node),)
     gm.graph.lint()
     gm.recompile()
+
+
+@functools.cache
+def _e_out_cache_hash() -> str:
+    """A hash of the code behind the E_out node (:func:`~cosmic_fx.runtime.readings.output_sums` and the
+    quantities it computes) and of the torch version."""
+    from . import quantities
+    from .runtime import readings
+
+    source = inspect.getsource(readings) + inspect.getsource(quantities)
+    return hashlib.sha256((source + torch.__version__).encode()).hexdigest()
+
+
+def _csc_function_nodes(gm: fx.GraphModule) -> tuple[int, int]:
+    """``(cosmic CSC nodes, all nodes)`` among the graph's ``autograd.Function`` calls (dynamo's
+    ``autograd_function_apply``); a CSC call is one made by a :class:`CosmicStateCompression` module."""
+    from .csc import CosmicStateCompression
+
+    ours = total = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, AutogradFunctionApply):
+            total += 1
+            stack = list((node.meta.get("nn_module_stack") or {}).values())
+            ours += bool(stack) and isinstance(stack[-1][1], type) and issubclass(stack[-1][1], CosmicStateCompression)
+    return ours, total
+
+
+def _cache_settings(gm: fx.GraphModule) -> contextlib.AbstractContextManager:
+    """Let AOTAutograd cache a graph whose only ``autograd.Function`` calls are cosmic's CSC.
+
+    AOTAutograd bypasses its cache for every custom ``autograd.Function`` unless
+    ``autograd_cache_allow_custom_autograd_functions`` is set: a warm process then re-traces and
+    re-partitions every graph with CSC. Cosmic's CSC is safe to cache: dynamo traces both of its
+    passes into the graph (the cache key), and its backward reads only constants baked into them.
+    A graph that also calls the user's own ``autograd.Function`` keeps torch's default (bypass).
+    The setting is patched for this compile only, never globally.
+    """
+    ours, total = _csc_function_nodes(gm)
+    if ours == 0 or ours != total:
+        return contextlib.nullcontext()
+    return torch._functorch.config.patch(autograd_cache_allow_custom_autograd_functions=True)
 
 
 def _lower(gm: fx.GraphModule, example_inputs: Sequence[Any], lowering: Lowering) -> Callable:
@@ -219,7 +270,8 @@ def _lower(gm: fx.GraphModule, example_inputs: Sequence[Any], lowering: Lowering
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    with _cache_settings(gm):
+        return compile_fx(gm, example_inputs)
 
 
 def cosmic_backend(
@@ -252,6 +304,19 @@ def cosmic_backend(
             f"cosmic backend got unexpected keyword(s) {sorted(unexpected)}; pass settings as "
             "torch.compile(model, backend='cosmic', options={...})"
         )
+    # timed under dynamo's own metrics, so torch._dynamo.utils.compile_times() shows cosmic's share
+    with torch._dynamo.utils.dynamo_timed("cosmic_backend.passes"):
+        config, active, covered, strip, piece = _prepare(gm, example_inputs, options, runtime)
+    compiled = _lower(gm, example_inputs, config.lower)
+    if active is None:
+        return compiled
+    return _report_to_runtime(compiled, weakref.ref(active), covered, strip_efficiency=strip, piece=piece)
+
+
+def _prepare(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | CosmicConfig | None,
+             runtime: CosmicRuntime | None) -> tuple[CosmicConfig, CosmicRuntime | None, frozenset[int], bool, bool]:
+    """Everything the backend does before lowering: ``(config, active runtime, covered parameter
+    indices, whether the graph returns E_out's sums last, whether it is a piece of a compiled DDP)``."""
     from cosmic_fx.passes import InsertCSC
 
     real = _real_params(gm, example_inputs)
@@ -310,12 +375,15 @@ def cosmic_backend(
                 "before wrapping it: DistributedDataParallel(cosmic_fx.transform(model))."
             )
 
-    wants_e_out = active is not None and config.reads_e_out and returns_output and active._tracker is None
+    # dynamo guards on grad mode, so a graph traced under no_grad (evaluation) only ever runs there, where
+    # the runtime ignores E_out: computing it would only make that graph slower to compile and run
+    wants_e_out = (active is not None and config.reads_e_out and returns_output and active._tracker is None
+                   and torch.is_grad_enabled())
     # compiled DDP splits the forward into one graph per bucket, none of which is "the model's": on the
     # first step each piece returns its output's sums and the last piece run gives E_out (the runtime's
     # forward hook takes over from the next forward)
     ddp_piece = (active is not None and config.reads_e_out and not returns_output and active._tracker is None
-                 and active_ddp() is not None)
+                 and active_ddp() is not None and torch.is_grad_enabled())
     primary = _primary_output(gm) if wants_e_out or ddp_piece else None
     if primary is not None:
         _add_efficiency_output(gm, primary, config.eps)
@@ -336,11 +404,7 @@ def cosmic_backend(
         for listener in list(_LISTENERS):
             listener(record)
 
-    compiled = _lower(gm, example_inputs, config.lower)
-    if active is None:
-        return compiled
-    return _report_to_runtime(compiled, weakref.ref(active), covered, strip_efficiency=primary is not None,
-                              piece=ddp_piece)
+    return config, active, covered, primary is not None, ddp_piece
 
 
 def _check_recompile_budget(config: CosmicConfig) -> None:

@@ -97,14 +97,15 @@ def test_cli_modules_import_without_a_cycle():
 
 def test_every_command_is_registered_once_from_its_own_module():
     modules = [module for _, module in COMMANDS]
-    assert len(set(modules)) == len(modules) == 7
+    assert len(set(modules)) == len(modules) == 8
     for module in modules:
         assert module.__name__.startswith("cosmic_fx.cli.") and callable(module.add_parser) and callable(module.run)
     parser = build_parser()
     for argv, module in [(["demo"], "demo"), (["inspect", "m.py:f", "--input-shape", "2,3"], "inspect"),
                          (["export", "m.py:f", "--input-shape", "2,3", "--format", "pt2", "-o", "x"], "export"),
                          (["bench", "presets"], "bench_presets"), (["bench", "claims"], "bench_claims"),
-                         (["bench", "perf"], "bench_perf"), (["bench", "zoo"], "bench_zoo")]:
+                         (["bench", "perf"], "bench_perf"), (["bench", "zoo"], "bench_zoo"),
+                         (["bench", "compile"], "bench_compile")]:
         assert parser.parse_args(argv).func.__module__ == f"cosmic_fx.cli.{module}"
 
 

@@ -10,7 +10,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
-from . import bench_claims, bench_perf, bench_presets, bench_zoo, demo, export, inspect
+from . import bench_claims, bench_compile, bench_perf, bench_presets, bench_zoo, demo, export, inspect
 from .errors import CLIError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
@@ -35,6 +35,7 @@ COMMANDS = (
     ("bench", bench_claims),
     ("bench", bench_perf),
     ("bench", bench_zoo),
+    ("bench", bench_compile),
     (None, inspect),
     (None, export),
 )
