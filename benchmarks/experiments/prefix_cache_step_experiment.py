@@ -1,5 +1,7 @@
 """A training step with the frozen-prefix cache against the same step without it (issue 17, item 3).
 
+Produced: docs/guide/presets.md, section "Caching the frozen prefix", the step ratio (0.67x) quoted there.
+
 An MLP of 8 Linear(512, 512) + ReLU blocks and a Linear(512, 10) head, batch 64, SGD, one thread, eager.
 Prefix CDG (a 2-step window, a threshold nothing misses, cdg_prefix_max=0.75) freezes 6 of the 8 blocks;
 after the cache is full (every sample a hit) the two steps run interleaved from the same state, 30 each,
