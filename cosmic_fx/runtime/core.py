@@ -308,6 +308,14 @@ class CosmicRuntime(StepMixin):
                 self._attach_hooks()
         elif self._handles and not self._in_backward:
             _remove_handles(self._handles)
+            self._mark_grads_seen()  # the hooks saw these: they belong to steps already counted
+            model = self.model
+            if self._strong_hooks and model is not None:
+                # the hooks held this runtime (a plain model compiled through the entry point): now the
+                # model does, as attach_hooks' plain models do (remove() lets go of it)
+                from . import _PLAIN_ATTR
+
+                model.__dict__.setdefault(_PLAIN_ATTR, self)
 
     @property
     def num_hooked(self) -> int:

@@ -84,6 +84,7 @@ class StepMixin:
         self._window = 0  # backward passes in the step still open (optimizer / explicit boundary)
         self._unstepped = 0  # backward passes since the last optimizer step (any boundary)
         self._warned_accumulation = False
+        self._seen_grads: dict[int, tuple[weakref.ref, int]] = {}  # without hooks: the grads of closed steps
         self._cce_skipped = False  # cce_skip_adaptive and a scale-invariant optimizer (Adam, AdamW)
         self._piece_sums: torch.Tensor | None = None
         self._reset_step()
@@ -205,7 +206,7 @@ class StepMixin:
         end of each backward would have done (once per step: the backwards of a step are not seen)."""
         if not self.config.hooks_enabled:
             return  # nothing to decide (no CDG, no CCE): the steps are not counted, as with no hooks
-        got = [i for i, p in enumerate(self._params()) if p is not None and p.grad is not None and p.requires_grad]
+        got = self._new_grads()
         if not got:
             return  # no backward since the last step
         self._commit_piece_sums()
@@ -412,6 +413,28 @@ class StepMixin:
             self._decide_unmeasured(todo, params)
         self._window = 0
         self._end_step(in_backward=False)
+        if not self.num_grad_hooks:
+            self._mark_grads_seen()
+
+    def _new_grads(self) -> list[int]:
+        """The parameters whose ``.grad`` is new or changed in place since the last step closed: what
+        the hooks would have seen (a gradient kept from an earlier step is not this step's)."""
+        seen, got = self._seen_grads, []
+        for i, p in enumerate(self._params()):
+            if p is None or not p.requires_grad or (g := p.grad) is None:
+                continue
+            old = seen.get(i)
+            if old is None or old[0]() is not g or old[1] != g._version:
+                got.append(i)
+        return got
+
+    def _mark_grads_seen(self) -> None:
+        """Record every current ``.grad`` (and its version) as belonging to a closed step."""
+        seen = self._seen_grads
+        seen.clear()
+        for i, p in enumerate(self._params()):
+            if p is not None and (g := p.grad) is not None:
+                seen[i] = (weakref.ref(g), g._version)
 
     @property
     def _cce_on(self) -> bool:
