@@ -4,7 +4,8 @@ A digits MLP (``DigitsMLP(hidden=48)``, the same init and batches in every arm) 
 ``"relative"`` and with ``cce="off"`` (everything else: the fast preset with ``cdg="off"``, so that no
 freezing confounds it; ``cce_skip_adaptive=False``, so that CCE acts), eagerly. Reported per optimizer:
 the largest parameter difference between the two runs, the same divided by the largest distance any
-parameter moved from its init (how much of the training CCE changed), and the test error of each. The ``constant`` row measures ``E(p)`` once (``efficiency_every`` larger than N): the multiplier
+parameter moved from its init (how much of the training CCE changed), and the test error of each. The
+``constant`` row measures ``E(p)`` once (``efficiency_every`` larger than N): the multiplier
 is then constant per parameter, which Adam's ``m / sqrt(v)`` cancels exactly up to ``eps``.
 
 Measured 2026-12-02 (numerics, not timings: the machine's load does not matter), 300 steps:

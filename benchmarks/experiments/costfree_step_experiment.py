@@ -44,7 +44,9 @@ def deep_mlp() -> nn.Module:
 
 def arms(base: nn.Module, optim: str) -> dict:
     def make_opt(m: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(m.parameters(), lr=1e-3) if optim == "adamw" else torch.optim.SGD(m.parameters(), lr=0.05)
+        if optim == "adamw":
+            return torch.optim.AdamW(m.parameters(), lr=1e-3)
+        return torch.optim.SGD(m.parameters(), lr=0.05)
 
     plain = copy.deepcopy(base)
     out = {"torch.compile": (torch.compile(plain, backend="aot_eager"), make_opt(plain))}

@@ -2,7 +2,8 @@
 
 A runtime belongs to one model. :func:`cosmic_fx.transform` creates it (in the ``cosmic_state``
 submodule of the model it returns, so the state travels with ``model.state_dict()``) and hooks every
-trainable parameter at once; the hooks do nothing until the runtime is *activated*: by
+trainable parameter at once (the hooks go again once an optimizer step ends each step, see
+:mod:`cosmic_fx.runtime.step`); the hooks do nothing until the runtime is *activated*: by
 :func:`cosmic_fx.attach_hooks` for eager training (a forward hook reads ``E_out`` from the output),
 or by the ``cosmic`` backend / :func:`cosmic_fx.compile` (the compiled graph returns ``E_out``).
 Parameters that run in eager regions after a graph break are hooked like the rest.

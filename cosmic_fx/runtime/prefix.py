@@ -182,11 +182,11 @@ class PrefixState:
         would add them): one ``torch._foreach_norm`` and one ``index_add_`` instead of a Python call and
         two tensor ops per parameter. The sums equal :meth:`note_grad`'s bit for bit on one device."""
         unit_of, length = self._unit_of, self.length
-        picked = [(u, g) for i, g in zip(indices, grads)
+        picked = [(u, g) for i, g in zip(indices, grads, strict=True)
                   if g is not None and (u := unit_of.get(i)) is not None and u >= length]
         if not picked:
             return
-        units, gs = zip(*picked)
+        units, gs = zip(*picked, strict=True)
         device = gs[0].device
         if any(g.device != device for g in gs):  # a model spread over devices: per parameter
             for u, g in picked:

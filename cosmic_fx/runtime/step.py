@@ -20,6 +20,16 @@ Where a step ends (:attr:`StepMixin.step_boundary`):
   loops that update the parameters themselves.
 * ``"backward"``: at the end of every backward, until an optimizer is known; always with the fused
   update (``cce_fused``), which updates inside each backward and so cannot accumulate.
+
+**Costs nothing until it acts.** Only the ``"backward"`` boundary needs per-parameter work inside
+backward (a post-accumulate-grad hook per parameter): the fused update, and any runtime before its
+optimizer is known. With the ``"optimizer"`` or ``"explicit"`` boundary the runtime removes its hooks
+and does a step's work in the optimizer's step pre-hook, from the gradients it finds there (those new
+or changed in place since the last step: a gradient kept from an earlier step is not this step's). A
+step that measures ``E(p)`` (every ``efficiency_every`` steps; every step with seed CDG) decides each
+parameter as before; any other step is batched: one ``torch._foreach_norm`` for prefix CDG's block
+readings and one ``torch._foreach_mul_`` for CCE's multipliers (cached between measurements), with no
+Python call per parameter, and the same results bit for bit.
 """
 
 from __future__ import annotations
@@ -463,9 +473,9 @@ class StepMixin:
         if self._cce_on:
             r = self.readings
             scales = self.cce.multipliers(r.value, r.version, self._initial_efficiencies)
-            picked = [(g, scales[i]) for i, g in zip(todo, grads) if scales[i] != 1.0]
+            picked = [(g, scales[i]) for i, g in zip(todo, grads, strict=True) if scales[i] != 1.0]
             if picked:
-                gs, factors = zip(*picked)
+                gs, factors = zip(*picked, strict=True)
                 torch._foreach_mul_(list(gs), list(factors))
             self._step_scale = {i: scales[i] for i in todo}
 
