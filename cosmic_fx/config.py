@@ -176,6 +176,11 @@ class CosmicConfig:
         cce: ``"off"``, ``"seed"`` (literal) or ``"relative"``.
         cce_gamma, cce_min, cce_max: the relative CCE multiplier
             ``clamp(1 + gamma * (E(p) - mean E), cce_min, cce_max)``.
+        cce_skip_adaptive: CCE is off for the run once the runtime watches an optimizer that divides
+            each parameter's gradient by its own running RMS (``torch.optim.Adam`` without coupled
+            weight decay, ``AdamW``): a per-parameter gradient multiplier is normalised away there
+            (up to ``eps`` and the steps where the multiplier changes), so it would cost work and do
+            nothing. Logged once at INFO. The ``fast`` preset sets it; SGD keeps CCE.
         cce_fused: ``"off"`` (default: the hooks only scale ``p.grad`` and your optimizer steps),
             ``"sgd"`` or ``"adamw"``: that optimizer's update of each parameter happens inside its
             post-accumulate-grad hook, on the gradient already scaled by CCE's multiplier (1 with
@@ -235,6 +240,7 @@ class CosmicConfig:
     cce_gamma: float = 1.0
     cce_min: float = 0.5
     cce_max: float = 2.0
+    cce_skip_adaptive: bool = False
     cce_fused: CCEFused | str = CCEFused.OFF
     cce_fused_lr: float | None = None
     cce_fused_momentum: float = 0.0
@@ -250,7 +256,7 @@ class CosmicConfig:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         for name, kind in _CHOICES.items():
             set_(name, kind.parse(getattr(self, name), name))
-        for name in ("qci", "cdg_protect_output", "cce_fused_nesterov"):
+        for name in ("qci", "cdg_protect_output", "cce_skip_adaptive", "cce_fused_nesterov"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"CosmicConfig.{name} must be a bool; got {getattr(self, name)!r}")
         for name in ("targets", "exclude"):
@@ -375,7 +381,9 @@ class CosmicConfig:
           25-step window (a decision is possible from step 50) and at most a third of the blocks
           (``cdg_prefix_max=0.34``): freezing more, or sooner, lost accuracy when fine-tuning
           (benchmarks/experiments/fast_window_experiment.py, docs/guide/presets.md).
-        * CCE ``"relative"`` as the default preset (frozen blocks no longer pay for it).
+        * CCE ``"relative"`` as the default preset (frozen blocks no longer pay for it), off under
+          Adam/AdamW (``cce_skip_adaptive=True``): they normalise a per-parameter gradient multiplier
+          away (benchmarks/experiments/cce_adamw_experiment.py), so it would only cost work.
 
         Example:
             >>> cfg = CosmicConfig.fast()
@@ -383,7 +391,7 @@ class CosmicConfig:
             ('prefix', 'diagonal', 'none', 511, 25)
         """
         base = dict(qci_form=QCIForm.DIAGONAL, qci_min_width=511, csc=CSCPlacement.NONE, cdg=CDGMode.PREFIX,
-                    cdg_prefix_window=25, cdg_prefix_max=0.34, cce=CCEMode.RELATIVE)
+                    cdg_prefix_window=25, cdg_prefix_max=0.34, cce=CCEMode.RELATIVE, cce_skip_adaptive=True)
         return cls(**{**base, **overrides})
 
     @classmethod

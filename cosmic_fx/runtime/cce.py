@@ -4,6 +4,16 @@ The multiplier is :func:`cosmic_fx.policy.cce_multiplier`; relative CCE measures
 efficiency of the parameters, refreshed at the end of every step in which ``E(p)`` was measured
 (the first step uses the mean over every hooked parameter, computed once). With ``cce_fused`` the
 update itself happens inside the parameter's hook, on the scaled gradient: see :mod:`.fused`.
+
+Between measurements every multiplier is constant (it is a function of the last ``E(p)`` and of the
+mean), so :meth:`CCEState.multipliers` keeps them in one list, rebuilt only when a reading or the mean
+changes; a step where nothing is measured scales every gradient with one ``torch._foreach_mul_``.
+
+Under Adam and AdamW a constant per-parameter multiplier ``c`` on the gradient does nothing: ``m``
+scales by ``c`` and ``sqrt(v)`` by ``|c|``, so the update is unchanged up to ``eps`` (it differs only
+for a while after the multiplier changes, every ``efficiency_every`` steps).
+:func:`scale_invariant_optimizer` says when that holds; with ``cce_skip_adaptive`` (the fast preset)
+the runtime then turns CCE off.
 """
 
 from __future__ import annotations
@@ -16,7 +26,29 @@ import torch
 from .. import policy
 from ..config import CCEMode, CosmicConfig
 
-__all__ = ["CCEState"]
+__all__ = ["CCEState", "scale_invariant_optimizer"]
+
+
+def scale_invariant_optimizer(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer``'s update ignores a constant positive multiplier on a parameter's gradient:
+    ``torch.optim.AdamW``, or ``torch.optim.Adam`` whose groups have no weight decay or a decoupled one
+    (Adam's coupled decay adds ``weight_decay * p`` to the gradient, after the multiplier: not invariant).
+
+    Args:
+        optimizer: a ``torch.optim`` optimizer.
+
+    Example:
+        >>> w = torch.zeros(2, requires_grad=True)
+        >>> scale_invariant_optimizer(torch.optim.AdamW([w])), scale_invariant_optimizer(torch.optim.SGD([w], lr=0.1))
+        (True, False)
+        >>> scale_invariant_optimizer(torch.optim.Adam([w], weight_decay=0.1))
+        False
+    """
+    if isinstance(optimizer, torch.optim.AdamW):
+        return True
+    if not isinstance(optimizer, torch.optim.Adam):
+        return False
+    return all(not g.get("weight_decay", 0) or g.get("decoupled_weight_decay", False) for g in optimizer.param_groups)
 
 
 class CCEState:
@@ -25,12 +57,26 @@ class CCEState:
     def __init__(self, config: CosmicConfig) -> None:
         self.config = config
         self.mean_e: float | None = None
+        self._cache: list[float] | None = None
+        self._cache_key: tuple | None = None
 
     def multiplier(self, e_p: float, initial_mean: Callable[[], Iterable[float]]) -> float:
         """The factor for a gradient with efficiency ``e_p`` this step."""
         if self.config.cce is CCEMode.RELATIVE and self.mean_e is None:
             self.mean_e = policy.mean_efficiency(initial_mean())
         return policy.cce_multiplier(e_p, self.mean_e, self.config)
+
+    def multipliers(self, values: list[float], version: int,
+                    initial_mean: Callable[[], Iterable[float]]) -> list[float]:
+        """Every parameter's factor for the readings ``values`` (version ``version``), as
+        :meth:`multiplier` gives each; computed once per (readings, mean) pair."""
+        if self.config.cce is CCEMode.RELATIVE and self.mean_e is None:
+            self.mean_e = policy.mean_efficiency(initial_mean())
+        key = (version, self.mean_e)
+        if self._cache is None or self._cache_key != key:
+            self._cache = [policy.cce_multiplier(v, self.mean_e, self.config) for v in values]
+            self._cache_key = key
+        return self._cache
 
     def end_of_step(self, measured: Iterable[float]) -> None:
         """Refresh the mean from the readings measured in this step (if any)."""
@@ -46,3 +92,4 @@ class CCEState:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         value = float(state["cce.mean_e"])
         self.mean_e = None if math.isnan(value) else value
+        self._cache = None

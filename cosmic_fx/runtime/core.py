@@ -2,7 +2,8 @@
 
 A runtime belongs to one model. :func:`cosmic_fx.transform` creates it (in the ``cosmic_state``
 submodule of the model it returns, so the state travels with ``model.state_dict()``) and hooks every
-trainable parameter at once; the hooks do nothing until the runtime is *activated*: by
+trainable parameter at once (the hooks go again once an optimizer step ends each step, see
+:mod:`cosmic_fx.runtime.step`); the hooks do nothing until the runtime is *activated*: by
 :func:`cosmic_fx.attach_hooks` for eager training (a forward hook reads ``E_out`` from the output),
 or by the ``cosmic`` backend / :func:`cosmic_fx.compile` (the compiled graph returns ``E_out``).
 Parameters that run in eager regions after a graph break are hooked like the rest.
@@ -256,8 +257,6 @@ class CosmicRuntime(StepMixin):
         model = self.model
         if model is not None:
             check_not_sharded(model, self.config)
-        if self.config.hooks_enabled or self.fuses_update:
-            self._attach_hooks()
         if self.config.cdg is CDGMode.PREFIX and self.prefix.length and not self.cdg.frozen:
             # remove() thawed the prefix; prefix CDG never thaws it while it runs
             self.cdg.frozen = self.prefix.frozen_params
@@ -265,6 +264,7 @@ class CosmicRuntime(StepMixin):
                 if p is not None and i in self.cdg.frozen:
                     p.requires_grad_(False)
         self.mode = mode
+        self._sync_hooks()
         if self.fuses_update:
             from .fused_optimizer import watch_double_updates
 
@@ -294,9 +294,44 @@ class CosmicRuntime(StepMixin):
             if model is not None and model.__dict__.get("_cosmic_runtime") is self:
                 del model.__dict__["_cosmic_runtime"]
 
+    def _sync_hooks(self) -> None:
+        """Hook the parameters when per-gradient work must run inside backward, unhook them when not.
+
+        The hooks are needed by the fused update (it updates inside backward) and while a step ends
+        with each backward (no optimizer known yet: seed CDG's skip and the readings happen there).
+        With an optimizer (or explicit) boundary every decision is taken once per step in the
+        optimizer's step pre-hook, from the gradients it finds: no hook runs Python per parameter.
+        """
+        if self.mode is None:
+            return  # bind's hooks wait, inert, for activate
+        if self.fuses_update or self.step_boundary == "backward":
+            if self.config.hooks_enabled or self.fuses_update:
+                self._attach_hooks()
+        elif self._handles and not self._in_backward:
+            _remove_handles(self._handles)
+            self._mark_grads_seen()  # the hooks saw these: they belong to steps already counted
+            model = self.model
+            if self._strong_hooks and model is not None:
+                # the hooks held this runtime (a plain model compiled through the entry point): now the
+                # model does, as attach_hooks' plain models do (remove() lets go of it)
+                from . import _PLAIN_ATTR
+
+                model.__dict__.setdefault(_PLAIN_ATTR, self)
+
     @property
     def num_hooked(self) -> int:
-        """How many parameters carry this runtime's hooks."""
+        """How many parameters this runtime's per-step work covers: those with a gradient hook, or, once
+        an optimizer's step pre-hook does that work (see :attr:`num_grad_hooks`), every live parameter."""
+        if self._handles:
+            return len(self._handles)
+        if self.mode is not None and self.config.hooks_enabled and self.step_boundary != "backward":
+            return sum(1 for ref in self._refs if ref() is not None)
+        return 0
+
+    @property
+    def num_grad_hooks(self) -> int:
+        """How many parameters carry a post-accumulate-grad hook of this runtime now (0 with an optimizer
+        or explicit step boundary and no fused update: the step pre-hook does the work, batched)."""
         return len(self._handles)
 
     @property

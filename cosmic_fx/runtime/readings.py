@@ -57,6 +57,7 @@ class Readings:
         self.value: list[float] = [math.nan] * n  # the last E(p) measured
         self.low: list[bool | None] = [None] * n  # its verdict against that step's E_out
         self.has: list[bool] = [False] * n
+        self.version = 0  # bumped with every change of `value` (CCE's multipliers are cached on it)
         self.out_sums: torch.Tensor | None = None  # this step's efficiency sums of the outputs
         self._e_out_value: float | None = None
         self._warned_non_finite = False
@@ -83,6 +84,10 @@ class Readings:
         """Whether parameter ``i`` is measured in step ``step`` (0-based count of completed steps)."""
         return not self.has[i] or step % self.every == 0
 
+    def any_due(self, indices: list[int], step: int) -> bool:
+        """Whether any of the parameters ``indices`` is measured in step ``step`` (:meth:`due`)."""
+        return step % self.every == 0 or not all(self.has[i] for i in indices)
+
     def measure(self, i: int, p: torch.Tensor, step: int, name: str) -> tuple[float, bool | None]:
         """Measure ``E(p)`` now and store it with its verdict; warn once about non-finite readings."""
         with torch.no_grad():
@@ -90,6 +95,7 @@ class Readings:
         e_out = self.e_out_value()
         low = policy.is_low(value, e_out)
         self.value[i], self.low[i], self.has[i] = value, low, True
+        self.version += 1
         if not self._warned_non_finite and not (math.isfinite(value) and (e_out is None or math.isfinite(e_out))):
             self._warned_non_finite = True
             what = f"E({name}) = {value}" if not math.isfinite(value) else f"E(output) = {e_out}"
@@ -115,3 +121,4 @@ class Readings:
         self.value = [float(v) for v in state["readings.value"].tolist()]
         self.low = [None if v < 0 else bool(v) for v in state["readings.low"].tolist()]
         self.has = [bool(v) for v in state["readings.has"].tolist()]
+        self.version += 1

@@ -20,6 +20,16 @@ Where a step ends (:attr:`StepMixin.step_boundary`):
   loops that update the parameters themselves.
 * ``"backward"``: at the end of every backward, until an optimizer is known; always with the fused
   update (``cce_fused``), which updates inside each backward and so cannot accumulate.
+
+**Costs nothing until it acts.** Only the ``"backward"`` boundary needs per-parameter work inside
+backward (a post-accumulate-grad hook per parameter): the fused update, and any runtime before its
+optimizer is known. With the ``"optimizer"`` or ``"explicit"`` boundary the runtime removes its hooks
+and does a step's work in the optimizer's step pre-hook, from the gradients it finds there (those new
+or changed in place since the last step: a gradient kept from an earlier step is not this step's). A
+step that measures ``E(p)`` (every ``efficiency_every`` steps; every step with seed CDG) decides each
+parameter as before; any other step is batched: one ``torch._foreach_norm`` for prefix CDG's block
+readings and one ``torch._foreach_mul_`` for CCE's multipliers (cached between measurements), with no
+Python call per parameter, and the same results bit for bit.
 """
 
 from __future__ import annotations
@@ -84,6 +94,8 @@ class StepMixin:
         self._window = 0  # backward passes in the step still open (optimizer / explicit boundary)
         self._unstepped = 0  # backward passes since the last optimizer step (any boundary)
         self._warned_accumulation = False
+        self._seen_grads: dict[int, tuple[weakref.ref, int]] = {}  # without hooks: the grads of closed steps
+        self._cce_skipped = False  # cce_skip_adaptive and a scale-invariant optimizer (Adam, AdamW)
         self._piece_sums: torch.Tensor | None = None
         self._reset_step()
 
@@ -111,6 +123,7 @@ class StepMixin:
             )
         if optimizer is None:
             self._explicit = True
+            self._sync_hooks()
             return
         while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
             optimizer = optimizer.optimizer  # a wrapper (accelerate's AcceleratedOptimizer): its step() steps this
@@ -150,11 +163,28 @@ class StepMixin:
             )
         if discovered:  # pre_step may not be in this step's list of hooks yet
             self._at_optimizer_step()
+        self._note_optimizer_kind(optimizer)
+        self._sync_hooks()  # the step pre-hook does the work now: the per-parameter hooks go
+
+    def _note_optimizer_kind(self, optimizer: torch.optim.Optimizer) -> None:
+        from .cce import scale_invariant_optimizer
+
+        cfg = self.config
+        if self._cce_skipped or not cfg.cce_skip_adaptive or cfg.cce is CCEMode.OFF:
+            return
+        if scale_invariant_optimizer(optimizer):
+            self._cce_skipped = True
+            log.info(
+                "cosmic_fx: CCE is off for this model from step %d: its optimizer is %s, which divides each "
+                "parameter's gradient by its own running RMS, so CCE's per-parameter multiplier would be normalised "
+                "away and only cost work (CosmicConfig.cce_skip_adaptive=True, the fast preset's setting; set it "
+                "False to keep CCE, or train with SGD).", self.steps, type(optimizer).__name__)
 
     def _unwatch(self) -> None:
         for handle in list(self._watched.values()):
             handle.remove()
         self._watched = weakref.WeakKeyDictionary()
+        self._cce_skipped = False
         _WAITING.discard(self)
 
     def optimizer_step(self) -> None:
@@ -174,8 +204,27 @@ class StepMixin:
 
     def _at_optimizer_step(self) -> None:
         self._unstepped = 0
-        if self._window and self.step_boundary != "backward":
+        if self.step_boundary == "backward":
+            return
+        if not self.num_grad_hooks:
+            self._collect_step()
+        if self._window:
             self._close_window()
+
+    def _collect_step(self) -> None:
+        """Without per-parameter hooks: find this step's gradients at the optimizer step, and do what the
+        end of each backward would have done (once per step: the backwards of a step are not seen)."""
+        if not self.config.hooks_enabled:
+            return  # nothing to decide (no CDG, no CCE): the steps are not counted, as with no hooks
+        got = self._new_grads()
+        if not got:
+            return  # no backward since the last step
+        self._commit_piece_sums()
+        if self.mode == "compiled" and not self._e_out_seen and self.config.reads_e_out:
+            self.use_output_hook()  # no compiled graph returned the model output (see _end_of_backward)
+        self._e_out_seen = False
+        self._step_grads.update(got)
+        self._window = max(self._window, 1)
 
     # ------------------------------------------------------------------ E_out
     def set_output(self, out: torch.Tensor) -> None:
@@ -301,10 +350,11 @@ class StepMixin:
         it exists); ``False`` when seed CDG skips it (no update)."""
         cfg = self.config
         self._step_grads.add(i)
+        cce_on = self._cce_on
         if cfg.cdg is CDGMode.PREFIX:
             if cfg.cdg_prefix_signal is PrefixSignal.GRAD:
                 self.prefix.note_grad(i, p.grad)
-            if cfg.cce is CCEMode.OFF and cfg.cdg_prefix_signal is PrefixSignal.GRAD:
+            if not cce_on and cfg.cdg_prefix_signal is PrefixSignal.GRAD:
                 return True  # nothing reads E(p): do not measure it (a fused update still applies)
         r = self.readings
         fresh = r.due(i, self.steps)
@@ -320,7 +370,7 @@ class StepMixin:
             return False
         if cfg.cdg is CDGMode.CALIBRATED and fresh:
             self.cdg.note_reading(i, value, low)
-        if cfg.cce is not CCEMode.OFF:
+        if cce_on:
             scale = self.cce.multiplier(value, self._initial_efficiencies)
             if p.grad is not None and scale != 1.0:
                 p.grad.mul_(scale)
@@ -364,16 +414,78 @@ class StepMixin:
         gradient in it, once, on the accumulated gradient (in index order: the same on every rank)."""
         params = self._params()
         under_ddp = self._ddp is not None
-        for i, p in enumerate(params):
-            if p is not None and p.requires_grad and p.grad is not None and (i in self._step_grads or under_ddp):
-                self._decide(i, p)
+        todo = [i for i, p in enumerate(params)
+                if p is not None and p.requires_grad and p.grad is not None and (i in self._step_grads or under_ddp)]
+        if self._measures_now(todo):
+            for i in todo:
+                self._decide(i, params[i])
+        else:
+            self._decide_unmeasured(todo, params)
         self._window = 0
         self._end_step(in_backward=False)
+        if not self.num_grad_hooks:
+            self._mark_grads_seen()
+
+    def _new_grads(self) -> list[int]:
+        """The parameters whose ``.grad`` is new or changed in place since the last step closed: what
+        the hooks would have seen (a gradient kept from an earlier step is not this step's)."""
+        seen, got = self._seen_grads, []
+        for i, p in enumerate(self._params()):
+            if p is None or not p.requires_grad or (g := p.grad) is None:
+                continue
+            old = seen.get(i)
+            if old is None or old[0]() is not g or old[1] != g._version:
+                got.append(i)
+        return got
+
+    def _mark_grads_seen(self) -> None:
+        """Record every current ``.grad`` (and its version) as belonging to a closed step."""
+        seen = self._seen_grads
+        seen.clear()
+        for i, p in enumerate(self._params()):
+            if p is not None and (g := p.grad) is not None:
+                seen[i] = (weakref.ref(g), g._version)
+
+    @property
+    def _cce_on(self) -> bool:
+        """Whether CCE scales gradients now (``cce_skip_adaptive`` turns it off under Adam/AdamW)."""
+        return self.config.cce is not CCEMode.OFF and not self._cce_skipped
+
+    def _measures_now(self, todo: list[int]) -> bool:
+        """Whether this step reads any ``E(p)`` of ``todo`` (or needs seed CDG's per-parameter skip):
+        then each parameter is decided by :meth:`_decide`; otherwise by :meth:`_decide_unmeasured`."""
+        cfg = self.config
+        if cfg.cdg is CDGMode.SEED:
+            return True
+        if cfg.cdg is CDGMode.PREFIX and cfg.cdg_prefix_signal is PrefixSignal.GRAD and not self._cce_on:
+            return False  # nothing reads E(p)
+        return self.readings.any_due(todo, self.steps)
+
+    def _decide_unmeasured(self, todo: list[int], params: list[torch.Tensor | None]) -> None:
+        """:meth:`_decide` for every parameter of ``todo`` on a step that measures no ``E(p)``, batched:
+        one ``torch._foreach_norm`` for prefix CDG's block readings and one ``torch._foreach_mul_`` for
+        CCE's multipliers (those of the last readings), no Python call per parameter."""
+        cfg = self.config
+        self._step_grads.update(todo)
+        grads = [params[i].grad for i in todo]
+        if cfg.cdg is CDGMode.PREFIX and cfg.cdg_prefix_signal is PrefixSignal.GRAD:
+            self.prefix.note_grads(todo, grads)
+        if self._cce_on:
+            r = self.readings
+            scales = self.cce.multipliers(r.value, r.version, self._initial_efficiencies)
+            picked = [(g, scales[i]) for i, g in zip(todo, grads, strict=True) if scales[i] != 1.0]
+            if picked:
+                gs, factors = zip(*picked, strict=True)
+                torch._foreach_mul_(list(gs), list(factors))
+            self._step_scale = {i: scales[i] for i in todo}
 
     def _end_step(self, *, in_backward: bool) -> None:
         step = self.steps
         self.steps += 1
         self.cce.end_of_step(self._step_e.values())
+        if self._step_e and self._cce_on and self.step_boundary != "backward":
+            # the next steps' multipliers, computed now, on a step that measured anyway
+            self.cce.multipliers(self.readings.value, self.readings.version, self._initial_efficiencies)
         outside = self.accounting.end_of_step(self.steps, self._step_grads, len(self.cdg.sets_used),
                                               self.config.cdg_max_sets)
         names = self._names
