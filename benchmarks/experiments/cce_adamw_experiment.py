@@ -1,5 +1,7 @@
 """What relative CCE does under AdamW, against SGD (issue 17, item 1: "CCE under Adam/AdamW").
 
+Produced: docs/guide/presets.md, section "CCE under Adam and AdamW", its table.
+
 A digits MLP (``DigitsMLP(hidden=48)``, the same init and batches in every arm) trains N steps with CCE
 ``"relative"`` and with ``cce="off"`` (everything else: the fast preset with ``cdg="off"``, so that no
 freezing confounds it; ``cce_skip_adaptive=False``, so that CCE acts), eagerly. Reported per optimizer:

@@ -1,5 +1,7 @@
 """A fast-preset training step before any freeze against a torch.compile step (issue 17, item 1).
 
+Produced: docs/guide/performance.md, section "What a step costs before anything freezes", its table.
+
 Arms, side by side from the same init, on digits (batch 64), one thread, ``aot_eager`` lowering:
 
 * ``torch.compile``: ``torch.compile(model, backend="aot_eager")``;
