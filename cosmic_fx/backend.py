@@ -171,7 +171,8 @@ def _resolve_config(options: dict[str, Any] | CosmicConfig | None, rt: CosmicRun
         return CosmicConfig.from_options(options)
     if options is None:
         return rt.config
-    if isinstance(options, CosmicConfig) or (isinstance(options, dict) and ("config" in options or "preset" in options)):
+    whole = isinstance(options, dict) and ("config" in options or "preset" in options)
+    if isinstance(options, CosmicConfig) or whole:
         config = CosmicConfig.from_options(options)
     else:
         try:
@@ -432,7 +433,8 @@ def _report_to_runtime(compiled: Callable, runtime: weakref.ref, covered: frozen
         outs = compiled(*args)
         rt = runtime()
         # DDPOptimizer calls each compiled piece once on fake tensors while it compiles
-        fake = any(isinstance(o, torch._subclasses.FakeTensor) for o in (outs if isinstance(outs, (tuple, list)) else (outs,)))
+        seq = outs if isinstance(outs, (tuple, list)) else (outs,)
+        fake = any(isinstance(o, torch._subclasses.FakeTensor) for o in seq)
         if rt is not None and torch.is_grad_enabled() and not fake:
             rt.note_compiled_forward(covered)
             if strip_efficiency:

@@ -261,8 +261,8 @@ class CosmicConfig:
                 raise ValueError(f"CosmicConfig.{name} must be a bool; got {getattr(self, name)!r}")
         for name in ("targets", "exclude"):
             set_(name, _regex_tuple(getattr(self, name), name))
-        for name, low in (("min_width", 0), ("qci_min_width", 0), ("qci_rank", 1), ("cdg_patience", 1), ("cdg_interval", 1), ("cdg_max_sets", 1),
-                          ("efficiency_every", 1), ("cdg_prefix_window", 1)):
+        for name, low in (("min_width", 0), ("qci_min_width", 0), ("qci_rank", 1), ("cdg_patience", 1),
+                          ("cdg_interval", 1), ("cdg_max_sets", 1), ("efficiency_every", 1), ("cdg_prefix_window", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"CosmicConfig.{name} must be an int >= {low}; got {value!r}")
@@ -307,7 +307,8 @@ class CosmicConfig:
             if self.cce_fused is CCEFused.OFF:  # the former API: cce_fused_lr alone is plain SGD
                 set_("cce_fused", CCEFused.SGD)
         elif self.cce_fused is not CCEFused.OFF:
-            raise ValueError(f"CosmicConfig.cce_fused={self.cce_fused.value!r} needs cce_fused_lr (a learning rate > 0)")
+            raise ValueError(f"CosmicConfig.cce_fused={self.cce_fused.value!r} needs cce_fused_lr "
+                             "(a learning rate > 0)")
         numbers = {"cce_fused_momentum": (0.0, 1.0, False), "cce_fused_eps": (0.0, 1.0, True)}
         if self.cce_fused_weight_decay is not None:
             numbers["cce_fused_weight_decay"] = (0.0, math.inf, False)
@@ -323,11 +324,13 @@ class CosmicConfig:
                 not isinstance(b, bool) and isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
             set_("cce_fused_betas", (float(betas[0]), float(betas[1])))
         else:
-            raise ValueError(f"CosmicConfig.cce_fused_betas must be two numbers (beta1, beta2), each in [0, 1); got {betas!r}")
+            raise ValueError("CosmicConfig.cce_fused_betas must be two numbers (beta1, beta2), each in [0, 1); "
+                             f"got {betas!r}")
         if self.cce_fused_nesterov and self.cce_fused_momentum == 0.0:
             raise ValueError("CosmicConfig.cce_fused_nesterov needs cce_fused_momentum > 0 (as torch.optim.SGD)")
         # a knob that the chosen update ignores is a mistake worth stopping
-        used = {CCEFused.OFF: set(), CCEFused.SGD: {"cce_fused_momentum", "cce_fused_nesterov", "cce_fused_weight_decay"},
+        used = {CCEFused.OFF: set(),
+                CCEFused.SGD: {"cce_fused_momentum", "cce_fused_nesterov", "cce_fused_weight_decay"},
                 CCEFused.ADAMW: {"cce_fused_betas", "cce_fused_eps", "cce_fused_weight_decay"}}[self.cce_fused]
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         ignored = sorted(k for k in ("cce_fused_momentum", "cce_fused_nesterov", "cce_fused_weight_decay",
@@ -336,7 +339,8 @@ class CosmicConfig:
         if ignored:
             raise ValueError(
                 f"CosmicConfig: {', '.join(ignored)} set, but cce_fused={self.cce_fused.value!r} does not use "
-                f"{'it' if len(ignored) == 1 else 'them'}; the SGD knobs are cce_fused_momentum/nesterov/weight_decay, the AdamW ones "
+                f"{'it' if len(ignored) == 1 else 'them'}; the SGD knobs are cce_fused_momentum/nesterov/weight_decay, "
+                "the AdamW ones "
                 f"cce_fused_betas/eps/weight_decay (and cce_fused needs cce_fused_lr)"
             )
 
@@ -458,7 +462,9 @@ class CosmicConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[f.name] = value.value if isinstance(value, enum.Enum) else (list(value) if isinstance(value, tuple) else value)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
     def replace(self, **changes: Any) -> CosmicConfig:

@@ -286,7 +286,8 @@ class CosmicStateCompression(nn.Module):
         torch.Size([2, 5])
     """
 
-    def __init__(self, alpha: float = 0.5, dim: int = -1, eps: float = DEFAULT_EPS, *, passthrough: bool = False) -> None:
+    def __init__(self, alpha: float = 0.5, dim: int = -1, eps: float = DEFAULT_EPS, *,
+                 passthrough: bool = False) -> None:
         super().__init__()
         _check_alpha_eps(alpha, eps)
         self.alpha, self.dim, self.eps, self.passthrough = float(alpha), int(dim), float(eps), passthrough
@@ -297,4 +298,5 @@ class CosmicStateCompression(nn.Module):
         return _compress(x, self.alpha, self.dim, self.eps)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, dim={self.dim}, eps={self.eps}" + (", passthrough=True" if self.passthrough else "")
+        extra = ", passthrough=True" if self.passthrough else ""
+        return f"alpha={self.alpha}, dim={self.dim}, eps={self.eps}{extra}"

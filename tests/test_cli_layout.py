@@ -4,9 +4,9 @@ registered in one place, and the `cosmic-fx` script points at the package."""
 import ast
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
+import tomllib
 
 import cosmic_fx
 from cosmic_fx.cli import COMMANDS, build_parser

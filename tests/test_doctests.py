@@ -5,7 +5,8 @@ import importlib
 
 import pytest
 
-MODULES = ["cosmic_fx.compiled", "cosmic_fx.config", "cosmic_fx.outputs", "cosmic_fx.policy", "cosmic_fx.runtime.cce", "cosmic_fx.runtime.fused",
+MODULES = ["cosmic_fx.compiled", "cosmic_fx.config", "cosmic_fx.outputs", "cosmic_fx.policy", "cosmic_fx.runtime.cce",
+           "cosmic_fx.runtime.fused",
            "cosmic_fx.runtime.fused_optimizer", "cosmic_fx.runtime.optim_update", "cosmic_fx.runtime.prefix",
            "cosmic_fx.sequential", "cosmic_fx.site", "cosmic_fx.site_hooks", "cosmic_fx.sites", "cosmic_fx.tracer"]
 

@@ -152,7 +152,10 @@ def _train(cfg, engine, steps=4, lr=0.1):
 def test_fused_cce_update_equals_scaled_grad_then_separate_sgd_step(engine, preset):
     from cosmic_fx import CosmicConfig
 
-    base = CosmicConfig.seed(lower="aot_eager") if preset == "seed" else CosmicConfig.off(cce="relative", lower="aot_eager")
+    if preset == "seed":
+        base = CosmicConfig.seed(lower="aot_eager")
+    else:
+        base = CosmicConfig.off(cce="relative", lower="aot_eager")
     ref, ref_left = _train(base, engine)
     fused, fused_left = _train(base.replace(cce_fused_lr=0.1), engine)
     assert all(ref_left) and not any(fused_left)  # fused: every gradient freed inside backward

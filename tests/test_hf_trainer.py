@@ -124,7 +124,8 @@ def test_trainer_trains_logs_and_resumes_bit_identically(tmp_path):
     # the checkpoint: the model's own keys (no '_orig_mod.'), the QCI weights and the cosmic state
     saved = load_file(str(tmp_path / "a" / "checkpoint-2" / "model.safetensors"))
     assert not any(k.startswith("_orig_mod.") for k in saved)
-    assert {k for k in saved if k.startswith("cosmic_qci.")} == {k for k in a.state_dict() if k.startswith("cosmic_qci.")}
+    qci_keys = {k for k in a.state_dict() if k.startswith("cosmic_qci.")}
+    assert {k for k in saved if k.startswith("cosmic_qci.")} == qci_keys
     assert int(saved["cosmic_state.steps"]) == 2 and saved["cosmic_state.cdg.frozen"].any()  # frozen at save
 
     # resumed in a new Trainer, from the model built the same way: bit-identical to the uninterrupted run
@@ -220,7 +221,8 @@ def test_resuming_a_checkpoint_of_another_config_is_an_error(tmp_path):
     Trainer(model=saver, args=args(tmp_path / "a")).save_model(str(tmp_path / "ckpt"))
     other = cosmic_fx.compile(tiny(), CONFIG.replace(cdg_interval=5))
     trainer = Trainer(model=other, args=args(tmp_path / "b"), train_dataset=Tokens(), callbacks=[CosmicCallback()])
-    with pytest.raises(RuntimeError, match=r"saved with another CosmicConfig: cdg_interval=2 in the checkpoint vs 5 here"):
+    with pytest.raises(RuntimeError,
+                       match=r"saved with another CosmicConfig: cdg_interval=2 in the checkpoint vs 5 here"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "ckpt"))
 
 

@@ -68,7 +68,7 @@ def fast(**kw) -> CosmicConfig:
 
 def train(run, tm, steps: int, lr: float = 0.05) -> None:
     opt = torch.optim.SGD(tm.parameters(), lr=lr)
-    for step in range(steps):
+    for _ in range(steps):
         loss = nn.functional.cross_entropy(run(IDS).flatten(0, 1), IDS.roll(1, 1).flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -277,7 +277,8 @@ def test_freeze_prefix_grows_only_and_says_what_is_allowed():
     with pytest.raises(ValueError, match=r"to 3 \(the freezable blocks\); got 4"):
         rt.freeze_prefix(4)
     other = cosmic_fx.runtime_of(cosmic_fx.transform(lm(), CosmicConfig(lower="aot_eager")))
-    with pytest.raises(ValueError, match="freeze_prefix needs cdg='prefix'; this runtime's config has cdg='calibrated'"):
+    with pytest.raises(ValueError,
+                       match="freeze_prefix needs cdg='prefix'; this runtime's config has cdg='calibrated'"):
         other.freeze_prefix(1)
 
 
@@ -314,4 +315,5 @@ def test_explain_shows_the_blocks_and_what_would_freeze_now():
     assert report.prefix.frozen == report.prefix.would_freeze == 2
     assert report.prefix.reason.startswith("the cap is reached: 2 of 3 blocks frozen")
     rows = {r.name: r.cdg for r in report.params}
-    assert rows["tok.weight"] == rows["blocks.1.fc1.weight"] == "frozen" and rows["blocks.2.fc1.weight"].startswith("block 2")
+    assert rows["tok.weight"] == rows["blocks.1.fc1.weight"] == "frozen"
+    assert rows["blocks.2.fc1.weight"].startswith("block 2")

@@ -59,7 +59,8 @@ def test_sequential_sweep_trains_each_model_as_if_alone(tmp_path):
     through several CDG decisions, and each ends bit-identical to the same model trained alone in a
     fresh process."""
     steps, engine = 25, "compile"  # two calibrated-CDG decisions (recipes.SCHEDULE), cosmic_fx.compile
-    alone = {seed: start_fresh_process("alone", "default", engine, str(seed), str(steps), str(tmp_path / f"alone{seed}.pt"))
+    alone = {seed: start_fresh_process("alone", "default", engine, str(seed), str(steps),
+                                       str(tmp_path / f"alone{seed}.pt"))
              for seed in (0, 1)}
     results = {}
     for seed in (0, 1):
@@ -97,14 +98,14 @@ def test_two_models_in_one_process_never_share_state(engine, schedule):
     for step in range(steps):
         x, y = recipes.batch(step, 7)
         if schedule == "alternating":
-            for tm, run, opt in pair:
+            for _, run, opt in pair:
                 loss = nn.functional.cross_entropy(run(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
         else:
             losses = [nn.functional.cross_entropy(run(x), y) for _, run, _ in pair]
-            for (tm, run, opt), loss in zip(pair, losses):
+            for (_, _, opt), loss in zip(pair, losses):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             for _, _, opt in pair:
@@ -432,7 +433,8 @@ def test_loading_state_saved_with_another_config_names_the_difference():
     with pytest.raises(RuntimeError, match=r"another CosmicConfig: cdg_interval=20 in the checkpoint vs 50 here"):
         other.load_state_dict(tm.state_dict())
     # the lowering is not part of the state: a run may resume under another backend
-    cosmic_fx.transform(recipes.make_model(0), CosmicConfig(cdg_interval=20, lower="eager")).load_state_dict(tm.state_dict())
+    other_lowering = cosmic_fx.transform(recipes.make_model(0), CosmicConfig(cdg_interval=20, lower="eager"))
+    other_lowering.load_state_dict(tm.state_dict())
 
 
 def test_loading_state_of_other_sites_names_the_parameters():
@@ -481,7 +483,8 @@ def test_attach_hooks_refuses_a_model_trained_by_another_runtime():
         cosmic_fx.attach_hooks(b)
     cosmic_fx.detach_hooks(a)
     cosmic_fx.attach_hooks(b)
-    with pytest.raises(ValueError, match=r"transformed with another CosmicConfig \(.*cdg: 'calibrated' \(transform\) vs 'seed'"):
+    with pytest.raises(ValueError,
+                       match=r"transformed with another CosmicConfig \(.*cdg: 'calibrated' \(transform\) vs 'seed'"):
         cosmic_fx.attach_hooks(b, CosmicConfig.seed())
 
 

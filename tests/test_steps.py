@@ -131,7 +131,8 @@ def test_bad_uses_of_watch_optimizer_say_what_to_do():
     with pytest.raises(ValueError, match=r"this SGD steps none of the parameters.*model.parameters\(\)"):
         cosmic_fx.watch_optimizer(tm, other)
     fused = cosmic_fx.transform(recipes.make_model(0), CosmicConfig.off(cce_fused="sgd", cce_fused_lr=0.1))
-    with pytest.raises(ValueError, match=r"updated inside each backward \(cce_fused='sgd'\).*every backward is a step.*cce_fused='off'"):
+    with pytest.raises(ValueError, match=r"updated inside each backward \(cce_fused='sgd'\).*every backward is a step"
+                                         r".*cce_fused='off'"):
         cosmic_fx.watch_optimizer(fused, torch.optim.SGD(fused.parameters(), lr=0.1))
 
 

@@ -33,7 +33,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def runtime_of(obj: nn.Module | "torch.Tensor") -> CosmicRuntime | None:  # noqa: F821
+def runtime_of(obj: nn.Module | torch.Tensor) -> CosmicRuntime | None:  # noqa: F821
     """The :class:`CosmicRuntime` of a model (transformed, compiled, DDP-wrapped) or of a parameter.
 
     Returns ``None`` when the model has none (neither transformed nor given to ``attach_hooks`` /
@@ -69,7 +69,7 @@ def runtime_of(obj: nn.Module | "torch.Tensor") -> CosmicRuntime | None:  # noqa
     return None
 
 
-def hooks_of(obj: nn.Module | "torch.Tensor") -> CosmicRuntime | None:  # noqa: F821
+def hooks_of(obj: nn.Module | torch.Tensor) -> CosmicRuntime | None:  # noqa: F821
     """The runtime whose CDG/CCE hooks are active on a model's (or a parameter's) parameters, else ``None``."""
     import torch
 
@@ -125,7 +125,8 @@ def _check_same_config(rt: CosmicRuntime, config: CosmicConfig | None) -> None:
     if config is None or config.replace(lower=rt.config.lower) == rt.config:
         return
     mine, given = rt.config.to_options(), config.to_options()
-    diff = ", ".join(f"{k}: {mine[k]!r} (transform) vs {given[k]!r}" for k in mine if k != "lower" and mine[k] != given[k])
+    diff = ", ".join(f"{k}: {mine[k]!r} (transform) vs {given[k]!r}"
+                     for k in mine if k != "lower" and mine[k] != given[k])
     raise ValueError(
         f"this model was transformed with another CosmicConfig ({diff}); its runtime applies the transform's "
         "config. Pass config=None, or transform the original model with the config you want."

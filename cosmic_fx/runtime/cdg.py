@@ -83,7 +83,8 @@ class CDGState:
             "cdg.sets_used": torch.tensor([mask(s) for s in self.sets_used], dtype=torch.bool).reshape(-1, self.n),
             "cdg.since_decision": torch.tensor(self.since_decision, dtype=torch.int64),
             "cdg.event_steps": torch.tensor([s for s, _ in self.events], dtype=torch.int64),
-            "cdg.event_sets": torch.tensor([mask(frozenset(f)) for _, f in self.events], dtype=torch.bool).reshape(-1, self.n),
+            "cdg.event_sets": torch.tensor([mask(frozenset(f)) for _, f in self.events],
+                                           dtype=torch.bool).reshape(-1, self.n),
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> frozenset[int]:

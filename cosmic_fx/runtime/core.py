@@ -247,7 +247,8 @@ class CosmicRuntime(StepMixin):
                 "torch.compile with the cosmic backend"
             )
         for i, p in enumerate(self._params()):
-            others = [rt for rt in runtimes_of_param(p) if rt is not self and rt.mode is not None] if p is not None else []
+            owners = runtimes_of_param(p) if p is not None else []
+            others = [rt for rt in owners if rt is not self and rt.mode is not None]
             if others:
                 raise RuntimeError(
                     f"parameter {self._names[i]!r} is already trained by another active cosmic runtime (two "

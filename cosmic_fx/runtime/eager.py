@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
