@@ -25,6 +25,7 @@ ENTRY_POINTS = {
     "load_adapter": lambda m: cosmic_fx.load_adapter(m, "unused"),
     "fused_optimizer": lambda m: cosmic_fx.fused_optimizer(m),
     "PrefixCache": lambda m: cosmic_fx.PrefixCache(m),
+    "watch_optimizer": lambda m: cosmic_fx.watch_optimizer(m, None),
 }
 
 NOT_MODULES = [

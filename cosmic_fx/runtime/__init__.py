@@ -167,14 +167,14 @@ def watch_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None) -
     Example:
         >>> tm = cosmic_fx.transform(model)                        # doctest: +SKIP
         >>> opt = torch.optim.SGD(tm.parameters(), lr=0.1)         # doctest: +SKIP
-        >>> rt = cosmic_fx.watch_optimizer(cosmic_fx.compile(tm), opt)   # doctest: +SKIP
+        >>> cm = cosmic_fx.compile(tm)                             # doctest: +SKIP
+        >>> rt = cosmic_fx.watch_optimizer(cm, opt)                # doctest: +SKIP
         >>> for xs, ys in micro_batches:                           # doctest: +SKIP
         ...     (loss_fn(cm(xs), ys) / len(micro_batches)).backward()
         >>> opt.step(); rt.steps                                   # doctest: +SKIP
         1
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"cosmic_fx.watch_optimizer expects an nn.Module; got {type(model).__name__}")
+    check_module(model, "cosmic_fx.watch_optimizer")
     rt = runtime_of(model)
     if rt is None:
         raise ValueError(
