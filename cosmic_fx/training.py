@@ -34,6 +34,10 @@ class Arm:
         lr: learning rate.
         lower: the lowering of a plain ``"compile"`` arm (``torch.compile(model, backend=lower)``);
             cosmic arms take theirs from ``config.lower``.
+        impl: the torch.optim implementation: ``"default"`` (torch's choice: the per-parameter loop on
+            CPU), ``"foreach"`` (``foreach=True``) or ``"fused"`` (``fused=True``).
+        peer: a peer method of ``cosmic-fx bench claims`` applied on top (``"freezeout"``, ``"lora"``,
+            ``"cache"``; :mod:`cosmic_fx.bench.peers`), or ``None``.
     """
 
     name: str
@@ -42,6 +46,11 @@ class Arm:
     optimizer: str = "sgd"
     lr: float = 0.1
     lower: str = "inductor"
+    impl: str = "default"
+    peer: str | None = None
+
+
+_IMPLS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
 @dataclasses.dataclass
@@ -66,12 +75,15 @@ class RunResult:
 
 
 def _optimizer(arm: Arm, params) -> torch.optim.Optimizer:
+    if arm.impl not in _IMPLS:
+        raise ValueError(f"unknown optimizer implementation {arm.impl!r}; valid: {', '.join(_IMPLS)}")
+    kw = _IMPLS[arm.impl]
     if arm.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=arm.lr)
+        return torch.optim.SGD(params, lr=arm.lr, **kw)
     if arm.optimizer == "momentum":
-        return torch.optim.SGD(params, lr=arm.lr, momentum=0.9)
+        return torch.optim.SGD(params, lr=arm.lr, momentum=0.9, **kw)
     if arm.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=arm.lr)
+        return torch.optim.AdamW(params, lr=arm.lr, **kw)
     raise ValueError(f"unknown optimizer {arm.optimizer!r}; valid: sgd, momentum, adamw")
 
 

@@ -15,7 +15,7 @@ from ..config import CosmicConfig
 from ..training import Arm
 from .tasks import Task
 
-__all__ = ["ABLATIONS", "BASELINES", "PRESETS", "PresetArm", "arms_for", "eager_arm_name"]
+__all__ = ["ABLATIONS", "BASELINES", "PEERS", "PRESETS", "PresetArm", "arms_for", "eager_arm_name"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +77,32 @@ ABLATIONS: dict[str, CosmicConfig] = {
 }
 
 
+# The peers (issue 17, item 5; cosmic_fx.bench.peers): only on tasks tagged "fine-tune".
+PEERS = ("torch.compile, best optimizer", "FreezeOut schedule", "peft LoRA r=8", "cosmic fast + cache")
+
+
+def peer_arms(task: Task, lower: str) -> dict[str, Arm]:
+    """The peer arms of a fine-tuning / transfer task (none on other tasks), by name.
+
+    Example:
+        >>> from cosmic_fx.bench.tasks import make_tasks
+        >>> list(peer_arms(make_tasks(["digits-mlp"], quick=True)[0], "aot_eager"))
+        []
+    """
+    from .peers import BEST_IMPL
+
+    if "fine-tune" not in task.tags:
+        return {}
+    opt, lr = task.optimizer, task.lr
+    fast = CosmicConfig.preset("fast", lower=lower)
+    return {
+        PEERS[0]: Arm(PEERS[0], None, "compile", opt, lr, lower=lower, impl=BEST_IMPL[opt]),
+        PEERS[1]: Arm(PEERS[1], None, "compile", opt, lr, lower=lower, peer="freezeout"),
+        PEERS[2]: Arm(PEERS[2], None, "compile", opt, lr, lower=lower, peer="lora"),
+        PEERS[3]: Arm(PEERS[3], fast, "compile", opt, lr, peer="cache"),
+    }
+
+
 def eager_arm_name(task: Task) -> str:
     """The eager baseline that uses the task's own optimizer."""
     return "eager SGD+momentum" if task.optimizer == "momentum" else "eager AdamW"
@@ -106,6 +132,7 @@ def arms_for(task: Task, lower: str, quick: bool = False, only: list[str] | None
         del arms["eager AdamW" if opt == "momentum" else "eager SGD+momentum"]
     for p in PRESETS:
         arms[p.label] = Arm(p.label, p.config(lower), "compile", opt, lr)
+    arms.update(peer_arms(task, lower))
     if task.ablations and not quick:
         arms.update({name: Arm(name, cfg, "eager", opt, lr) for name, cfg in ABLATIONS.items()})
     if only is not None:
@@ -120,4 +147,4 @@ def _required(task: Task) -> tuple[str, ...]:
 
 def arm_names() -> list[str]:
     """Every arm name a task can have (for validating ``--arms``)."""
-    return [*BASELINES, *(p.label for p in PRESETS), *ABLATIONS]
+    return [*BASELINES, *(p.label for p in PRESETS), *PEERS, *ABLATIONS]

@@ -18,6 +18,7 @@ import dataclasses
 import math
 import os
 import statistics
+import sys
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from tabulate import tabulate
 from .arms import PRESETS, arm_names, arms_for
 from .claims_train import Run, train_run
 from .common import fmt, mean_std, progress, write_results
+from .peers import PeerSkipped
 from .tasks import TASK_NAMES, Task, make_tasks
 from .timing import torch_threads
 from .verdicts import CLAIMS, budget_table, claims_table, targets_table, verdict
@@ -58,6 +60,11 @@ def _arm_table(tasks: list[Task], results: dict[str, dict[str, list[Run]]]) -> s
     return tabulate(rows, headers=[
         "task", "arm", "final val metric", "steps to target", "median step ms", "time to target s",
         "compile s", "peak step MiB", "CDG frozen", "CCE scaled"], tablefmt="github")
+
+
+def _skipped_md(skipped: dict[str, dict[str, str]]) -> list[str]:
+    lines = [f"- {task} / {arm}: {why}" for task, arms in skipped.items() for arm, why in arms.items()]
+    return ["### Arms not run", "\n".join(lines)] if lines else []
 
 
 def _task_table(tasks: list[Task], pretrain: dict[str, list[dict[str, Any]]],
@@ -131,6 +138,7 @@ def run(
     # the bar counts training steps (a 6-block LM run is minutes long); a pretraining counts as one
     total = sum(task.steps for task, _, _ in plan) * seeds + sum(seeds for t in task_objs if t.prepare is not None)
     results: dict[str, dict[str, list[Run]]] = {}
+    skipped: dict[str, dict[str, str]] = {}  # task -> arm -> why it did not run
     pretrain: dict[str, list[dict[str, Any]]] = {}
     with progress(total, "bench claims", show_progress) as bar:
         for task in task_objs:
@@ -141,18 +149,26 @@ def run(
                 pretrain.setdefault(task.name, []).append(task.prepare(seed))
                 bar.update(1)
         for task, name, arm in plan:
+            results.setdefault(task.name, {})
             for seed in range(seeds):
                 bar.set_postfix_str(f"{task.name} / {name} / seed {seed}")
-                run_ = train_run(task, arm, seed, tick=bar.update)
-                results.setdefault(task.name, {}).setdefault(name, []).append(run_)
+                try:
+                    run_ = train_run(task, arm, seed, tick=bar.update)
+                except PeerSkipped as e:  # not applicable here, or an optional package is missing
+                    skipped.setdefault(task.name, {})[name] = str(e)
+                    print(str(e), file=sys.stderr)  # one line per arm and task
+                    bar.update(task.steps * (seeds - seed))
+                    break
+                results[task.name].setdefault(name, []).append(run_)
 
     claim_md, claim_payload = claims_table(task_objs, results)
-    target_md, target_payload = targets_table(task_objs, results)
+    target_md, target_payload = targets_table(task_objs, results, skipped)
     budget_md = budget_table(task_objs, results)
     arm_md, task_md = _arm_table(task_objs, results), _task_table(task_objs, pretrain, results)
     payload = {
         "lower": lower, "seeds": seeds, "quick": quick, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "claims": claim_payload, "targets": target_payload,
+        "skipped": skipped,
         "tasks": {t.name: {"metric": t.metric, "target": t.target, "steps": t.steps,
                            "pretraining": pretrain.get(t.name),
                            "arms": {k: [dataclasses.asdict(r) for r in v] for k, v in results[t.name].items()}}
@@ -163,7 +179,7 @@ def run(
         "### Tasks", task_md, "### The source text's claims", claim_md,
         f"### Issue 10's targets against torch.compile (presets: {targeted})", target_md,
         "### Accuracy budget (each preset against the best plain arm)", budget_md,
-        "### Every arm", arm_md])
+        "### Every arm", arm_md, *_skipped_md(skipped)])
     write_results(out_dir, "claims", markdown, payload)
     if out_dir:
         _plots(out_dir, task_objs, results)

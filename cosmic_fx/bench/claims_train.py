@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..training import Arm, _optimizer, build
+from .peers import freezeout_step
 from .tasks import Task
 
 __all__ = ["Run", "gradient_mismatch", "train_run"]
@@ -35,6 +36,7 @@ class Run:
         frozen_fraction / scaled_fraction: mean share of parameter tensors CDG froze / CCE rescaled.
         gradient_check: for a plain ``torch.compile`` arm, whether its gradients on the first batch
             equal eager PyTorch's (``"match"``, or which parameters differ); ``"-"`` for other arms.
+        note: what a peer arm did (:mod:`cosmic_fx.bench.peers`): blocks frozen, LoRA layers, cache hits.
     """
 
     final: float
@@ -47,6 +49,7 @@ class Run:
     frozen_fraction: float
     scaled_fraction: float
     gradient_check: str = "-"
+    note: str = ""
 
 
 def _frames_compiled() -> int:
@@ -103,10 +106,40 @@ def gradient_mismatch(model: nn.Module, compiled: nn.Module, loss_fn, x: torch.T
 
 def _optimizer_for(arm: Arm, params) -> torch.optim.Optimizer | None:
     """The arm's optimizer, or ``None`` where the cosmic hooks apply the update inside backward
-    (stepping another optimizer over those parameters would update them twice)."""
+    (stepping another optimizer over those parameters would update them twice). A LoRA arm's
+    optimizer holds only the parameters that train (the adapters and the head), as peft users do."""
     if arm.config is not None and arm.config.cce_fused_lr is not None:
         return None
+    if arm.peer == "lora":
+        params = [p for p in params if p.requires_grad]
     return _optimizer(arm, params)
+
+
+def _peer_setup(task: Task, arm: Arm, model: nn.Module, batches: list) -> tuple[nn.Module, list[str], str]:
+    """Prepare a peer arm (:mod:`cosmic_fx.bench.peers`): the model to build, the FreezeOut schedule's
+    parameter names (frozen from :func:`~cosmic_fx.bench.peers.freezeout_step`), and a note.
+
+    Raises:
+        PeerSkipped: the arm does not apply to this task, or peft is missing.
+    """
+    from . import peers
+
+    if arm.peer == "lora":
+        return peers.lora_model(model), [], f"LoRA r={peers.LORA_RANK} on the nn.Linear layers but the head"
+    if arm.peer == "freezeout":
+        units = peers.freeze_units(model, batches[0][0])
+        k = peers.freezeout_count(units)
+        names = [n for u in units[:k] for n in u]
+        return model, names, f"{k} of {len(units)} blocks frozen from step {peers.freezeout_step(task.steps)}"
+    if arm.peer == "cache":
+        share = peers.repeat_fraction(batches)
+        if share < peers.MIN_REPEAT:
+            raise peers.PeerSkipped(f"{arm.name} on {task.name}: not applicable: inputs do not repeat "
+                                    f"({100 * share:.1f}% of the samples come back)")
+        return model, [], f"{100 * share:.0f}% of the samples come back"
+    if arm.peer is not None:
+        raise ValueError(f"unknown peer {arm.peer!r}; valid: freezeout, lora, cache")
+    return model, [], ""
 
 
 def train_run(task: Task, arm: Arm, seed: int, tick: Callable[[], None] | None = None) -> Run:
@@ -124,12 +157,20 @@ def train_run(task: Task, arm: Arm, seed: int, tick: Callable[[], None] | None =
     torch._dynamo.reset()
     torch.manual_seed(seed)
     model = task.factory(seed)
+    batches = list(task.batches(seed))
+    model, schedule, note = _peer_setup(task, arm, model, batches)
     train_mod, eval_mod, hooks = build(arm, model)
     opt = _optimizer_for(arm, train_mod.parameters())
     step_times, compile_time = [], 0.0
     curve, frozen_sum, scaled_sum, n = [], 0.0, 0.0, 0
-    batches = list(task.batches(seed))
     check = "-"
+    forward = train_mod
+    if arm.peer == "cache":
+        from ..prefix_cache import PrefixCache
+
+        forward = PrefixCache(train_mod)  # content keys: the task's batches carry no sample ids
+    frozen_at = freezeout_step(task.steps) + 1 if schedule else None  # 1-based step number
+    by_name = dict(model.named_parameters())
     if arm.config is None and arm.engine == "compile":
         frames, t0 = _frames_compiled(), time.perf_counter()
         check = gradient_mismatch(model, train_mod, task.loss, *batches[0])
@@ -139,7 +180,7 @@ def train_run(task: Task, arm: Arm, seed: int, tick: Callable[[], None] | None =
     fused = arm.config is not None and arm.config.cce_fused.value != "off"
 
     def one_step(x, y):
-        loss = task.loss(train_mod(x), y)
+        loss = task.loss(forward(x), y)
         if opt is not None:
             opt.zero_grad(set_to_none=True)
         if fused:  # compiled: the backward through compiled autograd, each gradient freed at its update
@@ -150,6 +191,10 @@ def train_run(task: Task, arm: Arm, seed: int, tick: Callable[[], None] | None =
             opt.step()
 
     for i, (x, y) in enumerate(batches, start=1):
+        if i == frozen_at:  # FreezeOut: the first third of the blocks stop training (one recompile)
+            for name in schedule:
+                by_name[name].requires_grad_(False)
+                by_name[name].grad = None
         frames = _frames_compiled()
         t0 = time.perf_counter()
         one_step(x, y)
@@ -170,6 +215,9 @@ def train_run(task: Task, arm: Arm, seed: int, tick: Callable[[], None] | None =
             curve.append((i, task.evaluate(eval_mod)))
         if tick is not None:
             tick()
+    if schedule:  # FreezeOut: the share of parameter tensors frozen, averaged over the steps
+        share = len(schedule) / max(len(by_name), 1)
+        frozen_sum, n = share * (len(batches) - frozen_at + 1), len(batches)
     valid = [t for t in step_times if not math.isnan(t)]
     median = statistics.median(valid) if valid else float("nan")
     steps_to = next((s for s, m in curve if m <= task.target), float("nan"))
@@ -184,4 +232,14 @@ def train_run(task: Task, arm: Arm, seed: int, tick: Callable[[], None] | None =
         final=curve[-1][1], curve=curve, steps_to_target=steps_to, time_to_target=time_to,
         median_step=median, compile_time=compile_time, peak_memory_mb=peak,
         frozen_fraction=frozen_sum / max(n, 1), scaled_fraction=scaled_sum / max(n, 1), gradient_check=check,
+        note=_note(note, forward),
     )
+
+
+def _note(note: str, forward) -> str:
+    """A peer arm's note, with the cache's hit rate for the cache arm."""
+    hits, misses = getattr(forward, "hits", None), getattr(forward, "misses", None)
+    if hits is None:
+        return note
+    rate = f"cache hits {100 * hits / max(hits + misses, 1):.0f}% of samples once a prefix froze"
+    return f"{note}; {rate}" if note else rate

@@ -20,8 +20,8 @@ from .claims_train import Run
 from .common import fmt, mean_std
 from .tasks import Task
 
-__all__ = ["CLAIMS", "TARGETS", "Target", "budget_table", "claims_table", "target_verdict", "targets_table",
-           "verdict"]
+__all__ = ["CLAIMS", "PEER_TARGETS", "TARGETS", "Target", "budget_table", "claims_table", "target_verdict",
+           "targets_table", "verdict"]
 
 CLAIMS = {
     "speed": ("30-50% faster training (median step time)", 30.0, 50.0),
@@ -146,6 +146,9 @@ class Target:
             ``amount`` percent worse) or ``"budget"`` (at most the task's accuracy tolerance worse).
         amount: the percentage of ``improvement`` / ``slowdown`` (unused for ``budget``).
         tags: the tasks it applies to (a task with any of these tags); empty: every task.
+        arm / baseline: for a peer target (:data:`PEER_TARGETS`), the arm judged and the arm it is
+            compared with; issue 10's targets judge every preset with ``targets=True`` against
+            ``torch.compile``.
     """
 
     text: str
@@ -153,6 +156,8 @@ class Target:
     kind: str
     amount: float = 0.0
     tags: frozenset[str] = frozenset()
+    arm: str | None = None
+    baseline: str = "torch.compile"
 
     def applies(self, task: Task) -> bool:
         return not self.tags or bool(self.tags & task.tags)
@@ -166,6 +171,16 @@ TARGETS = (
            frozenset({"transformer"})),
     Target("final validation metric within the accuracy budget (1 point of error, 0.05 bits/char)",
            "generalization", "budget"),
+)
+
+
+# Issue 17's comparisons with the peers (cosmic_fx.bench.peers), on the fine-tuning / transfer tasks.
+PEER_TARGETS = (
+    Target("time to the validation target no later than peft LoRA (fine-tuning tasks)", "time_to_target",
+           "slowdown", 0.0, frozenset({"fine-tune"}), arm="cosmic fast", baseline="peft LoRA r=8"),
+    Target("time to the validation target at most 0.5x torch.compile with the activation cache (multi-epoch "
+           "fine-tuning)", "time_to_target", "improvement", 50.0, frozenset({"fine-tune"}),
+           arm="cosmic fast + cache"),
 )
 
 
@@ -199,8 +214,11 @@ def target_verdict(target: Target, base: list[float], arm: list[float], toleranc
     return measured, "fails" if excess > spread else "not shown (over the bound, within seed spread)"
 
 
-def targets_table(tasks: list[Task], results: Results) -> tuple[str, list[dict[str, Any]]]:
-    """Issue 10's targets for every preset with ``targets=True``, task by task."""
+def targets_table(tasks: list[Task], results: Results,
+                  skipped: dict[str, dict[str, str]] | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """Issue 10's targets for every preset with ``targets=True``, task by task, then the peer targets
+    (:data:`PEER_TARGETS`) where both of their arms ran or one was skipped (``skipped``: task -> arm ->
+    why)."""
     rows, payload = [], []
     for preset in (p for p in PRESETS if p.targets):
         for target in TARGETS:
@@ -219,9 +237,34 @@ def targets_table(tasks: list[Task], results: Results) -> tuple[str, list[dict[s
                 payload.append({"preset": preset.short, "target": target.text, "task": task.name,
                                 "baseline": base_name, "baseline_values": base, "preset_values": arm,
                                 "measured": measured, "verdict": v})
+    _peer_rows(tasks, results, skipped or {}, rows, payload)
     table = tabulate(rows, headers=["preset", "target (issue 10)", "task", "baseline", "preset",
                                     "change", "verdict"], tablefmt="github")
     return table, payload
+
+
+def _peer_rows(tasks: list[Task], results: Results, skipped: dict[str, dict[str, str]], rows: list,
+               payload: list) -> None:
+    for target in PEER_TARGETS:
+        for task in tasks:
+            per_task, gone = results[task.name], skipped.get(task.name, {})
+            names = (target.arm, target.baseline)
+            if not target.applies(task) or not all(n in per_task or n in gone for n in names):
+                continue
+            short = str(target.arm).removeprefix("cosmic ")
+            missing = [n for n in names if n not in per_task]
+            if missing:
+                why = gone[missing[0]]
+                rows.append([short, target.text, task.name, target.baseline, "-", "-", f"not run: {why}"])
+                payload.append({"preset": short, "target": target.text, "task": task.name,
+                                "baseline": target.baseline, "verdict": f"not run: {why}"})
+                continue
+            base = _metric_values(per_task[target.baseline], target.measure)
+            arm = _metric_values(per_task[str(target.arm)], target.measure)
+            measured, v = target_verdict(target, base, arm, task.tolerance)
+            rows.append([short, target.text, task.name, f"{target.baseline}: {_fmt(base)}", _fmt(arm), measured, v])
+            payload.append({"preset": short, "target": target.text, "task": task.name, "baseline": target.baseline,
+                            "baseline_values": base, "preset_values": arm, "measured": measured, "verdict": v})
 
 
 def _fmt(values: list[float]) -> str:
