@@ -153,9 +153,13 @@ def test_missing_peft_skips_the_lora_arm_with_one_line(transfer, monkeypatch, ca
 
 # --------------------------------------------------------------------------- the cache arm
 def _repeating_task() -> Task:
-    """64 MNIST-sized images, batches of 16 for 40 steps: every sample comes back 10 times."""
+    """64 MNIST-sized images, batches of 16 for 40 steps: every sample comes back 10 times. The label is
+    which of 5 horizontal bands is lit (learnable: the error falls)."""
     gen = torch.Generator().manual_seed(0)
-    x, y = torch.rand(64, 1, 28, 28, generator=gen), torch.randint(0, 5, (64,), generator=gen)
+    y = torch.randint(0, 5, (64,), generator=gen)
+    x = 0.5 * torch.rand(64, 1, 28, 28, generator=gen)
+    for i, c in enumerate(y.tolist()):
+        x[i, 0, 5 * c:5 * c + 5] += 0.5
     return Task(name="repeat", factory=lambda seed: MnistCNN(), batches=_classification_batches(x, y, 16, 40),
                 loss=nn.functional.cross_entropy, evaluate=_error_of(x, y), metric="error %", target=50.0,
                 steps=40, eval_every=10, optimizer="momentum", lr=0.05, adamw_lr=1e-3, tolerance=1.0,
@@ -166,14 +170,24 @@ def test_cache_arm_equals_the_fast_arm_and_hits_the_cache():
     task = _repeating_task()
     # freeze as soon as a decision is possible, so that the cache serves most of the run
     cfg = CosmicConfig.fast(lower="eager", cdg_prefix_window=2, cdg_prefix_threshold=1e9)
+    models = []
+
+    def factory(seed):
+        models.append(MnistCNN())
+        return models[-1]
+
+    task = dataclasses.replace(task, factory=factory)
     fast = train_run(task, Arm("cosmic fast", cfg, "compile", "momentum", task.lr), seed=0)
     cached = train_run(task, Arm("cosmic fast + cache", cfg, "compile", "momentum", task.lr, peer="cache"), seed=0)
     hits = float(cached.note.split("cache hits ")[1].split("%")[0])
     assert hits > 50, cached.note
     assert fast.frozen_fraction > 0 and cached.frozen_fraction == pytest.approx(fast.frozen_fraction)
+    assert fast.curve[-1][1] < fast.curve[0][1]  # it learns: the comparison is not of two stuck runs
     # each cached entry was computed in another batch: equal up to batch-dependent float rounding
     assert [s for s, _ in cached.curve] == [s for s, _ in fast.curve]
     assert all(abs(a - b) <= 100 / 64 + 1e-6 for (_, a), (_, b) in zip(cached.curve, fast.curve))
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-5), name  # the same training, weight by weight
 
 
 def test_cache_arm_is_not_applicable_when_inputs_do_not_repeat(transfer):

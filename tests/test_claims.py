@@ -280,7 +280,7 @@ def test_gradient_check_names_the_parameters_a_compiler_got_wrong(stand_in, expe
     assert all(p.grad is None for p in model.parameters())  # the run's first step starts clean
 
 
-@pytest.mark.parametrize("module", ["arms", "pretrain", "verdicts", "claims_train"])
+@pytest.mark.parametrize("module", ["arms", "pretrain", "verdicts", "claims_train", "peers"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib
