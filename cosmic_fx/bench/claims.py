@@ -156,7 +156,7 @@ def run(
                     run_ = train_run(task, arm, seed, tick=bar.update)
                 except PeerSkipped as e:  # not applicable here, or an optional package is missing
                     skipped.setdefault(task.name, {})[name] = str(e)
-                    print(str(e), file=sys.stderr)  # one line per arm and task
+                    print(f"{task.name} / {name}: {e}", file=sys.stderr)  # one line per arm and task
                     bar.update(task.steps * (seeds - seed))
                     break
                 results[task.name].setdefault(name, []).append(run_)

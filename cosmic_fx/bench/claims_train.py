@@ -134,7 +134,7 @@ def _peer_setup(task: Task, arm: Arm, model: nn.Module, batches: list) -> tuple[
     if arm.peer == "cache":
         share = peers.repeat_fraction(batches)
         if share < peers.MIN_REPEAT:
-            raise peers.PeerSkipped(f"{arm.name} on {task.name}: not applicable: inputs do not repeat "
+            raise peers.PeerSkipped(f"not applicable: inputs do not repeat "
                                     f"({100 * share:.1f}% of the samples come back)")
         return model, [], f"{100 * share:.0f}% of the samples come back"
     if arm.peer is not None:
