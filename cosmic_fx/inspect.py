@@ -66,12 +66,16 @@ def explain(model: nn.Module, example_inputs: Any, config: CosmicConfig | None =
         >>> [(s.name, s.qualifies, s.inserted) for s in report.sites]
         [('0', True, ['cosmic_qci.0']), ('2', False, [])]
         >>> print(report)   # doctest: +SKIP
+
+        With the fast preset, CCE depends on the optimizer (off under Adam/AdamW):
+
         >>> fast = cosmic_fx.CosmicConfig.fast()
-        >>> cosmic_fx.explain(model, torch.randn(2, 8), fast).cce[:46]
-        'CCE (relative): depends on the optimizer: off'
+        >>> cosmic_fx.explain(model, torch.randn(2, 8), fast).cce.startswith("CCE (relative): depends on the optimizer")
+        True
         >>> adamw = torch.optim.AdamW(model.parameters())
-        >>> cosmic_fx.explain(model, torch.randn(2, 8), fast, optimizer=adamw).cce[:38]
-        'CCE (relative): off for this AdamW: it'
+        >>> report = cosmic_fx.explain(model, torch.randn(2, 8), fast, optimizer=adamw)
+        >>> report.cce.startswith("CCE (relative): off for this AdamW")
+        True
     """
     from .tracer import symbolic_trace
     from .transform import transform, transform_info

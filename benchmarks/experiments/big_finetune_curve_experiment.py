@@ -1,7 +1,7 @@
 """The learning curve that sets the target of ``docs-finetune-big``, and its pretraining time (issue 17, item 6).
 
-Produced: docs/claims/workloads.md, section "docs-finetune-big: the budget", the pretraining time and
-the curve the target is read from.
+Produced: docs/claims/workloads.md, section "docs-finetune-big: the budget": the rule it applies. Not
+yet run (one pretraining is ~50 min on the shared machine), so the target there is provisional.
 
 Builds the task exactly as ``cosmic-fx bench claims --tasks docs-finetune-big`` does (same pretraining,
 same :class:`~cosmic_fx.bench.pretrain.PretrainCache` key, so ``--cache DIR`` can be the claims run's

@@ -77,8 +77,8 @@ def cce_status(config: CosmicConfig, optimizer: torch.optim.Optimizer | None = N
     ``cce_skip_adaptive`` and no optimizer known yet, that it depends on the optimizer.
 
     Example:
-        >>> cce_status(CosmicConfig.fast())[:46]
-        'CCE (relative): depends on the optimizer: off'
+        >>> cce_status(CosmicConfig.fast()).startswith("CCE (relative): depends on the optimizer: off under Adam")
+        True
         >>> w = torch.zeros(2, requires_grad=True)
         >>> cce_status(CosmicConfig.fast(), torch.optim.SGD([w], lr=0.1))
         'CCE (relative): on under SGD'
