@@ -65,6 +65,19 @@ def test_fused_adamw_keeps_cce_when_cce_skip_adaptive_is_false():
     assert any(not torch.equal(p, q) for p, q in zip(tm.parameters(), ref.parameters(), strict=True))
 
 
+def test_after_remove_the_next_optimizer_decides_cce_again():
+    tm = cosmic_fx.transform(small_mlp(), CosmicConfig.fast(**FAST))
+    x, y = mlp_batches(1, scale=3)[0]
+    fopt = cosmic_fx.fused_optimizer(tm, _adamw(tm.parameters()))
+    assert cosmic_fx.runtime_of(tm)._cce_skipped
+    fopt.remove()
+    sgd = torch.optim.SGD(tm.parameters(), lr=0.05)
+    cosmic_fx.watch_optimizer(tm, sgd)
+    nn.functional.cross_entropy(tm(x), y).backward()
+    sgd.step()
+    assert any(v != 1.0 for v in cosmic_fx.runtime_of(tm).last_step["scale"].values())
+
+
 def test_fused_sgd_under_the_fast_preset_keeps_cce():
     tm = cosmic_fx.transform(small_mlp(), CosmicConfig.fast(**FAST))
     fopt = cosmic_fx.fused_optimizer(tm, torch.optim.SGD(tm.parameters(), lr=0.05))

@@ -178,6 +178,9 @@ class FusedOptimizer:
         if isinstance(rt.fused, OptimizerUpdate) and rt.fused.optimizer is self.optimizer:
             rt.fused.close()
             rt.fused = FusedUpdate(rt.config, len(rt.names))
+            rt._cce_skipped = False  # decided again by the optimizers the runtime watches from now on
+            for opt in list(rt._watched.keys()):
+                rt._note_optimizer_kind(opt)
 
     def __repr__(self) -> str:
         rt = self._runtime()
