@@ -23,9 +23,10 @@ from torch import fx, nn
 
 from . import policy
 from .checks import check_module
-from .config import CDGMode, CosmicConfig
+from .config import CCEMode, CDGMode, CosmicConfig
 from .quantities import efficiency
 from .report import ParamRow, PrefixView, Report, SiteRow, _Node, _shape
+from .runtime.cce import cce_skipped_for, cce_status
 from .runtime.eager import first_float_tensor
 from .scoped import eval_no_grad
 from .watch import BackendReport, BackendWatch, watch_backend
@@ -37,7 +38,8 @@ __all__ = ["BackendReport", "BackendWatch", "ParamRow", "Report", "SiteRow", "ex
 _FREEING = re.compile(r";\s+(?:\w+ = )+None\s*$")  # fx's `;  x = None` clauses: noise in a diff
 
 
-def explain(model: nn.Module, example_inputs: Any, config: CosmicConfig | None = None) -> Report:
+def explain(model: nn.Module, example_inputs: Any, config: CosmicConfig | None = None,
+            optimizer: torch.optim.Optimizer | None = None) -> Report:
     """Transform ``model`` as :func:`cosmic_fx.transform` would and report every change.
 
     The model is run once (and its transformed form once) on ``example_inputs`` in eval mode under
@@ -49,6 +51,11 @@ def explain(model: nn.Module, example_inputs: Any, config: CosmicConfig | None =
         example_inputs: a tensor or a tuple of tensors (positional arguments of ``forward``).
         config: a :class:`CosmicConfig`; default ``CosmicConfig()``, or the transform's own config
             when ``model`` is already transformed.
+        optimizer: the ``torch.optim`` optimizer that will step the model, if known (default: the one
+            the model's runtime already watches or fuses, if any). It decides whether CCE acts: with
+            ``cce_skip_adaptive`` (the fast preset) CCE is off under Adam/AdamW; then
+            ``report.cce`` says so and why, and every ``cce_scale`` is 1. Without one, ``report.cce``
+            says that it depends on the optimizer.
 
     Returns:
         a :class:`Report`.
@@ -59,11 +66,24 @@ def explain(model: nn.Module, example_inputs: Any, config: CosmicConfig | None =
         >>> [(s.name, s.qualifies, s.inserted) for s in report.sites]
         [('0', True, ['cosmic_qci.0']), ('2', False, [])]
         >>> print(report)   # doctest: +SKIP
+
+        With the fast preset, CCE depends on the optimizer (off under Adam/AdamW):
+
+        >>> fast = cosmic_fx.CosmicConfig.fast()
+        >>> cosmic_fx.explain(model, torch.randn(2, 8), fast).cce.startswith("CCE (relative): depends on the optimizer")
+        True
+        >>> adamw = torch.optim.AdamW(model.parameters())
+        >>> report = cosmic_fx.explain(model, torch.randn(2, 8), fast, optimizer=adamw)
+        >>> report.cce.startswith("CCE (relative): off for this AdamW")
+        True
     """
     from .tracer import symbolic_trace
     from .transform import transform, transform_info
 
     check_module(model, "cosmic_fx.explain")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError("cosmic_fx.explain: optimizer must be a torch.optim.Optimizer (the one that will step the "
+                        f"model) or None; got {type(optimizer).__name__}")
     inputs = _as_tuple(example_inputs)
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         model = model._orig_mod
@@ -107,7 +127,9 @@ def explain(model: nn.Module, example_inputs: Any, config: CosmicConfig | None =
     if tensor is not None:
         e_out = float(efficiency(tensor, -1, config.eps))
     prefix = _prefix_view(tm, config, protected, order) if config.cdg is CDGMode.PREFIX else None
-    params = _param_rows(original, tm, config, e_out, protected, prefix)
+    optimizer = optimizer if optimizer is not None else _known_optimizer(tm)
+    cce_off = cce_skipped_for(config, optimizer)
+    params = _param_rows(original, tm, config, e_out, protected, prefix, cce_off)
     before_params = {id(p): p for p in original.parameters()}
     after_params = {id(p): p for p in tm.parameters()}
     totals = {
@@ -121,7 +143,30 @@ def explain(model: nn.Module, example_inputs: Any, config: CosmicConfig | None =
     return Report(model_name=name, path=info.path, config=config, input_shapes=[_shape_of(x) for x in inputs],
                   sites=sites, params=params, e_out=e_out, graph_before=before_code, graph_after=after_code,
                   inserted_nodes=inserted_nodes, totals=totals, nodes=nodes, prefix=prefix,
+                  cce=cce_status(config, optimizer), cce_header=_cce_header(config, optimizer),
                   note=_note(model, tm, info, out, seen))
+
+
+def _known_optimizer(tm: nn.Module) -> torch.optim.Optimizer | None:
+    """The optimizer the model's runtime fuses or watches already, if any (the one that decides CCE)."""
+    from .runtime import runtime_of
+    from .runtime.optim_update import OptimizerUpdate
+
+    rt = runtime_of(tm)
+    if rt is None:
+        return None
+    if isinstance(rt.fused, OptimizerUpdate):
+        return rt.fused.optimizer
+    return next(iter(list(rt._watched.keys())), None)
+
+
+def _cce_header(config: CosmicConfig, optimizer: torch.optim.Optimizer | None) -> str:
+    """The CCE column's label: the mode, or that it is off for this optimizer / depends on it."""
+    if cce_skipped_for(config, optimizer):
+        return f"off for {type(optimizer).__name__}"
+    if optimizer is None and config.cce is not CCEMode.OFF and config.cce_skip_adaptive:
+        return f"{config.cce.value}; 1 under Adam/AdamW"
+    return config.cce.value
 
 
 def _note(model: nn.Module, tm: nn.Module, info, out: Any, seen: _OutputCSCSeen) -> str:
@@ -490,9 +535,11 @@ def _flops_of_modules(modules: list[nn.Module], shape: tuple[int, ...] | None) -
 
 
 def _param_rows(original: nn.Module, tm: nn.Module, config: CosmicConfig, e_out: float | None,
-                protected: list[torch.Tensor], prefix: PrefixView | None = None) -> list[ParamRow]:
+                protected: list[torch.Tensor], prefix: PrefixView | None = None,
+                cce_off: bool = False) -> list[ParamRow]:
     """What CDG and CCE would do to each parameter now: the runtime's decision functions
-    (:mod:`cosmic_fx.policy`) applied to this forward's readings, as a first step would apply them."""
+    (:mod:`cosmic_fx.policy`) applied to this forward's readings, as a first step would apply them
+    (``cce_off``: the optimizer turns CCE off, :func:`~cosmic_fx.runtime.cce.cce_skipped_for`)."""
     base = {id(p) for p in original.parameters()}
     named = [(n, p) for n, p in tm.named_parameters()]
     effs = {n: float(efficiency(p.detach(), 0, config.eps)) for n, p in named}
@@ -518,6 +565,6 @@ def _param_rows(original: nn.Module, tm: nn.Module, config: CosmicConfig, e_out:
         verdict.update({n: "output layer (never frozen)" for n in prefix.never})
     rows = []
     for n, p in named:
-        scale = policy.cce_multiplier(effs[n], mean_e, config) if n in hooked else 1.0
+        scale = policy.cce_multiplier(effs[n], mean_e, config) if n in hooked and not cce_off else 1.0
         rows.append(ParamRow(n, tuple(p.shape), effs[n], id(p) not in base, verdict.get(n, ""), scale))
     return rows

@@ -98,6 +98,9 @@ class Report:
             a model that does not trace, the module calls of one forward).
         inserted_nodes: names of the nodes the passes inserted into ``graph_after``.
         totals: sites found/rewritten, parameters and FLOPs before/after.
+        cce: whether CCE acts, for the optimizer given to :func:`explain` (or that it depends on
+            the optimizer: the fast preset turns it off under Adam/AdamW), and why
+            (:func:`cosmic_fx.runtime.cce.cce_status`).
         note: which path the transform took and why, when it is the module swap, and where output
             CSC does not act on the model's prediction itself (ops after the output layer, another
             layer run last, the output layer run several times); else ``""``.
@@ -117,6 +120,8 @@ class Report:
         self.totals: dict[str, int] = fields["totals"]
         self.note: str = fields.get("note", "")
         self.prefix: PrefixView | None = fields.get("prefix")
+        self.cce: str = fields.get("cce", "")
+        self._cce_header: str = fields.get("cce_header", self.config.cce.value)
         self._nodes: list[_Node] = fields["nodes"]
 
     # ------------------------------------------------------------------ derived views
@@ -228,7 +233,7 @@ class Report:
 
         rows = [(p.name + (" (new)" if p.added else ""), _shape(p.shape), f"{p.efficiency:+.4f}",
                  p.cdg or "-", f"{p.cce_scale:.3f}") for p in self.params]
-        headers = ["parameter", "shape", "E(p)", f"CDG ({self.config.cdg.value})", f"CCE x ({self.config.cce.value})"]
+        headers = ["parameter", "shape", "E(p)", f"CDG ({self.config.cdg.value})", f"CCE x ({self._cce_header})"]
         return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
 
     def _summary_lines(self) -> list[str]:
@@ -240,6 +245,8 @@ class Report:
             f"{t['params_before']:,} -> {t['params_after']:,} | FLOPs per forward: {t['flops_before']:,} -> "
             f"{t['flops_after']:,} (matmul/conv, torch.utils.flop_counter)",
         ]
+        if self.cce:
+            lines.append(self.cce)
         if self.note:
             lines.append(self.note)
         return lines
@@ -287,6 +294,7 @@ class Report:
             "sites": [_jsonable(dataclasses.asdict(s)) for s in self.sites],
             "parameters": [_jsonable(dataclasses.asdict(p)) for p in self.params],
             "e_out": self.e_out,
+            "cce": self.cce,
             "cdg_would_freeze": self.cdg_would_freeze,
             "prefix": None if self.prefix is None else dataclasses.asdict(self.prefix),
             "inserted_nodes": list(self.inserted_nodes),

@@ -230,6 +230,37 @@ def test_finetune_task_pretrains_on_code_and_tunes_on_held_out_prose():
     assert 0 < task.evaluate(model) < 7  # bits/char of a 98-symbol alphabet: log2(98) < 7
 
 
+def test_big_finetune_task_quick_form_pretrains_and_trains_in_seconds():
+    from cosmic_fx.bench.claims_train import train_run
+    from cosmic_fx.training import Arm
+
+    task = make_tasks(["docs-finetune-big"], quick=True)[0]
+    assert task.name == "docs-finetune-big" and task.tags == {"transformer", "fine-tune"}
+    assert task.prepare(0)["cached"] == "no" and task.prepare(0)["cached"] == "memory"  # once per seed
+    torch.manual_seed(0)
+    model = task.factory(0)
+    assert len(model.blocks) == 12 and model.tok.embedding_dim == 32
+    run = train_run(task, Arm("eager AdamW", None, "eager", "adamw", task.adamw_lr), seed=0)
+    assert [s for s, _ in run.curve] == [5, 10] and 0 < run.final < 7
+
+
+def test_big_finetune_task_full_form_and_its_place_in_the_task_lists():
+    from cosmic_fx.bench.claims import DEFAULT_TASKS
+    from cosmic_fx.bench.tasks import LONG_TASK_NAMES, TASK_NAMES
+    from cosmic_fx.bench.workloads import _BIG_LM, BIG_FINETUNE_STEPS
+    from cosmic_fx.models import TinyTransformerLM
+
+    assert "docs-finetune-big" in TASK_NAMES and "docs-finetune-big" in LONG_TASK_NAMES
+    assert "docs-finetune-big" not in DEFAULT_TASKS and "docs-finetune" in DEFAULT_TASKS
+    task = make_tasks(["docs-finetune-big"], quick=False)[0]  # builds the spec; pretrains nothing yet
+    assert task.steps == BIG_FINETUNE_STEPS and task.optimizer == "adamw"
+    big = TinyTransformerLM(**_BIG_LM)
+    assert len(big.blocks) == 12 and big.tok.embedding_dim == 256
+    assert sum(p.numel() for p in big.parameters()) == 9_544_290  # the figure the docstring states
+    x, y = next(iter(task.batches(0)))
+    assert x.shape == y.shape == (32, 64)
+
+
 def test_deep_lm_task_shape():
     task = make_tasks(["stdlib-lm-deep"], quick=True)[0]
     model = task.factory(0)

@@ -157,3 +157,26 @@ def test_a_graph_traced_under_no_grad_computes_no_e_out():
     train_graph, eval_graph = (r.graph_after for r in records)
     assert "output_sums" in train_graph and "output_sums" not in eval_graph
     assert isinstance(out, torch.Tensor) and out.shape == (4, 8)  # nothing stripped from the eval output
+
+
+def test_bench_compile_repeats_alternate_the_order_and_report_the_fastest(monkeypatch):
+    """Every arm is measured `repeats` times, the arms in alternating order (so drift hits them alike), after one
+    discarded priming process; each result is its fastest repeat, and every repeat's CPU seconds are kept."""
+    calls = []
+    cpu = iter([50.0, 9.0, 7.0, 8.0, 3.0, 2.0, 4.0, 6.0, 5.0])  # priming, then cold/warm per (arm, repeat)
+
+    def fake_child(model, arm, settings, cache, events):
+        calls.append((arm, events))
+        return {"cpu": next(cpu), "first_step": 1.0, "events": {}, "counters": {}}
+
+    monkeypatch.setattr(compile_time, "_child", fake_child)
+    out = compile_time.run(compile_time.Settings(models=("mlp",), arms=("torch", "cosmic"), repeats=2))
+    assert [a for a, _ in calls] == ["torch"] * 3 + ["cosmic"] * 4 + ["torch"] * 2
+    rows = {r["arm"]: r for r in out["results"]}
+    assert rows["torch"]["cold_cpu"] == [9.0, 6.0] and rows["torch"]["cold"]["cpu"] == 6.0
+    assert rows["torch"]["warm_cpu"] == [7.0, 5.0] and rows["torch"]["warm"]["cpu"] == 5.0
+    assert rows["cosmic"]["cold_cpu"] == [8.0, 2.0] and rows["cosmic"]["cold"]["cpu"] == 2.0
+    assert rows["cosmic"]["warm"]["cpu"] == 3.0
+    assert "| mlp | cosmic | 2.00 | 0.33x |" in compile_time.render(out)
+    with pytest.raises(ValueError, match="repeats must be >= 1; got 0"):
+        compile_time.run(compile_time.Settings(models=("mlp",), repeats=0))

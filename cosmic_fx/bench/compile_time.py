@@ -94,6 +94,7 @@ class Settings:
     threads: int = 1
     warm: bool = True
     breakdown: bool = False
+    repeats: int = 2
 
 
 def _first_site_weight(model: nn.Module) -> nn.Parameter:
@@ -123,11 +124,35 @@ def _graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def _kernels() -> int:
+    """Kernels Inductor generated in this process so far (0 under aot_eager): what its codegen and C++
+    compile scale with."""
+    from torch._inductor import metrics
+
+    return int(metrics.generated_kernel_count)
+
+
 def _timed_event(fn: Callable[[], None]) -> dict[str, float]:
     before, cpu = _graphs(), _cpu_seconds()
     start = time.perf_counter()
     fn()
     return {"seconds": time.perf_counter() - start, "cpu": _cpu_seconds() - cpu, "graphs": _graphs() - before}
+
+
+def _preload(lower: str) -> None:
+    """Import what either arm's first step imports lazily (dynamo's and Inductor's modules, cosmic's
+    backend), before the clock starts: an import is not compile time, and each arm would otherwise pay
+    for a different subset (measured: the torch arm's ``torch.compile`` call took 1.3 s against cosmic's
+    0.3 s, all of it imports)."""
+    import torch._dynamo  # noqa: F401
+    import torch._functorch.aot_autograd  # noqa: F401
+
+    if lower == "inductor":
+        import torch._inductor.codecache  # noqa: F401
+        import torch._inductor.compile_fx  # noqa: F401
+    import cosmic_fx.backend  # noqa: F401
+    import cosmic_fx.compiling  # noqa: F401
+    import cosmic_fx.transform  # noqa: F401
 
 
 def measure(model_name: str, arm: str, lower: str = "inductor", batch: int = 8, events: bool = True) -> dict[str, Any]:
@@ -156,6 +181,7 @@ def measure(model_name: str, arm: str, lower: str = "inductor", batch: int = 8, 
 
     build, inputs = MODELS[model_name]
     kind, overrides = ARMS[arm]
+    _preload(lower)
     torch.manual_seed(0)
     model = build()
     model.train()
@@ -179,6 +205,7 @@ def measure(model_name: str, arm: str, lower: str = "inductor", batch: int = 8, 
         "counters": {f"{g}.{k}": int(v) for g in ("inductor", "aot_autograd") for k, v in counters[g].items()
                      if "cache" in k},
         "captured": int(counters["stats"]["calls_captured"]), "graphs": _graphs(), "events": {},
+        "kernels": _kernels(),
     }
     if events:
         weight = _first_site_weight(target)
@@ -224,11 +251,14 @@ def run(settings: Settings, progress: Callable[[str], None] | None = None) -> di
     """Measure every model x arm of ``settings`` in fresh processes (see the module docstring).
 
     Args:
-        settings: models, arms, lowering, batch size, threads, and whether to run warm and breakdown.
+        settings: models, arms, lowering, batch size, threads, whether to run warm and breakdown, and
+            how many times to repeat every measurement (arms in alternating order; the fastest repeat
+            is reported, every repeat's CPU seconds listed).
         progress: called with a line before each process starts.
 
     Returns:
-        ``{"settings": ..., "results": [{"model", "arm", "cold", "warm"}...]}``; ``render`` makes tables.
+        ``{"settings": ..., "results": [{"model", "arm", "cold", "warm", "cold_cpu", "warm_cpu"}...]}``;
+        ``render`` makes tables.
 
     Example:
         >>> out = run(Settings(models=("mlp",), lower="aot_eager", warm=False))  # doctest: +SKIP
@@ -242,20 +272,47 @@ def run(settings: Settings, progress: Callable[[str], None] | None = None) -> di
     for arm in arms:
         if arm not in ARMS:
             raise ValueError(f"bench compile: unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+    if settings.repeats < 1:
+        raise ValueError(f"bench compile: repeats must be >= 1; got {settings.repeats}")
+    if settings.lower == "inductor":
+        # a discarded first process: it brings torch's libraries and headers into the page cache and
+        # builds nothing that a later arm reuses (its cache directory is thrown away). Without it the
+        # first arm measured paid 50% more CPU for the same graph (MLP: torch 23.9 s, fast 15.8 s).
+        if progress:
+            progress("priming (a discarded process)")
+        with tempfile.TemporaryDirectory(prefix="cosmic-compile-cache-") as cache:
+            _child(settings.models[0], "torch", settings, cache, events=False)
+    samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for rep in range(settings.repeats):
+        order = arms if rep % 2 == 0 else arms[::-1]  # alternate the order: drift hits every arm alike
+        for name in settings.models:
+            for arm in order:
+                with tempfile.TemporaryDirectory(prefix="cosmic-compile-cache-") as cache:
+                    tag = f" (repeat {rep + 1}/{settings.repeats})" if settings.repeats > 1 else ""
+                    if progress:
+                        progress(f"{name} / {arm}: cold{tag}")
+                    cold = _child(name, arm, settings, cache, events=arm in settings.arms)
+                    warm = None
+                    if settings.warm and arm in settings.arms:
+                        if progress:
+                            progress(f"{name} / {arm}: warm{tag}")
+                        warm = _child(name, arm, settings, cache, events=False)
+                samples.setdefault((name, arm), []).append({"cold": cold, "warm": warm})
     results = []
     for name in settings.models:
         for arm in arms:
-            with tempfile.TemporaryDirectory(prefix="cosmic-compile-cache-") as cache:
-                if progress:
-                    progress(f"{name} / {arm}: cold")
-                cold = _child(name, arm, settings, cache, events=arm in settings.arms)
-                warm = None
-                if settings.warm and arm in settings.arms:
-                    if progress:
-                        progress(f"{name} / {arm}: warm")
-                    warm = _child(name, arm, settings, cache, events=False)
-            results.append({"model": name, "arm": arm, "cold": cold, "warm": warm})
+            runs = samples[(name, arm)]
+            # the fastest repeat (timeit's rule: noise only ever adds time), the same rule for every arm
+            cold = min((r["cold"] for r in runs), key=lambda c: c["cpu"])
+            warms = [r["warm"] for r in runs if r["warm"] is not None]
+            warm = min(warms, key=lambda c: c["cpu"]) if warms else None
+            results.append({"model": name, "arm": arm, "cold": cold, "warm": warm,
+                            "cold_cpu": [r["cold"]["cpu"] for r in runs], "warm_cpu": [w["cpu"] for w in warms]})
     return {"settings": dataclasses.asdict(settings), "results": results}
+
+
+def _each(values: Sequence[float]) -> str:
+    return " / ".join(f"{v:.1f}" for v in values) or "n/a"
 
 
 def _ratio(a: float, b: float) -> str:
@@ -269,7 +326,7 @@ def render(out: dict[str, Any]) -> str:
     rows = {(r["model"], r["arm"]): r for r in out["results"]}
     arms = [a for a in settings["arms"] if a != "torch"]
     lines = ["| model | arm | cold CPU s | cold vs torch | warm CPU s | warm vs torch | wall s cold / warm "
-             "| warm cache hits (fx / aot) |", "|---|---|---|---|---|---|---|---|"]
+             "| warm cache hits (fx / aot) | CPU s of each repeat, cold; warm |", "|---" * 9 + "|"]
     for model in settings["models"]:
         base = rows.get((model, "torch"))
         for arm in settings["arms"]:
@@ -283,7 +340,9 @@ def render(out: dict[str, Any]) -> str:
             lines.append(
                 f"| {model} | {arm} | {cold:.2f} | {_ratio(cold, base['cold']['cpu']) if base else 'n/a'} | "
                 f"{f'{warm:.2f}' if warm is not None else 'n/a'} | "
-                f"{_ratio(warm, base['warm']['cpu']) if base and base['warm'] and warm else 'n/a'} | {walls} | {hits} |"
+                f"{_ratio(warm, base['warm']['cpu']) if base and base['warm'] and warm else 'n/a'} | "
+                f"{walls} | {hits} | "
+                f"{_each(r.get('cold_cpu', [cold]))}; {_each(r.get('warm_cpu', []))} |"
             )
     lines += ["", "| model | arm | " + " | ".join(f"{e}: CPU s (graphs)" for e in EVENTS) + " |",
               "|---|---|" + "---|" * len(EVENTS)]
@@ -307,17 +366,19 @@ def _render_breakdown(out: dict[str, Any], rows: dict, arms: Sequence[str]) -> s
         table = [("first step, CPU", lambda c: c["cpu"]), ("first step, wall", lambda c: c["first_step"]),
                  ("compile() call (transform)", lambda c: c["transform"]),
                  *[(label, lambda c, key=key: c["phases"].get(key, 0.0)) for label, key in PHASES],
-                 ("calls traced by dynamo", lambda c: c["captured"]), ("graphs", lambda c: c["graphs"])]
+                 ("calls traced by dynamo", lambda c: c["captured"]),
+                 ("kernels generated", lambda c: c.get("kernels", "n/a")), ("graphs", lambda c: c["graphs"])]
         for label, get in table:
             cells = [f"{get(colds[a]):.2f}" if isinstance(get(colds[a]), float) else str(get(colds[a])) for a in shown]
             lines.append(f"| {model} | {label} | " + " | ".join(cells) + " |")
-    lines += ["", "| model | ablation | cold CPU s | vs cosmic | calls traced |", "|---|---|---|---|---|"]
+    lines += ["", "| model | ablation | cold CPU s | vs cosmic | calls traced | kernels generated |",
+              "|---|---|---|---|---|---|"]
     for model in settings["models"]:
         full = rows.get((model, "cosmic"))
         for arm in ABLATIONS:
             r = rows[(model, arm)]["cold"]
             vs = _ratio(r["cpu"], full["cold"]["cpu"]) if full else "n/a"
-            lines.append(f"| {model} | {arm} | {r['cpu']:.2f} | {vs} | {r['captured']} |")
+            lines.append(f"| {model} | {arm} | {r['cpu']:.2f} | {vs} | {r['captured']} | {r.get('kernels', 'n/a')} |")
     return "\n".join(lines)
 
 

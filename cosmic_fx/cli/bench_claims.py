@@ -16,7 +16,7 @@ HELP = "measure the source text's four claims and issue 10's targets on six real
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``claims`` to the ``bench`` group."""
     from ..bench.arms import arm_names
-    from ..bench.tasks import TASK_NAMES
+    from ..bench.tasks import LONG_TASK_NAMES, TASK_NAMES
 
     p = subparsers.add_parser(
         NAME, help=HELP,
@@ -28,7 +28,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="smoke test: tiny budgets, eager lowering, no ablations, 2 seeds (about a minute)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3; 2 with --quick)")
-    p.add_argument("--tasks", default=None, help=f"comma list of {','.join(TASK_NAMES)} (default: all)")
+    p.add_argument("--tasks", default=None,
+                   help=f"comma list of {','.join(TASK_NAMES)} (default: all but {','.join(LONG_TASK_NAMES)}, "
+                        "about 20 min per arm: name it to run it)")
     # some arm names contain a comma ('cosmic fast, freeze more'): one name per --arm is unambiguous
     p.add_argument("--arm", dest="arm", action="append", default=None, metavar="NAME",
                    help="an arm to keep, once per arm (the torch.compile and same-optimizer eager baselines "

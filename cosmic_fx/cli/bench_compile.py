@@ -35,6 +35,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads in each process (default 1)")
     p.add_argument("--breakdown", action="store_true",
                    help="also: where the cold step's time went (dynamo's timers) and one run without each mechanism")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="measure every arm this many times, in alternating order, and report the fastest "
+                        "(default 2; --quick: 1)")
     p.add_argument("--json", default=None, help="also write the raw results to this file")
     return p
 
@@ -46,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads < 1:
         raise CLIError(f"--threads must be >= 1; got {args.threads}")
+    if args.repeats < 1:
+        raise CLIError(f"--repeats must be >= 1; got {args.repeats}")
     if args.batch < 1:
         raise CLIError(f"--batch must be >= 1; got {args.batch}")
     models = tuple(m.strip() for m in args.models.split(",")) if args.models else (
@@ -55,13 +60,15 @@ def run(args: argparse.Namespace) -> int:
     if "torch" not in arms:
         arms = ("torch", *arms)  # every ratio is against it
     settings = compile_time.Settings(models=models, arms=arms, lower=args.lower, batch=args.batch,
-                                     threads=args.threads, warm=not args.quick, breakdown=args.breakdown)
+                                     threads=args.threads, warm=not args.quick, breakdown=args.breakdown,
+                                     repeats=1 if args.quick else args.repeats)
     try:
         out = compile_time.run(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
     except (ValueError, RuntimeError) as err:
         raise CLIError(str(err)) from err
     print(f"# bench compile: lower={args.lower}, batch {args.batch}, {args.threads} thread(s), a fresh process "
-          "per measurement, a new cache directory per arm, one Inductor compile thread; times are seconds of the "
+          f"per measurement, a new cache directory per arm, one Inductor compile thread, the fastest of "
+          f"{settings.repeats} repeat(s) after a discarded priming process; times are seconds of the "
           "first forward + backward, compile included: CPU time of the process and its compiler children "
           "(robust on a shared machine), and wall time")
     print(compile_time.render(out))

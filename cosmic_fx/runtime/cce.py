@@ -26,7 +26,7 @@ import torch
 from .. import policy
 from ..config import CCEMode, CosmicConfig
 
-__all__ = ["CCEState", "scale_invariant_optimizer"]
+__all__ = ["CCEState", "cce_skipped_for", "cce_status", "scale_invariant_optimizer"]
 
 
 def scale_invariant_optimizer(optimizer: torch.optim.Optimizer) -> bool:
@@ -49,6 +49,55 @@ def scale_invariant_optimizer(optimizer: torch.optim.Optimizer) -> bool:
     if not isinstance(optimizer, torch.optim.Adam):
         return False
     return all(not g.get("weight_decay", 0) or g.get("decoupled_weight_decay", False) for g in optimizer.param_groups)
+
+
+def cce_skipped_for(config: CosmicConfig, optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether ``config``'s CCE is turned off for a run stepped by ``optimizer``: CCE is on in the
+    config, ``cce_skip_adaptive`` is set (the fast preset) and :func:`scale_invariant_optimizer` holds.
+    The one decision, used by the runtime when it watches an optimizer, by
+    :func:`cosmic_fx.fused_optimizer` when it fuses one, and by :func:`cosmic_fx.explain`.
+
+    Args:
+        config: the model's :class:`~cosmic_fx.CosmicConfig`.
+        optimizer: the ``torch.optim`` optimizer that steps the model (``None``: not known; ``False``).
+
+    Example:
+        >>> w = torch.zeros(2, requires_grad=True)
+        >>> adamw = torch.optim.AdamW([w])
+        >>> cce_skipped_for(CosmicConfig.fast(), adamw), cce_skipped_for(CosmicConfig(), adamw)
+        (True, False)
+    """
+    if optimizer is None or config.cce is CCEMode.OFF or not config.cce_skip_adaptive:
+        return False
+    return scale_invariant_optimizer(optimizer)
+
+
+def cce_status(config: CosmicConfig, optimizer: torch.optim.Optimizer | None = None) -> str:
+    """One line on whether CCE acts, for reports: on, off, off for ``optimizer`` (and why), or, with
+    ``cce_skip_adaptive`` and no optimizer known yet, that it depends on the optimizer.
+
+    Example:
+        >>> cce_status(CosmicConfig.fast()).startswith("CCE (relative): depends on the optimizer: off under Adam")
+        True
+        >>> w = torch.zeros(2, requires_grad=True)
+        >>> cce_status(CosmicConfig.fast(), torch.optim.SGD([w], lr=0.1))
+        'CCE (relative): on under SGD'
+    """
+    mode = config.cce.value
+    if config.cce is CCEMode.OFF:
+        return "CCE: off (cce='off')"
+    if optimizer is None:
+        if config.cce_skip_adaptive:
+            return (f"CCE ({mode}): depends on the optimizer: off under Adam/AdamW, which divide each parameter's "
+                    "gradient by its own running RMS, so CCE's per-parameter multiplier would be normalised away "
+                    "(cce_skip_adaptive=True); on under SGD or Adam with coupled weight decay")
+        return f"CCE ({mode}): on"
+    name = type(optimizer).__name__
+    if cce_skipped_for(config, optimizer):
+        return (f"CCE ({mode}): off for this {name}: it divides each parameter's gradient by its own running RMS, "
+                "so CCE's per-parameter multiplier would be normalised away (cce_skip_adaptive=True; set it False "
+                "to keep CCE)")
+    return f"CCE ({mode}): on under {name}"
 
 
 class CCEState:

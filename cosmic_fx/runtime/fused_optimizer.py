@@ -50,7 +50,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..checks import check_module
-from ..config import CCEFused, CCEMode, CDGMode, CosmicConfig, PrefixSignal
+from ..config import CCEFused, CDGMode, CosmicConfig, PrefixSignal
 from .fused import FusedUpdate
 from .optim_update import OptimizerUpdate, check_optimizer
 
@@ -178,6 +178,9 @@ class FusedOptimizer:
         if isinstance(rt.fused, OptimizerUpdate) and rt.fused.optimizer is self.optimizer:
             rt.fused.close()
             rt.fused = FusedUpdate(rt.config, len(rt.names))
+            rt._cce_skipped = False  # decided again by the optimizers the runtime watches from now on
+            for opt in list(rt._watched.keys()):
+                rt._note_optimizer_kind(opt)
 
     def __repr__(self) -> str:
         rt = self._runtime()
@@ -307,6 +310,7 @@ def _fuse(model: nn.Module, rt, optimizer: torch.optim.Optimizer) -> FusedOptimi
         )
     group_of = _groups_of(rt, _unwrap(model), optimizer)
     rt.fused = OptimizerUpdate(optimizer, group_of)
+    rt._note_optimizer_kind(optimizer)  # CCE off under Adam/AdamW with cce_skip_adaptive, as when it is watched
     rt.fused.hook_step(functools.partial(_step_pre_hook, weakref.ref(rt)))
     if rt.mode is not None:
         rt.activate(rt.mode)  # the hooks now update (a config without CDG/CCE had attached none)
@@ -416,7 +420,7 @@ def traced_backward(rt, loss: torch.Tensor, **backward_kwargs: Any) -> None:
     if not update.ready_for_trace(reached, params):
         _first_backward(rt, loss, **backward_kwargs)
         return
-    update.allocate(params, with_scale=rt.config.cce is not CCEMode.OFF)
+    update.allocate(params, with_scale=rt._cce_on)
     for i in sorted(reached):
         p = params[i]
         if p is not None and p.requires_grad:

@@ -167,12 +167,11 @@ class StepMixin:
         self._sync_hooks()  # the step pre-hook does the work now: the per-parameter hooks go
 
     def _note_optimizer_kind(self, optimizer: torch.optim.Optimizer) -> None:
-        from .cce import scale_invariant_optimizer
+        from .cce import cce_skipped_for
 
-        cfg = self.config
-        if self._cce_skipped or not cfg.cce_skip_adaptive or cfg.cce is CCEMode.OFF:
+        if self._cce_skipped:
             return
-        if scale_invariant_optimizer(optimizer):
+        if cce_skipped_for(self.config, optimizer):
             self._cce_skipped = True
             log.info(
                 "cosmic_fx: CCE is off for this model from step %d: its optimizer is %s, which divides each "
