@@ -28,7 +28,7 @@ def test_options_round_trip():
     ({"bogus": 1}, r"unknown cosmic option\(s\) \['bogus'\]; valid keys: config, preset, cce, "),
     ({"preset": "turbo"}, r"unknown cosmic preset 'turbo'; valid presets: default, fast, seed, off"),
     ({"cdg": "suffix"}, r"CosmicConfig.cdg must be one of 'off', 'seed', 'calibrated', 'prefix'; got 'suffix'"),
-    ({"cdg_prefix_signal": "loss"}, r"CosmicConfig.cdg_prefix_signal must be one of 'grad', 'efficiency'; got 'loss'"),
+    ({"cdg_prefix_signal": "loss"}, r"CosmicConfig.cdg_prefix_signal must be one of 'grad', 'efficiency', 'drift'; got 'loss'"),
     ({"cdg_prefix_window": 0}, r"CosmicConfig.cdg_prefix_window must be an int >= 1; got 0"),
     ({"cdg_prefix_threshold": 0}, r"CosmicConfig.cdg_prefix_threshold must be > 0"),
     ({"cdg_prefix_threshold": -0.1}, r"CosmicConfig.cdg_prefix_threshold must be finite and in \[0.0, inf\]; got -0.1"),
