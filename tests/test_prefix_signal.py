@@ -112,7 +112,8 @@ def test_drift_reads_no_gradient_and_measures_no_efficiency():
 
 
 def test_a_bad_signal_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match=r"cdg_prefix_signal must be one of 'grad', 'efficiency', 'drift'; got 'drfit'"):
+    with pytest.raises(ValueError,
+                       match=r"cdg_prefix_signal must be one of 'grad', 'efficiency', 'drift'; got 'drfit'"):
         CosmicConfig(cdg="prefix", cdg_prefix_signal="drfit")
     assert CosmicConfig(cdg_prefix_signal="drift").cdg_prefix_signal is cosmic_fx.PrefixSignal.DRIFT
 

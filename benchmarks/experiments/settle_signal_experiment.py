@@ -180,6 +180,7 @@ def main() -> None:
                       f"{r['time']:.1f} |", flush=True)
                 if r["drifts"]:
                     notes.append(f"{task.name} seed {seed} {arm}: drift block@step:value " + " ".join(r["drifts"]))
+                    print(f"<!-- {notes[-1]} -->", flush=True)
     print()
     for line in notes:
         print(line)
