@@ -31,6 +31,7 @@ __all__ = [
     "next_low_count",
     "output_layer",
     "output_site",
+    "prefix_cap",
     "prefix_decision",
     "prefix_units",
     "settle_change",
@@ -302,6 +303,16 @@ def settle_change(readings: Sequence[float], window: int) -> float | None:
     return abs(now - before) / abs(before)
 
 
+def prefix_cap(n_units: int, config: CosmicConfig) -> int:
+    """How many of ``n_units`` freezable blocks prefix CDG may freeze: ``floor(cdg_prefix_max * n_units)``.
+
+    Example:
+        >>> prefix_cap(6, CosmicConfig(cdg_prefix_max=0.34))
+        2
+    """
+    return min(n_units, math.floor(config.cdg_prefix_max * n_units))
+
+
 def drift_change(readings: Sequence[float], need: int = 2) -> float | None:
     """How much a block's weights still move, from its drift readings (``cdg_prefix_signal="drift"``,
     each ``||w_t - w_{t-W}|| / ||w_t||`` over one window): the largest of the last ``need`` readings, so
@@ -346,7 +357,7 @@ def prefix_decision(n_frozen: int, changes: Sequence[float | None], n_units: int
         >>> prefix_decision(2, [0.01], 4, 1, 300, cfg)[0]
         3
     """
-    cap = min(n_units, math.floor(config.cdg_prefix_max * n_units))
+    cap = prefix_cap(n_units, config)
     tau = config.cdg_prefix_threshold
     if n_units == 0:
         return n_frozen, "no freezable block (every block holds or follows the output layer)"

@@ -131,3 +131,11 @@ def test_drift_readings_and_the_qci_exclusion_survive_a_checkpoint():
     # the snapshot is taken again after the load: the next reading comes one window later
     train(b, 4, lambda n: 1e-2)
     assert len(rb.prefix.history[0]) == 3
+
+
+def test_once_the_cap_is_reached_drift_keeps_no_copy_and_reads_nothing():
+    tm, rt = runtime(drift_cfg(qci=False, cdg_prefix_max=0.34))  # 3 freezable blocks: a cap of 1
+    train(tm, 12, lambda n: 0.0 if n.startswith(("0.", "2.")) else 1e-2)
+    assert rt.prefix.length == 1, rt.prefix.reason
+    train(tm, 8, lambda n: 0.0)
+    assert rt.prefix.length == 1 and rt.prefix._snap is None and all(h == [] for h in rt.prefix.history)

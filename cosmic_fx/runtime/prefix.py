@@ -267,7 +267,7 @@ class PrefixState:
                 for u, v in zip(sorted(acc), values):
                     self._append(u, v, 2 * window)
         elif config.cdg_prefix_signal is PrefixSignal.DRIFT:
-            self._read_drift(step, params, window)
+            self._read_drift(step, params, config)
         elif step % config.efficiency_every == 0:
             window = max(1, window // config.efficiency_every)
             for u in range(self.length, len(self.units)):
@@ -301,11 +301,14 @@ class PrefixState:
         params = [int(i) for i in self.units[u].params]
         return [i for i in params if i not in self._cosmic] or params
 
-    def _read_drift(self, step: int, params: Sequence[torch.Tensor | None], window: int) -> None:
-        """Every ``window`` steps: the next block's ``||w - w_snapshot|| / ||w||``, then a new snapshot."""
+    def _read_drift(self, step: int, params: Sequence[torch.Tensor | None], config: CosmicConfig) -> None:
+        """Every window: the next block's ``||w - w_snapshot|| / ||w||``, then a new snapshot (only
+        while a block may still freeze)."""
+        window = config.cdg_prefix_window
         u = self.length
-        if u >= len(self.units) or not params:
-            self._snap = None
+        if (u >= policy.prefix_cap(len(self.units), config) or self.events >= config.cdg_max_sets
+                or not params):
+            self._snap = None  # nothing more may freeze: no copy, no reading
             return
         ws = [params[i].detach() for i in self.drift_params(u) if params[i] is not None]
         snap = self._snap
