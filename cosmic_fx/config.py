@@ -389,7 +389,11 @@ class CosmicConfig:
           then cost no backward at all (no weight or input gradients, no saved activations); a
           25-step window (a decision is possible from step 50) and at most a third of the blocks
           (``cdg_prefix_max=0.34``): freezing more, or sooner, lost accuracy when fine-tuning
-          (benchmarks/experiments/fast_window_experiment.py, docs/guide/presets.md).
+          (benchmarks/experiments/fast_window_experiment.py, docs/guide/presets.md). The settle signal
+          stays the gradient norm's change: the weight drift (``cdg_prefix_signal="drift"``, 0.02)
+          froze nothing on a deep digits MLP from scratch where ``"grad"`` froze a block and lost 1.1
+          points, but on mnist-transfer both froze ``conv1`` and lost 3-3.6 points (one seed,
+          benchmarks/experiments/settle_signal_experiment.py; docs/guide/presets.md, "Settle signal").
         * CCE ``"relative"`` as the default preset (frozen blocks no longer pay for it), off under
           Adam/AdamW (``cce_skip_adaptive=True``): they normalise a per-parameter gradient multiplier
           away (benchmarks/experiments/cce_adamw_experiment.py), so it would only cost work.
