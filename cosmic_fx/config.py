@@ -392,7 +392,9 @@ class CosmicConfig:
           (benchmarks/experiments/fast_window_experiment.py, docs/guide/presets.md). The settle signal
           stays the gradient norm's change: the weight drift (``cdg_prefix_signal="drift"``, 0.02)
           froze nothing on a deep digits MLP from scratch where ``"grad"`` froze a block and lost 1.1
-          points, but on mnist-transfer both froze ``conv1`` and lost 3-3.6 points (one seed,
+          points, and cost nothing on stdlib-lm-deep (-0.01 bits/char), but froze one block where
+          ``"grad"`` froze two on docs-finetune, and on mnist-transfer both froze ``conv1`` and lost
+          3-3.6 points (one seed, aot_eager,
           benchmarks/experiments/settle_signal_experiment.py; docs/guide/presets.md, "Settle signal").
         * CCE ``"relative"`` as the default preset (frozen blocks no longer pay for it), off under
           Adam/AdamW (``cce_skip_adaptive=True``): they normalise a per-parameter gradient multiplier

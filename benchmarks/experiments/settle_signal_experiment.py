@@ -144,9 +144,9 @@ def run(task: Task, arm: str, seed: int) -> dict:
         p = rt.prefix
         if p.length < len(p.units) and len(p.history[p.length]) and arm.startswith("drift"):
             h = p.history[p.length]
-            if len(h) != seen or p.length != length:
+            if p._snap_step != seen or p.length != length:  # a new reading (the history keeps 4)
                 drifts.append(f"{p.length}@{step}:{h[-1]:.3f}")
-                seen = len(h)
+                seen = p._snap_step
         if p.length != length:
             events += [f"{p.units[u].name}@{step}" for u in range(length, p.length)]
             length, seen = p.length, 0
