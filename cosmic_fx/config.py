@@ -84,6 +84,7 @@ class PrefixSignal(_Choice):
 
     GRAD = "grad"  # the block's gradient norm, read every step
     EFFICIENCY = "efficiency"  # the block's E(p) (numel-weighted), read every `efficiency_every` steps
+    DRIFT = "drift"  # the next block's weight drift ||w_t - w_{t-W}|| / ||w_t||, read every window (W) steps
 
 
 class CCEMode(_Choice):
@@ -163,13 +164,17 @@ class CosmicConfig:
             CDG never does, whatever this says.
         cdg_prefix_signal: what prefix CDG reads per block (the parameters of one block in forward
             order, see :func:`cosmic_fx.policy.prefix_units`): ``"grad"`` (the block's gradient norm,
-            every step) or ``"efficiency"`` (its numel-weighted ``E(p)``, every ``efficiency_every``
-            steps).
+            every step), ``"efficiency"`` (its numel-weighted ``E(p)``, every ``efficiency_every``
+            steps) or ``"drift"`` (the weight drift ``||w_t - w_{t-W}|| / ||w_t||`` of the next block
+            to freeze, its own weights only — not its QCI's —, read every ``W = cdg_prefix_window``
+            steps with one ``torch._foreach_norm``; it keeps one snapshot of that block's weights:
+            memory = the size of one block).
         cdg_prefix_window: prefix CDG compares the mean signal of the last this many steps with the
             mean of the window before; a block can freeze once both windows are full, and at most one
             freeze event happens per window.
         cdg_prefix_threshold: the next block freezes when that relative change
-            ``|now - before| / |before|`` is below this (> 0).
+            ``|now - before| / |before|`` is below this (> 0); with ``"drift"``, when the block's
+            drift was below this in each of the last two windows.
         cdg_prefix_max: prefix CDG freezes at most this fraction (in (0, 1]) of the freezable blocks
             (those before the output layer), rounded down. Freeze events are at most ``cdg_max_sets``
             (each one recompiles under ``torch.compile``).
@@ -384,7 +389,13 @@ class CosmicConfig:
           then cost no backward at all (no weight or input gradients, no saved activations); a
           25-step window (a decision is possible from step 50) and at most a third of the blocks
           (``cdg_prefix_max=0.34``): freezing more, or sooner, lost accuracy when fine-tuning
-          (benchmarks/experiments/fast_window_experiment.py, docs/guide/presets.md).
+          (benchmarks/experiments/fast_window_experiment.py, docs/guide/presets.md). The settle signal
+          stays the gradient norm's change: the weight drift (``cdg_prefix_signal="drift"``, 0.02)
+          froze nothing on a deep digits MLP from scratch where ``"grad"`` froze a block and lost 1.1
+          points, and cost nothing on stdlib-lm-deep (-0.01 bits/char), but froze one block where
+          ``"grad"`` froze two on docs-finetune, and on mnist-transfer both froze ``conv1`` and lost
+          3-3.6 points (one seed, aot_eager,
+          benchmarks/experiments/settle_signal_experiment.py; docs/guide/presets.md, "Settle signal").
         * CCE ``"relative"`` as the default preset (frozen blocks no longer pay for it), off under
           Adam/AdamW (``cce_skip_adaptive=True``): they normalise a per-parameter gradient multiplier
           away (benchmarks/experiments/cce_adamw_experiment.py), so it would only cost work.

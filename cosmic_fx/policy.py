@@ -25,11 +25,13 @@ __all__ = [
     "cce_multiplier",
     "cdg_seed_skips",
     "choose_frozen_set",
+    "drift_change",
     "is_low",
     "mean_efficiency",
     "next_low_count",
     "output_layer",
     "output_site",
+    "prefix_cap",
     "prefix_decision",
     "prefix_units",
     "settle_change",
@@ -301,12 +303,42 @@ def settle_change(readings: Sequence[float], window: int) -> float | None:
     return abs(now - before) / abs(before)
 
 
+def prefix_cap(n_units: int, config: CosmicConfig) -> int:
+    """How many of ``n_units`` freezable blocks prefix CDG may freeze: ``floor(cdg_prefix_max * n_units)``.
+
+    Example:
+        >>> prefix_cap(6, CosmicConfig(cdg_prefix_max=0.34))
+        2
+    """
+    return min(n_units, math.floor(config.cdg_prefix_max * n_units))
+
+
+def drift_change(readings: Sequence[float], need: int = 2) -> float | None:
+    """How much a block's weights still move, from its drift readings (``cdg_prefix_signal="drift"``,
+    each ``||w_t - w_{t-W}|| / ||w_t||`` over one window): the largest of the last ``need`` readings, so
+    that the block freezes only once it moved little in each of them.
+
+    ``None`` (undecided) before ``need`` readings or when one of them is not finite.
+
+    Example:
+        >>> drift_change([0.3, 0.004, 0.006]), drift_change([0.004])
+        (0.006, None)
+    """
+    if need < 1 or len(readings) < need:
+        return None
+    recent = readings[len(readings) - need:]
+    if not all(_finite(v) for v in recent):
+        return None
+    return max(recent)
+
+
 def prefix_decision(n_frozen: int, changes: Sequence[float | None], n_units: int, events: int,
                     since_event: int | None, config: CosmicConfig) -> tuple[int, str]:
     """Prefix CDG's decision: the new length of the frozen prefix (never shorter) and why.
 
-    The next blocks freeze, in order, while each one's :func:`settle_change` is below
-    ``cdg_prefix_threshold``; at most ``floor(cdg_prefix_max * n_units)`` blocks in all, at most
+    The next blocks freeze, in order, while each one's change (:func:`settle_change` of its
+    gradient-norm or efficiency readings, or :func:`drift_change` of its weight-drift readings) is
+    below ``cdg_prefix_threshold``; at most ``floor(cdg_prefix_max * n_units)`` blocks in all, at most
     ``cdg_max_sets`` freeze events (each one recompiles under ``torch.compile``), and at most one
     event per ``cdg_prefix_window`` steps.
 
@@ -325,7 +357,7 @@ def prefix_decision(n_frozen: int, changes: Sequence[float | None], n_units: int
         >>> prefix_decision(2, [0.01], 4, 1, 300, cfg)[0]
         3
     """
-    cap = min(n_units, math.floor(config.cdg_prefix_max * n_units))
+    cap = prefix_cap(n_units, config)
     tau = config.cdg_prefix_threshold
     if n_units == 0:
         return n_frozen, "no freezable block (every block holds or follows the output layer)"

@@ -5,8 +5,21 @@ The model's trainable parameters are grouped into blocks in forward order
 traced graph, the compiled graph or the first eager forward gives). Each step the runtime reads a
 settle signal for every block that still trains — its gradient norm (``cdg_prefix_signal="grad"``,
 read in the gradient hooks) or its numel-weighted ``E(p)`` (``"efficiency"``, from the readings every
-``efficiency_every`` steps) — and :func:`cosmic_fx.policy.prefix_decision` says whether the next
-blocks have settled. A frozen block gets ``requires_grad_(False)`` on every parameter and its gradient
+``efficiency_every`` steps) — or, with ``"drift"``, reads the weight drift of the next block to freeze
+every ``cdg_prefix_window`` steps, and :func:`cosmic_fx.policy.prefix_decision` says whether the next
+blocks have settled.
+
+**Drift** (``"drift"``): at the end of a step (before the optimizer updates) the state keeps a copy
+of the next candidate block's weights; ``W = cdg_prefix_window`` steps later it reads
+``||w_t - w_{t-W}|| / ||w_t||`` over that block (one ``torch._foreach_sub`` and one
+``torch._foreach_norm``, one host sync per window) and takes a new copy. Memory: one copy of one
+block (plus a same-sized temporary during the reading); nothing is read on the other steps, and no
+gradient is touched. A QCI's (or CSC's) parameters in the block are left out of its drift: they start
+at the identity and move by design, so they neither keep a block from freezing nor count as the
+block learning; they freeze with it. A checkpoint keeps the drift readings; the copy is taken again
+after a resume (one window later the readings go on).
+
+A frozen block gets ``requires_grad_(False)`` on every parameter and its gradient
 dropped; since the prefix starts at the input (embeddings, stem), nothing before the first trainable
 block requires grad, so autograd records nothing for the prefix: no weight gradients, no input
 gradients, no saved activations, in eager mode and in the graphs AOTAutograd compiles (one recompile
@@ -124,6 +137,10 @@ class PrefixState:
         self._traced_units: list[int] = []
         self._batch_units: tuple[int, ...] = ()  # note_grads' last block-per-gradient list, and its tensor
         self._batch_index: torch.Tensor | None = None
+        self._cosmic: frozenset[int] = frozenset()  # cosmic's own parameters (QCI, CSC): not in the drift
+        self._snap: list[torch.Tensor] | None = None  # drift: the candidate block's weights W steps ago
+        self._snap_unit: int | None = None
+        self._snap_step = 0
 
     # ------------------------------------------------------------------ blocks
     def build(self, model: nn.Module, order: Sequence[int], index: dict[str, int], protected: set[int],
@@ -143,13 +160,17 @@ class PrefixState:
             if block_of.get(i) is None:
                 block_of[i] = blocks.get(name)
         units = policy.prefix_units(order, block_of, with_site, protected)
-        self.set_units(units, [p.numel() if p is not None else 0 for p in params])
+        own = {i for name, i in index.items() if name in blocks and blocks[name] is None}
+        self.set_units(units, [p.numel() if p is not None else 0 for p in params], own)
 
-    def set_units(self, units: list[policy.PrefixUnit], numel: Sequence[int]) -> None:
+    def set_units(self, units: list[policy.PrefixUnit], numel: Sequence[int], cosmic: Sequence[int] = ()) -> None:
+        """Set the blocks (``cosmic``: the indices of cosmic's own parameters, left out of the drift)."""
         self.units = list(units)
         self.known = True
         self.history = [[] for _ in self.units]
         self._numel = list(numel)
+        self._cosmic = frozenset(int(i) for i in cosmic)
+        self._snap = None
         self._index()
         if not self.units:
             self.reason = "no freezable block: the first block that has a site holds the output layer (or tied weights)"
@@ -226,13 +247,15 @@ class PrefixState:
             self._acc[u] = self._acc_traced[u].clone()
         self._traced_units = []
 
-    def end_of_step(self, step: int, efficiencies: Sequence[float], config: CosmicConfig) -> int:
+    def end_of_step(self, step: int, efficiencies: Sequence[float], config: CosmicConfig,
+                    params: Sequence[torch.Tensor | None] = ()) -> int:
         """Record this step's readings and decide; returns the wanted prefix length.
 
         Args:
             step: the 0-based index of the step that just ended.
             efficiencies: the latest ``E(p)`` per parameter (the runtime's readings).
             config: the run's config.
+            params: the parameters by index (the drift signal reads them).
         """
         acc, self._acc = self._acc, {}
         if not self.known:
@@ -243,11 +266,13 @@ class PrefixState:
                 values = torch.stack([acc[u] for u in sorted(acc)]).sqrt().tolist()  # one sync per step
                 for u, v in zip(sorted(acc), values):
                     self._append(u, v, 2 * window)
+        elif config.cdg_prefix_signal is PrefixSignal.DRIFT:
+            self._read_drift(step, params, config)
         elif step % config.efficiency_every == 0:
             window = max(1, window // config.efficiency_every)
             for u in range(self.length, len(self.units)):
                 self._append(u, self._unit_efficiency(u, efficiencies), 2 * window)
-        changes = [policy.settle_change(self.history[u], window) for u in range(self.length, len(self.units))]
+        changes = self._changes(config, window)
         since = None if self.last_event is None else step - self.last_event
         wanted, self.reason = policy.prefix_decision(self.length, changes, len(self.units), self.events, since, config)
         return wanted
@@ -260,9 +285,49 @@ class PrefixState:
         window = config.cdg_prefix_window
         if config.cdg_prefix_signal is PrefixSignal.EFFICIENCY:
             window = max(1, window // config.efficiency_every)
-        changes = [policy.settle_change(self.history[u], window) for u in range(self.length, len(self.units))]
+        changes = self._changes(config, window)
         since = None if self.last_event is None else step - self.last_event
         return policy.prefix_decision(self.length, changes, len(self.units), self.events, since, config)
+
+    def _changes(self, config: CosmicConfig, window: int) -> list[float | None]:
+        todo = range(self.length, len(self.units))
+        if config.cdg_prefix_signal is PrefixSignal.DRIFT:
+            return [policy.drift_change(self.history[u]) for u in todo]
+        return [policy.settle_change(self.history[u], window) for u in todo]
+
+    def drift_params(self, u: int) -> list[int]:
+        """The parameters whose drift is block ``u``'s: its own, without cosmic's (QCI, CSC); all of
+        them for a block that holds only cosmic's."""
+        params = [int(i) for i in self.units[u].params]
+        return [i for i in params if i not in self._cosmic] or params
+
+    def _read_drift(self, step: int, params: Sequence[torch.Tensor | None], config: CosmicConfig) -> None:
+        """Every window: the next block's ``||w - w_snapshot|| / ||w||``, then a new snapshot (only
+        while a block may still freeze)."""
+        window = config.cdg_prefix_window
+        u = self.length
+        if (u >= policy.prefix_cap(len(self.units), config) or self.events >= config.cdg_max_sets
+                or not params):
+            self._snap = None  # nothing more may freeze: no copy, no reading
+            return
+        ws = [params[i].detach() for i in self.drift_params(u) if params[i] is not None]
+        snap = self._snap
+        if (snap is None or self._snap_unit != u or len(snap) != len(ws)
+                or any(a.shape != b.shape or a.device != b.device for a, b in zip(snap, ws))):
+            self._snap = [w.clone() for w in ws]
+            self._snap_unit, self._snap_step = u, step
+            return
+        if step - self._snap_step < window:
+            return
+        n = len(ws)
+        norms = torch._foreach_norm([*torch._foreach_sub(ws, snap), *ws], 2, dtype=torch.float32)
+        if any(t.device != norms[0].device for t in norms):
+            norms = [t.cpu() for t in norms]
+        sq = torch.stack(norms).square()
+        value = (sq[:n].sum() / sq[n:].sum()).sqrt().item()  # one host sync per window
+        torch._foreach_copy_(snap, ws)
+        self._snap_step = step
+        self._append(u, value if math.isfinite(value) else math.nan, 4)
 
     def _append(self, u: int, value: float, keep: int) -> None:
         h = self.history[u]
@@ -285,13 +350,15 @@ class PrefixState:
         self.length = length
         self.last_event = step
         self.events += 1
+        self._snap = None  # the drift of the next candidate starts from a new snapshot
         for h in self.history:  # readings taken while earlier blocks trained describe another regime
             h.clear()
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, torch.Tensor]:
         units = [[u.name, [int(i) for i in u.params]] for u in self.units] if self.known else None
-        blob = json.dumps({"units": units, "numel": self._numel, "events": self.events}).encode("utf-8")
+        blob = json.dumps({"units": units, "numel": self._numel, "events": self.events,
+                           "cosmic": sorted(self._cosmic)}).encode("utf-8")
         return {
             "prefix.units": torch.tensor(list(blob), dtype=torch.uint8),
             "prefix.length": torch.tensor(self.length, dtype=torch.int64),
@@ -308,6 +375,7 @@ class PrefixState:
             self.units = [policy.PrefixUnit(name, tuple(params)) for name, params in blob["units"]]
             self.known = True
             self._numel = list(blob["numel"])
+            self._cosmic = frozenset(int(i) for i in blob.get("cosmic", ()))
             self._index()
         self.events = int(blob["events"])
         self.length = int(state["prefix.length"])
@@ -321,3 +389,4 @@ class PrefixState:
         last = int(state["prefix.last_event"])
         self.last_event = None if last < 0 else last
         self._acc = {}
+        self._snap = None  # drift: the snapshot is taken again (the readings go on one window later)

@@ -353,7 +353,7 @@ class StepMixin:
         if cfg.cdg is CDGMode.PREFIX:
             if cfg.cdg_prefix_signal is PrefixSignal.GRAD:
                 self.prefix.note_grad(i, p.grad)
-            if not cce_on and cfg.cdg_prefix_signal is PrefixSignal.GRAD:
+            if not cce_on and cfg.cdg_prefix_signal in (PrefixSignal.GRAD, PrefixSignal.DRIFT):
                 return True  # nothing reads E(p): do not measure it (a fused update still applies)
         r = self.readings
         fresh = r.due(i, self.steps)
@@ -456,7 +456,8 @@ class StepMixin:
         cfg = self.config
         if cfg.cdg is CDGMode.SEED:
             return True
-        if cfg.cdg is CDGMode.PREFIX and cfg.cdg_prefix_signal is PrefixSignal.GRAD and not self._cce_on:
+        if (cfg.cdg is CDGMode.PREFIX and cfg.cdg_prefix_signal in (PrefixSignal.GRAD, PrefixSignal.DRIFT)
+                and not self._cce_on):
             return False  # nothing reads E(p)
         return self.readings.any_due(todo, self.steps)
 
@@ -510,7 +511,7 @@ class StepMixin:
                 if self._distributed().active:  # rank 0 decides for every rank
                     wanted = self._distributed().broadcast_set(wanted, len(names), self._device())
         elif self.config.cdg is CDGMode.PREFIX:
-            length = self.prefix.end_of_step(step, self.readings.value, self.config)
+            length = self.prefix.end_of_step(step, self.readings.value, self.config, self._params())
             if length != self.prefix.length or self._distributed().active:
                 wanted = frozenset(i for u in self.prefix.units[:length] for i in u.params)
                 if self._distributed().active:  # rank 0 decides for every rank

@@ -1,0 +1,141 @@
+"""The weight-drift settle signal of prefix CDG (``cdg_prefix_signal="drift"``): the reading against a
+hand computation, a still block freezes and a moving one does not, a block's QCI parameters are left
+out of its drift, bad values are refused, and the readings are kept in checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import cosmic_fx
+from cosmic_fx import CosmicConfig, policy
+from cosmic_fx.runtime.prefix import PrefixState
+
+X = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+Y = torch.randint(0, 4, (16,), generator=torch.Generator().manual_seed(1))
+
+
+def drift_cfg(**kw) -> CosmicConfig:
+    return CosmicConfig.fast(**{"cdg_prefix_signal": "drift", "cdg_prefix_window": 3, "cdg_prefix_threshold": 1e-3,
+                                "cdg_prefix_max": 0.75, "lower": "aot_eager", **kw})
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                         nn.Linear(16, 4))
+
+
+def train(tm: nn.Module, steps: int, lr_of) -> None:
+    """AdamW with a learning rate per parameter name (``lr_of(name)``)."""
+    groups = [{"params": [p], "lr": lr_of(n)} for n, p in tm.named_parameters()]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(tm(X), Y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def runtime(cfg: CosmicConfig):
+    tm = cosmic_fx.transform(mlp(), cfg)
+    cosmic_fx.attach_hooks(tm)
+    return tm, cosmic_fx.runtime_of(tm)
+
+
+def test_drift_change_needs_two_finite_readings_and_takes_the_larger():
+    assert policy.drift_change([]) is None and policy.drift_change([0.1]) is None
+    assert policy.drift_change([0.5, 0.01, 0.02]) == 0.02
+    assert policy.drift_change([0.01, float("nan")]) is None
+
+
+def test_the_drift_reading_is_the_relative_weight_change_over_a_window():
+    """PrefixState alone: a snapshot at step 0, a reading at step 3 (window 3), by hand."""
+    cfg = CosmicConfig(cdg="prefix", cdg_prefix_signal="drift", cdg_prefix_window=3)
+    g = torch.Generator().manual_seed(2)
+    params = [torch.randn(4, 3, generator=g), torch.randn(4, generator=g), torch.randn(5, generator=g)]
+    state = PrefixState(3)
+    state.set_units([policy.PrefixUnit("a", (0, 1)), policy.PrefixUnit("b", (2,))], [p.numel() for p in params])
+    start = [p.clone() for p in params]
+    for step in range(4):
+        state.end_of_step(step, [], cfg, params)
+        for p in params:
+            p.add_(0.1 * (step + 1))
+    # the reading at step 3 compares the weights at step 3 with those at step 0 (block "a" only)
+    moved = [p - 0.1 * 4 for p in params]  # the weights as they were when step 3 ended
+    want = (((moved[0] - start[0]).square().sum() + (moved[1] - start[1]).square().sum())
+            / (moved[0].square().sum() + moved[1].square().sum())).sqrt().item()
+    assert state.history[0] == [pytest.approx(want, rel=1e-6)] and state.history[1] == []
+
+
+def test_a_block_whose_weights_do_not_move_freezes_and_a_moving_one_does_not():
+    tm, rt = runtime(drift_cfg(qci=False))
+    train(tm, 12, lambda n: 0.0 if n.startswith("0.") else 1e-2)  # block 0 still, the rest learning
+    assert rt.prefix.length == 1, rt.prefix.reason
+    assert all(not p.requires_grad for p in tm[0].parameters()) and tm[2].weight.requires_grad
+    tm, rt = runtime(drift_cfg(qci=False))
+    train(tm, 12, lambda n: 1e-2)  # every block moves ~1e-2 per element and step: drift >> 1e-3
+    assert rt.prefix.length == 0 and "has not" in rt.prefix.reason
+    assert all(v > 1e-3 for v in rt.prefix.history[0])
+
+
+def test_a_blocks_qci_is_left_out_of_its_drift():
+    """A diagonal QCI on every site: a block whose own weights are still freezes though its QCI
+    moves; a block whose weights move does not freeze though its QCI is still."""
+    cfg = drift_cfg(qci=True, qci_min_width=0)
+    tm, rt = runtime(cfg)
+    names = [n for n, _ in tm.named_parameters()]
+    assert any("cosmic_qci" in n for n in names)
+    unit0 = [rt._names[i] for i in rt.prefix.units[0].params]
+    drift0 = [rt._names[i] for i in rt.prefix.drift_params(0)]
+    assert any("cosmic_qci" in n for n in unit0) and not any("cosmic_qci" in n for n in drift0)
+    assert set(drift0) == {"0.weight", "0.bias"}
+    train(tm, 12, lambda n: 5e-2 if "cosmic_qci" in n else 0.0 if n.startswith("0.") else 1e-2)
+    assert rt.prefix.length == 1, rt.prefix.reason
+    assert not any(p.requires_grad for n, p in tm.named_parameters() if n in unit0)  # its QCI froze with it
+    tm, rt = runtime(cfg)
+    train(tm, 12, lambda n: 0.0 if "cosmic_qci" in n else 1e-2)
+    assert rt.prefix.length == 0, rt.prefix.reason
+
+
+def test_drift_reads_no_gradient_and_measures_no_efficiency():
+    """Between drift readings nothing is read: no E(p) measured on any step, no gradient accumulated
+    (CCE off: before the runtime learns that the optimizer is AdamW, fast's CCE measures E(p) itself)."""
+    tm, rt = runtime(drift_cfg(qci=False, cce="off"))
+    calls = []
+    measure = rt.readings.measure
+    rt.readings.measure = lambda *a, **k: calls.append(a) or measure(*a, **k)
+    train(tm, 7, lambda n: 1e-2)
+    assert calls == [] and rt.prefix._acc == {}
+    assert len(rt.prefix.history[0]) == 2  # readings at steps 3 and 6 (snapshot at step 0)
+
+
+def test_a_bad_signal_is_refused_with_the_choices():
+    with pytest.raises(ValueError,
+                       match=r"cdg_prefix_signal must be one of 'grad', 'efficiency', 'drift'; got 'drfit'"):
+        CosmicConfig(cdg="prefix", cdg_prefix_signal="drfit")
+    assert CosmicConfig(cdg_prefix_signal="drift").cdg_prefix_signal is cosmic_fx.PrefixSignal.DRIFT
+
+
+def test_drift_readings_and_the_qci_exclusion_survive_a_checkpoint():
+    cfg = drift_cfg(qci=True, qci_min_width=0, cdg_prefix_threshold=1e-9)
+    a, ra = runtime(cfg)
+    train(a, 7, lambda n: 1e-2)
+    assert len(ra.prefix.history[0]) == 2 and ra.prefix.length == 0
+    state = {k: v.clone() for k, v in a.state_dict().items()}
+    b, rb = runtime(cfg)
+    b.load_state_dict(state)
+    assert rb.prefix.history == ra.prefix.history
+    assert rb.prefix.drift_params(0) == ra.prefix.drift_params(0) != list(ra.prefix.units[0].params)
+    # the snapshot is taken again after the load: the next reading comes one window later
+    train(b, 4, lambda n: 1e-2)
+    assert len(rb.prefix.history[0]) == 3
+
+
+def test_once_the_cap_is_reached_drift_keeps_no_copy_and_reads_nothing():
+    tm, rt = runtime(drift_cfg(qci=False, cdg_prefix_max=0.34))  # 3 freezable blocks: a cap of 1
+    train(tm, 12, lambda n: 0.0 if n.startswith(("0.", "2.")) else 1e-2)
+    assert rt.prefix.length == 1, rt.prefix.reason
+    train(tm, 8, lambda n: 0.0)
+    assert rt.prefix.length == 1 and rt.prefix._snap is None and all(h == [] for h in rt.prefix.history)
