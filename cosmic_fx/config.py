@@ -169,6 +169,10 @@ class CosmicConfig:
             to freeze, its own weights only — not its QCI's —, read every ``W = cdg_prefix_window``
             steps with one ``torch._foreach_norm``; it keeps one snapshot of that block's weights:
             memory = the size of one block).
+        cdg_prefix_every: with ``"grad"``, read the blocks' gradient norms (and decide) on every this
+            many-th step only (1: every step); the window stays ``cdg_prefix_window`` steps, holding
+            ``cdg_prefix_window // cdg_prefix_every`` readings. On the other steps prefix CDG does no
+            work at all (benchmarks/experiments/prefix_every_experiment.py).
         cdg_prefix_window: prefix CDG compares the mean signal of the last this many steps with the
             mean of the window before; a block can freeze once both windows are full, and at most one
             freeze event happens per window.
@@ -239,6 +243,7 @@ class CosmicConfig:
     cdg_protect_output: bool = True
     cdg_prefix_signal: PrefixSignal | str = PrefixSignal.GRAD
     cdg_prefix_window: int = 100
+    cdg_prefix_every: int = 1
     cdg_prefix_threshold: float = 0.02
     cdg_prefix_max: float = 0.75
     cce: CCEMode | str = CCEMode.RELATIVE
@@ -267,7 +272,8 @@ class CosmicConfig:
         for name in ("targets", "exclude"):
             set_(name, _regex_tuple(getattr(self, name), name))
         for name, low in (("min_width", 0), ("qci_min_width", 0), ("qci_rank", 1), ("cdg_patience", 1),
-                          ("cdg_interval", 1), ("cdg_max_sets", 1), ("efficiency_every", 1), ("cdg_prefix_window", 1)):
+                          ("cdg_interval", 1), ("cdg_max_sets", 1), ("efficiency_every", 1), ("cdg_prefix_window", 1),
+                          ("cdg_prefix_every", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"CosmicConfig.{name} must be an int >= {low}; got {value!r}")

@@ -182,3 +182,38 @@ def test_cce_skip_adaptive_must_be_a_bool():
     with pytest.raises(ValueError, match=r"CosmicConfig.cce_skip_adaptive must be a bool; got 'yes'"):
         CosmicConfig(cce_skip_adaptive="yes")
     assert CosmicConfig.fast().cce_skip_adaptive and not CosmicConfig().cce_skip_adaptive
+
+
+@pytest.mark.parametrize("engine", ["eager", "compile"])
+def test_prefix_every_reads_the_blocks_on_every_kth_step_only(engine, monkeypatch):
+    """cdg_prefix_every=k: the block gradient norms are read (one torch._foreach_norm) and the prefix decided on
+    steps 0, k, 2k, ... only; every other step does no prefix work at all. The window stays in steps: it holds
+    window // k readings, so a block can freeze once 2 x window steps have passed, as with k=1."""
+    norms, decisions = [], []
+    real_norm, real_decision = torch._foreach_norm, cosmic_fx.policy.prefix_decision
+    monkeypatch.setattr(torch, "_foreach_norm", lambda *a, **k: norms.append(1) or real_norm(*a, **k))
+    monkeypatch.setattr(cosmic_fx.policy, "prefix_decision",
+                        lambda *a, **k: decisions.append(1) or real_decision(*a, **k))
+    k, window = 4, 8
+    cfg = config("fast", cdg_prefix_window=window, cdg_prefix_every=k, cdg_prefix_threshold=1e9,
+                 cdg_prefix_max=0.75)
+    tm, run = recipes.prepare(recipes.make_model(0), cfg, engine)
+    opt = torch.optim.AdamW(tm.parameters(), lr=1e-3)  # CCE off (fast, AdamW): nothing else reads gradients
+    cosmic_fx.watch_optimizer(tm, opt)
+    rt = cosmic_fx.runtime_of(tm)
+    read_steps = []
+    for step in range(3 * window):
+        before = (len(norms), len(decisions))
+        train(tm, run, opt, 1)
+        if (len(norms), len(decisions)) != before:
+            read_steps.append(step)
+            assert len(norms) - before[0] == 1 and len(decisions) - before[1] == 1, step
+    assert read_steps == list(range(0, 3 * window, k))
+    assert all(len(h) <= 2 * (window // k) for h in rt.prefix.history)
+    # any change counts as settled: the first block freezes as soon as both windows (2 x 8 steps = 4 readings) are full
+    assert len(rt.freeze_events) == 1 and rt.prefix.last_event == 2 * window - k, (rt.prefix.reason, rt.prefix.history)
+
+
+def test_prefix_every_must_be_a_positive_int():
+    with pytest.raises(ValueError, match="cdg_prefix_every must be an int >= 1; got 0"):
+        CosmicConfig.fast(cdg_prefix_every=0)

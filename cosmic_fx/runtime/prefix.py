@@ -247,6 +247,12 @@ class PrefixState:
             self._acc[u] = self._acc_traced[u].clone()
         self._traced_units = []
 
+    @staticmethod
+    def reads_grads_at(step: int, config: CosmicConfig) -> bool:
+        """Whether step ``step`` (0-based) reads the blocks' gradient norms (``"grad"`` signal, every
+        ``cdg_prefix_every``-th step)."""
+        return config.cdg_prefix_signal is PrefixSignal.GRAD and step % config.cdg_prefix_every == 0
+
     def end_of_step(self, step: int, efficiencies: Sequence[float], config: CosmicConfig,
                     params: Sequence[torch.Tensor | None] = ()) -> int:
         """Record this step's readings and decide; returns the wanted prefix length.
@@ -262,6 +268,9 @@ class PrefixState:
             return self.length
         window = config.cdg_prefix_window
         if config.cdg_prefix_signal is PrefixSignal.GRAD:
+            if step % config.cdg_prefix_every:
+                return self.length  # not a reading step: nothing read, nothing decided
+            window = max(1, window // config.cdg_prefix_every)
             if acc:
                 values = torch.stack([acc[u] for u in sorted(acc)]).sqrt().tolist()  # one sync per step
                 for u, v in zip(sorted(acc), values):
@@ -285,6 +294,8 @@ class PrefixState:
         window = config.cdg_prefix_window
         if config.cdg_prefix_signal is PrefixSignal.EFFICIENCY:
             window = max(1, window // config.efficiency_every)
+        elif config.cdg_prefix_signal is PrefixSignal.GRAD:
+            window = max(1, window // config.cdg_prefix_every)
         changes = self._changes(config, window)
         since = None if self.last_event is None else step - self.last_event
         return policy.prefix_decision(self.length, changes, len(self.units), self.events, since, config)

@@ -351,7 +351,7 @@ class StepMixin:
         self._step_grads.add(i)
         cce_on = self._cce_on
         if cfg.cdg is CDGMode.PREFIX:
-            if cfg.cdg_prefix_signal is PrefixSignal.GRAD:
+            if self.prefix.reads_grads_at(self.steps, cfg):
                 self.prefix.note_grad(i, p.grad)
             if not cce_on and cfg.cdg_prefix_signal in (PrefixSignal.GRAD, PrefixSignal.DRIFT):
                 return True  # nothing reads E(p): do not measure it (a fused update still applies)
@@ -468,7 +468,7 @@ class StepMixin:
         cfg = self.config
         self._step_grads.update(todo)
         grads = [params[i].grad for i in todo]
-        if cfg.cdg is CDGMode.PREFIX and cfg.cdg_prefix_signal is PrefixSignal.GRAD:
+        if cfg.cdg is CDGMode.PREFIX and self.prefix.reads_grads_at(self.steps, cfg):
             self.prefix.note_grads(todo, grads)
         if self._cce_on:
             r = self.readings
