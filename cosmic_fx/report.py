@@ -245,10 +245,10 @@ class Report:
             f"{t['params_before']:,} -> {t['params_after']:,} | FLOPs per forward: {t['flops_before']:,} -> "
             f"{t['flops_after']:,} (matmul/conv, torch.utils.flop_counter)",
         ]
-        if self.cce:
-            lines.append(self.cce)
         if self.note:
             lines.append(self.note)
+        if self.cce:
+            lines.append(self.cce)
         return lines
 
     def __str__(self) -> str:
