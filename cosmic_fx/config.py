@@ -172,7 +172,9 @@ class CosmicConfig:
         cdg_prefix_every: with ``"grad"``, read the blocks' gradient norms (and decide) on every this
             many-th step only (1: every step); the window stays ``cdg_prefix_window`` steps, holding
             ``cdg_prefix_window // cdg_prefix_every`` readings. On the other steps prefix CDG does no
-            work at all (benchmarks/experiments/prefix_every_experiment.py).
+            work (inside a backward traced by :func:`cosmic_fx.fused_optimizer` the norms are part of
+            the one compiled graph, so they are still computed there, and dropped);
+            benchmarks/experiments/costfree_step_experiment.py measures it.
         cdg_prefix_window: prefix CDG compares the mean signal of the last this many steps with the
             mean of the window before; a block can freeze once both windows are full, and at most one
             freeze event happens per window.
