@@ -180,3 +180,17 @@ def test_bench_compile_repeats_alternate_the_order_and_report_the_fastest(monkey
     assert "| mlp | cosmic | 2.00 | 0.33x |" in compile_time.render(out)
     with pytest.raises(ValueError, match="repeats must be >= 1; got 0"):
         compile_time.run(compile_time.Settings(models=("mlp",), repeats=0))
+
+
+def test_bench_compile_without_events_times_cold_and_warm_only(monkeypatch):
+    calls = []
+
+    def fake_child(model, arm, settings, cache, events):
+        calls.append(events)
+        return {"cpu": 1.0, "first_step": 1.0, "events": {}, "counters": {}}
+
+    monkeypatch.setattr(compile_time, "_child", fake_child)
+    out = compile_time.run(compile_time.Settings(models=("mlp",), arms=("torch", "cosmic"), repeats=1, events=False))
+    assert calls and not any(calls)
+    text = compile_time.render(out)
+    assert "| mlp | cosmic | 1.00 | 1.00x |" in text and "eval: CPU s (graphs)" not in text

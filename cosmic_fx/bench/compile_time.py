@@ -95,6 +95,7 @@ class Settings:
     warm: bool = True
     breakdown: bool = False
     repeats: int = 2
+    events: bool = True
 
 
 def _first_site_weight(model: nn.Module) -> nn.Parameter:
@@ -291,7 +292,7 @@ def run(settings: Settings, progress: Callable[[str], None] | None = None) -> di
                     tag = f" (repeat {rep + 1}/{settings.repeats})" if settings.repeats > 1 else ""
                     if progress:
                         progress(f"{name} / {arm}: cold{tag}")
-                    cold = _child(name, arm, settings, cache, events=arm in settings.arms)
+                    cold = _child(name, arm, settings, cache, events=settings.events and arm in settings.arms)
                     warm = None
                     if settings.warm and arm in settings.arms:
                         if progress:
@@ -344,13 +345,14 @@ def render(out: dict[str, Any]) -> str:
                 f"{walls} | {hits} | "
                 f"{_each(r.get('cold_cpu', [cold]))}; {_each(r.get('warm_cpu', []))} |"
             )
-    lines += ["", "| model | arm | " + " | ".join(f"{e}: CPU s (graphs)" for e in EVENTS) + " |",
-              "|---|---|" + "---|" * len(EVENTS)]
-    for model in settings["models"]:
-        for arm in settings["arms"]:
-            ev = rows[(model, arm)]["cold"]["events"]
-            cells = [f"{ev[e]['cpu']:.2f} ({ev[e]['graphs']})" if e in ev else "n/a" for e in EVENTS]
-            lines.append(f"| {model} | {arm} | " + " | ".join(cells) + " |")
+    if settings.get("events", True):
+        lines += ["", "| model | arm | " + " | ".join(f"{e}: CPU s (graphs)" for e in EVENTS) + " |",
+                  "|---|---|" + "---|" * len(EVENTS)]
+        for model in settings["models"]:
+            for arm in settings["arms"]:
+                ev = rows[(model, arm)]["cold"]["events"]
+                cells = [f"{ev[e]['cpu']:.2f} ({ev[e]['graphs']})" if e in ev else "n/a" for e in EVENTS]
+                lines.append(f"| {model} | {arm} | " + " | ".join(cells) + " |")
     if settings["breakdown"]:
         lines += ["", _render_breakdown(out, rows, arms)]
     return "\n".join(lines)

@@ -38,6 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=2,
                    help="measure every arm this many times, in alternating order, and report the fastest "
                         "(default 2; --quick: 1)")
+    p.add_argument("--no-events", action="store_true",
+                   help="skip the recompile events (second step, eval, new batch, freeze): cold and warm only")
     p.add_argument("--json", default=None, help="also write the raw results to this file")
     return p
 
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         arms = ("torch", *arms)  # every ratio is against it
     settings = compile_time.Settings(models=models, arms=arms, lower=args.lower, batch=args.batch,
                                      threads=args.threads, warm=not args.quick, breakdown=args.breakdown,
-                                     repeats=1 if args.quick else args.repeats)
+                                     repeats=1 if args.quick else args.repeats, events=not args.no_events)
     try:
         out = compile_time.run(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
     except (ValueError, RuntimeError) as err:
