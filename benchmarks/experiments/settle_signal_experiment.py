@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import cosmic_fx
-from cosmic_fx.bench.tasks import Task, make_tasks
+from cosmic_fx.bench.tasks import Task, _error_of, make_tasks
 from cosmic_fx.config import CosmicConfig
 from cosmic_fx.data import load_digits
 
@@ -44,19 +44,6 @@ def _batches(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int):
     return make
 
 
-def _error(x: torch.Tensor, y: torch.Tensor):
-    @torch.no_grad()
-    def evaluate(model: nn.Module) -> float:
-        was = model.training
-        model.eval()
-        try:
-            return 100.0 * (model(x).argmax(-1) != y).float().mean().item()
-        finally:
-            model.train(was)
-
-    return evaluate
-
-
 def _mlp(width: int, depth: int, classes: int) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Linear(64, width), nn.ReLU()]
     for _ in range(depth - 2):
@@ -70,7 +57,7 @@ def digits_deep_task(quick: bool) -> Task:
     steps = 60 if quick else 500
     return Task(name="digits-deep", factory=lambda seed: _mlp(128, 6, 10),
                 batches=_batches(d.x_train, d.y_train, 64, steps), loss=nn.functional.cross_entropy,
-                evaluate=_error(d.x_test, d.y_test), metric="error %", target=5.0, steps=steps, eval_every=50,
+                evaluate=_error_of(d.x_test, d.y_test), metric="error %", target=5.0, steps=steps, eval_every=50,
                 optimizer="adamw", lr=1e-3, adamw_lr=1e-3, tolerance=1.0)
 
 
@@ -104,7 +91,7 @@ def wide_transfer_task(quick: bool) -> Task:
         return model
 
     return Task(name="wide-transfer", factory=factory, batches=_batches(bx, by, 64, steps),
-                loss=nn.functional.cross_entropy, evaluate=_error(bvx, bvy), metric="error %", target=3.0,
+                loss=nn.functional.cross_entropy, evaluate=_error_of(bvx, bvy), metric="error %", target=3.0,
                 steps=steps, eval_every=50, optimizer="adamw", lr=1e-3, adamw_lr=1e-3, tolerance=1.0,
                 tags=frozenset({"fine-tune"}))
 

@@ -101,20 +101,21 @@ def _prepare(cache: PretrainCache, pre: Pretraining):
     return prepare
 
 
-def docs_finetune_task(quick: bool, cache: PretrainCache) -> Task:
-    """``docs-finetune``: the 6-block LM pretrained on code (once per seed), fine-tuned on the language
-    reference's prose."""
-    pre_steps, steps = (10, 20) if quick else (400, 300)
-    lm, batch = _lm_shape(quick)
+def _code_to_prose_task(name: str, pre_name: str, quick: bool, cache: PretrainCache, lm: dict, batch: int,
+                        pre_steps: int, steps: int, *, windows: int, target: float, lr: float,
+                        eval_every: int) -> Task:
+    """A ``TinyTransformerLM(**lm)`` pretrained on the stdlib code corpus with eager AdamW (once per
+    seed, cached), then fine-tuned with AdamW at ``lr`` on the language reference's prose: the shape
+    of ``docs-finetune`` and ``docs-finetune-big``."""
     code, code_held = _code_corpus(quick)
     docs, docs_held = encode_text(load_pydoc_topics())
     pre = Pretraining(
-        name="stdlib-code-lm",
+        name=pre_name,
         build=lambda: TinyTransformerLM(**lm),
         batches=lm_batches(code, pre_steps, lm["context"], batch),
         loss=lm_loss, optimizer="adamw", lr=2e-3, steps=pre_steps,
         fingerprint={"model": "TinyTransformerLM", **lm, "batch": batch, "data": digest(code)},
-        evaluate=lm_evaluator(code_held, lm["context"], 32 if quick else 128),
+        evaluate=lm_evaluator(code_held, lm["context"], windows),
     )
 
     def factory(seed: int) -> nn.Module:
@@ -124,14 +125,24 @@ def docs_finetune_task(quick: bool, cache: PretrainCache) -> Task:
         return model
 
     return Task(
-        name="docs-finetune",
+        name=name,
         factory=factory,
         batches=lm_batches(docs, steps, lm["context"], batch), loss=lm_loss,
-        evaluate=lm_evaluator(docs_held, lm["context"], 32 if quick else 128), metric="bits/char",
-        target=2.35, steps=steps, eval_every=10 if quick else 15,
-        optimizer="adamw", lr=1e-3, adamw_lr=1e-3, tolerance=0.05,
+        evaluate=lm_evaluator(docs_held, lm["context"], windows), metric="bits/char",
+        target=target, steps=steps, eval_every=eval_every,
+        optimizer="adamw", lr=lr, adamw_lr=lr, tolerance=0.05,
         tags=frozenset({"transformer", "fine-tune"}), prepare=_prepare(cache, pre),
     )
+
+
+def docs_finetune_task(quick: bool, cache: PretrainCache) -> Task:
+    """``docs-finetune``: the 6-block LM pretrained on code (once per seed), fine-tuned on the language
+    reference's prose."""
+    pre_steps, steps = (10, 20) if quick else (400, 300)
+    lm, batch = _lm_shape(quick)
+    return _code_to_prose_task(
+        "docs-finetune", "stdlib-code-lm", quick, cache, lm, batch, pre_steps, steps,
+        windows=32 if quick else 128, target=2.35, lr=1e-3, eval_every=10 if quick else 15)
 
 
 _BIG_LM = {"vocab": VOCAB, "dim": 256, "heads": 8, "layers": 12, "context": 64}
@@ -186,33 +197,9 @@ def big_finetune_task(quick: bool, cache: PretrainCache) -> Task:
     """
     pre_steps, steps = (5, 10) if quick else (BIG_PRETRAIN_STEPS, BIG_FINETUNE_STEPS)
     lm, batch = (_BIG_QUICK, _BIG_QUICK_BATCH) if quick else (_BIG_LM, _BIG_BATCH)
-    code, code_held = _code_corpus(quick)
-    docs, docs_held = encode_text(load_pydoc_topics())
-    windows = 16 if quick else 128
-    pre = Pretraining(
-        name="stdlib-code-lm-big",
-        build=lambda: TinyTransformerLM(**lm),
-        batches=lm_batches(code, pre_steps, lm["context"], batch),
-        loss=lm_loss, optimizer="adamw", lr=2e-3, steps=pre_steps,
-        fingerprint={"model": "TinyTransformerLM", **lm, "batch": batch, "data": digest(code)},
-        evaluate=lm_evaluator(code_held, lm["context"], windows),
-    )
-
-    def factory(seed: int) -> nn.Module:
-        state, _ = cache.get(pre, seed)
-        model = TinyTransformerLM(**lm)
-        model.load_state_dict(state)
-        return model
-
-    return Task(
-        name="docs-finetune-big",
-        factory=factory,
-        batches=lm_batches(docs, steps, lm["context"], batch), loss=lm_loss,
-        evaluate=lm_evaluator(docs_held, lm["context"], windows), metric="bits/char",
-        target=2.2, steps=steps, eval_every=5 if quick else 10,
-        optimizer="adamw", lr=5e-4, adamw_lr=5e-4, tolerance=0.05,
-        tags=frozenset({"transformer", "fine-tune"}), prepare=_prepare(cache, pre),
-    )
+    return _code_to_prose_task(
+        "docs-finetune-big", "stdlib-code-lm-big", quick, cache, lm, batch, pre_steps, steps,
+        windows=16 if quick else 128, target=2.2, lr=5e-4, eval_every=5 if quick else 10)
 
 
 def _mnist_split(x: torch.Tensor, y: torch.Tensor, first: int, per_class: int = 400):
