@@ -71,7 +71,7 @@ def test_a_step_that_measures_nothing_runs_no_python_per_parameter(preset, engin
     assert unmeasured and all(per_step[s] == {} for s in unmeasured), per_step
     assert rt.steps == 2 * EVERY + 2 and rt.step_boundary == "optimizer"
     assert rt.num_grad_hooks == 0 and rt.num_hooked == len(rt.names)
-    if preset == "default" or optim == "sgd":
+    if preset == "default":  # the fast preset reads no E(p) at all: CCE off, prefix CDG on gradient norms
         # the steps that measure still decide each parameter (E(p) is a softmax over each one)
         assert per_step[EVERY].get("_decide", 0) == len(rt.names)
         assert rt.last_step["scale"] and any(v != 1.0 for v in rt.last_step["scale"].values())
@@ -83,7 +83,7 @@ def test_the_batched_step_equals_the_per_parameter_one_bit_for_bit(monkeypatch):
     def run(batched: bool):
         if not batched:
             monkeypatch.setattr(CosmicRuntime, "_measures_now", lambda self, todo: True)
-        cfg = config("fast", **{**recipes.SCHEDULE["fast"], "cdg_prefix_window": 4})
+        cfg = config("fast", **{**recipes.SCHEDULE["fast"], "cdg_prefix_window": 4, "cce": "relative"})
         tm, call = recipes.prepare(recipes.make_model(0), cfg, "eager")
         opt = torch.optim.SGD(tm.parameters(), lr=0.05, momentum=0.9)
         cosmic_fx.watch_optimizer(tm, opt)
@@ -150,8 +150,8 @@ def test_scale_invariant_optimizers(make, invariant):
 
 
 @pytest.mark.parametrize("engine", ["eager", "compile"])
-def test_fast_preset_turns_cce_off_under_adamw_and_says_so_once(engine, caplog):
-    tm, run = recipes.prepare(recipes.make_model(0), config("fast"), engine)
+def test_cce_skip_adaptive_turns_cce_off_under_adamw_and_says_so_once(engine, caplog):
+    tm, run = recipes.prepare(recipes.make_model(0), config("fast", cce="relative"), engine)
     opt = torch.optim.AdamW(tm.parameters(), lr=1e-3)
     rt = cosmic_fx.runtime_of(tm)
     with caplog.at_level(logging.INFO, logger="cosmic_fx.runtime.step"):
@@ -167,7 +167,7 @@ def test_fast_preset_turns_cce_off_under_adamw_and_says_so_once(engine, caplog):
 @pytest.mark.parametrize("why", ["sgd", "option off", "default preset"])
 def test_cce_keeps_acting_where_it_can(why):
     """CCE scales the gradients under SGD, with ``cce_skip_adaptive=False``, and in the default preset."""
-    cfg = {"sgd": config("fast"), "option off": config("fast", cce_skip_adaptive=False),
+    cfg = {"sgd": config("fast", cce="relative"), "option off": config("fast", cce="relative", cce_skip_adaptive=False),
            "default preset": config("default")}[why]
     tm, run = recipes.prepare(recipes.make_model(0), cfg, "eager")
     opt = (torch.optim.SGD(tm.parameters(), lr=0.05) if why == "sgd"
