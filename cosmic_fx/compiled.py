@@ -68,8 +68,7 @@ def present_as_model(compiled: nn.Module, model: nn.Module) -> nn.Module:
     compiled.register_state_dict_post_hook(_strip_orig_mod)
     compiled.register_load_state_dict_pre_hook(_add_orig_mod)
     freezer = _FrozenUntilForward(model)
-    compiled.register_load_state_dict_post_hook(freezer.thaw)
-    compiled.register_forward_pre_hook(freezer.refreeze)
+    compiled.register_load_state_dict_post_hook(freezer.thaw)  # adds the pre-hook only while needed
     return compiled
 
 
@@ -125,11 +124,15 @@ def _add_orig_mod(module: nn.Module, state_dict: dict, prefix: str, local_metada
 
 class _FrozenUntilForward:
     """Thaws, after a checkpoint is loaded through the wrapper, the cosmic-trained parameters that do
-    not require grad (those CDG holds frozen), and freezes them again at the next forward."""
+    not require grad (those CDG holds frozen), and freezes them again at the next forward.
+
+    The forward pre-hook that refreezes is registered only while parameters are pending and removed by
+    its own call: a module with a forward pre-hook takes ``nn.Module``'s slower hook path on every call."""
 
     def __init__(self, model: nn.Module) -> None:
         self._model = weakref.ref(model)
         self._pending: list[weakref.ref] = []
+        self._handle: Any = None
 
     def thaw(self, module: nn.Module, incompatible_keys: Any) -> None:
         from .runtime import runtime_of
@@ -142,10 +145,15 @@ class _FrozenUntilForward:
         for p in frozen:
             p.requires_grad_(True)
         self._pending = [weakref.ref(p) for p in frozen]
+        if frozen and self._handle is None:
+            self._handle = module.register_forward_pre_hook(self.refreeze)
 
     def refreeze(self, module: nn.Module, args: Any) -> None:
         from .runtime import runtime_of
 
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
         if not self._pending:
             return
         model = self._model()

@@ -25,6 +25,8 @@ rank, and a DistributedDataParallel reducer that survives CDG's freeze events.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -40,12 +42,18 @@ def _dist():
 
 def active_ddp() -> nn.Module | None:
     """The ``DistributedDataParallel`` wrapper whose forward is running now, if any."""
+    getter = _active_ddp_getter()
+    return getter() if getter is not None else None
+
+
+@functools.cache
+def _active_ddp_getter():
+    """``DistributedDataParallel._get_active_ddp_module`` (looked up once: it is read on every forward)."""
     try:
         from torch.nn.parallel import DistributedDataParallel
     except ImportError:  # pragma: no cover - torch built without distributed
         return None
-    getter = getattr(DistributedDataParallel, "_get_active_ddp_module", None)
-    return getter() if getter is not None else None
+    return getattr(DistributedDataParallel, "_get_active_ddp_module", None)
 
 
 def _wrapper_kind(model: nn.Module) -> str | None:
