@@ -14,18 +14,21 @@ before the clock starts) and report:
   frame conversion and its tracing of each inlined function, grouped by the file the function lives in
   (``cosmic_fx``, ``transformers``, ``torch``), guard building, the backend (cosmic's passes, the
   AOTAutograd cache key and lookup, the FX graph cache lookup, loading the generated Python modules and
-  C++ extensions, ``post_compile``), and what runs outside all of them (the first forward's execution and
-  the backward). The wrappers cost a few microseconds per call; ``wrapped calls`` counts them.
+  C++ kernels, ``post_compile``), and what runs outside all of them (the first forward's execution and
+  the backward). Each wrapped call adds a Python call and two ``process_time`` reads (about a thousand
+  calls in a ConvNeXt step); the counter table lists how many of each ran.
 * **counters**: ``torch._dynamo.utils.counters`` (calls captured, frames, graphs, cache hits), the
-  inlined calls into cosmic_fx code by function name, and the generated modules loaded.
+  inlined calls into cosmic_fx code by function name, the generated modules and kernels loaded, and the
+  child processes Inductor started.
 * with ``--cprofile``, a further warm process per arm under ``cProfile`` (around the step only);
   ``.prof`` files go to ``--out`` and the functions whose cumulative time differs most between the arms
   are printed (cProfile inflates Python-heavy phases; the phase table is measured without it).
 
 Run (both arms, fastest of ``--repeats`` warm processes reported per arm, every repeat's total listed)::
 
-    nice -n 19 .venv/bin/python benchmarks/experiments/warm_start_profile_experiment.py --model convnext
-    nice -n 19 .venv/bin/python benchmarks/experiments/warm_start_profile_experiment.py --model bert
+    nice -n 19 .venv/bin/python benchmarks/experiments/warm_start_profile_experiment.py --model convnext \
+        --cache /tmp/warmprof --repeats 3 --cprofile --out /tmp/warmprof
+    (the same with --model bert)
 
 ``--trace-only`` times dynamo alone instead (``backend="eager"``: no AOTAutograd, Inductor or cache; both
 arms in one process, ``torch._dynamo.reset()`` before each first forward), with each cosmic_fx and torch
