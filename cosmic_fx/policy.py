@@ -383,8 +383,8 @@ def prefix_decision(n_frozen: int, changes: Sequence[float | None], n_units: int
     if k >= cap:
         tail = f"; the cap of {cap} blocks is reached"
     elif nxt is None:
-        tail = (f"; block {k} is undecided (fewer than 2 x cdg_prefix_window={config.cdg_prefix_window} "
-                "readings since the start or the last event)")
+        tail = (f"; block {k} is undecided (not read over 2 x cdg_prefix_window={config.cdg_prefix_window} "
+                "steps since the start or the last event yet)")
     else:
         tail = f"; block {k} has not (change {nxt:.3g})"
     if not settled:

@@ -7,7 +7,7 @@ for Adam/AdamW). This runs, per seed, the claims task's own arms: ``torch.compil
 ``--variant NAME=FIELD:VALUE[,FIELD:VALUE]`` (repeatable) replaces the two fast arms by fast-preset
 variants, e.g. ``--variant k1=cdg_prefix_every:1 --variant k5=cdg_prefix_every:5``.
 
-Produced: docs/guide/presets.md, sections "CCE in the fast preset" and "Reading every k-th step".
+Produced: docs/guide/presets.md, section "CCE in the fast preset".
 
     python benchmarks/experiments/fast_cce_sgd_experiment.py [--seeds 0,1,2] [--tasks mnist-transfer]
 """

@@ -46,6 +46,8 @@ TOLERANCE = {"error %": 1.0, "bits/char": 0.05}
 
 def _fmt(values: list[float]) -> str:
     missed = sum(math.isnan(v) for v in values)
+    if missed == len(values):
+        return "not reached"
     m, s = mean_std([v for v in values if not math.isnan(v)] or [math.nan])
     return f"{m:.3f} ± {s:.3f}" + (f" ({missed} not reached)" if missed else "")
 

@@ -80,7 +80,12 @@ def freezeout_step(steps: int) -> int:
 
 
 def freezeout_count(units: Sequence[Sequence[str]]) -> int:
-    """How many blocks the schedule freezes: the first third (at least one when there is a block)."""
+    """How many blocks the schedule freezes: the first third (at least one when there is a block).
+
+    Example:
+        >>> freezeout_count([["a.w"], ["b.w"], ["c.w"], ["d.w"]]), freezeout_count([["a.w"]]), freezeout_count([])
+        (1, 1, 0)
+    """
     return max(1, len(units) // 3) if units else 0
 
 
