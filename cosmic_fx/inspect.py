@@ -67,9 +67,11 @@ def explain(model: nn.Module, example_inputs: Any, config: CosmicConfig | None =
         [('0', True, ['cosmic_qci.0']), ('2', False, [])]
         >>> print(report)   # doctest: +SKIP
 
-        With the fast preset, CCE depends on the optimizer (off under Adam/AdamW):
+        The fast preset has CCE off; turned on there, it depends on the optimizer (off under Adam/AdamW):
 
-        >>> fast = cosmic_fx.CosmicConfig.fast()
+        >>> cosmic_fx.explain(model, torch.randn(2, 8), cosmic_fx.CosmicConfig.fast()).cce
+        "CCE: off (cce='off')"
+        >>> fast = cosmic_fx.CosmicConfig.fast(cce="relative")
         >>> cosmic_fx.explain(model, torch.randn(2, 8), fast).cce.startswith("CCE (relative): depends on the optimizer")
         True
         >>> adamw = torch.optim.AdamW(model.parameters())

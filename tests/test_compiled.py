@@ -68,12 +68,15 @@ def test_frozen_parameters_stay_trainable_until_the_next_forward():
     cosmic_fx.detach_hooks(tm)
 
     cm = cosmic_fx.compile(small_mlp(), cfg)
+    assert not cm._forward_pre_hooks  # no hook on the wrapper's calls while nothing waits to refreeze
     cm.load_state_dict(state)
     named = dict(cm._orig_mod.named_parameters())
     assert all(named[n].requires_grad for n in frozen)  # an optimizer built now holds them all
     assert cosmic_fx.runtime_of(cm).frozen == frozen
+    assert len(cm._forward_pre_hooks) == 1
     cm(batches[0][0])  # the next forward freezes them again, before dynamo traces it
     assert sorted(n for n, p in named.items() if not p.requires_grad) == frozen
+    assert not cm._forward_pre_hooks  # the hook removed itself
     # detached between the load and the forward: detach_hooks thaws everything, and nothing freezes again
     cm.load_state_dict(state)
     cosmic_fx.detach_hooks(cm)

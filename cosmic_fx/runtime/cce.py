@@ -53,7 +53,8 @@ def scale_invariant_optimizer(optimizer: torch.optim.Optimizer) -> bool:
 
 def cce_skipped_for(config: CosmicConfig, optimizer: torch.optim.Optimizer | None) -> bool:
     """Whether ``config``'s CCE is turned off for a run stepped by ``optimizer``: CCE is on in the
-    config, ``cce_skip_adaptive`` is set (the fast preset) and :func:`scale_invariant_optimizer` holds.
+    config, ``cce_skip_adaptive`` is set (the fast preset's setting, for when CCE is turned on there)
+    and :func:`scale_invariant_optimizer` holds.
     The one decision, used by the runtime when it watches an optimizer, by
     :func:`cosmic_fx.fused_optimizer` when it fuses one, and by :func:`cosmic_fx.explain`.
 
@@ -64,7 +65,7 @@ def cce_skipped_for(config: CosmicConfig, optimizer: torch.optim.Optimizer | Non
     Example:
         >>> w = torch.zeros(2, requires_grad=True)
         >>> adamw = torch.optim.AdamW([w])
-        >>> cce_skipped_for(CosmicConfig.fast(), adamw), cce_skipped_for(CosmicConfig(), adamw)
+        >>> cce_skipped_for(CosmicConfig.fast(cce="relative"), adamw), cce_skipped_for(CosmicConfig(), adamw)
         (True, False)
     """
     if optimizer is None or config.cce is CCEMode.OFF or not config.cce_skip_adaptive:
@@ -77,11 +78,12 @@ def cce_status(config: CosmicConfig, optimizer: torch.optim.Optimizer | None = N
     ``cce_skip_adaptive`` and no optimizer known yet, that it depends on the optimizer.
 
     Example:
-        >>> cce_status(CosmicConfig.fast()).startswith("CCE (relative): depends on the optimizer: off under Adam")
+        >>> with_cce = CosmicConfig.fast(cce="relative")
+        >>> cce_status(with_cce).startswith("CCE (relative): depends on the optimizer: off under Adam")
         True
         >>> w = torch.zeros(2, requires_grad=True)
-        >>> cce_status(CosmicConfig.fast(), torch.optim.SGD([w], lr=0.1))
-        'CCE (relative): on under SGD'
+        >>> cce_status(with_cce, torch.optim.SGD([w], lr=0.1)), cce_status(CosmicConfig.fast())
+        ('CCE (relative): on under SGD', "CCE: off (cce='off')")
     """
     mode = config.cce.value
     if config.cce is CCEMode.OFF:
