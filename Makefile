@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cosmic-installed
 
-.PHONY: demo test lint docs setup bench-claims bench-perf bench-zoo zoo-vendor clean
+.PHONY: demo test test-slow lint docs setup bench-claims bench-perf bench-zoo zoo-vendor clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,13 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/cosmic-fx demo
 
+# `make test`: everything but the tests marked `slow` (Inductor compiles, subprocess cache checks, many
+# training steps), under 10 minutes on 2 cores. `make test-slow` runs those; CI (.ci/run) runs both.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto
+	$(BIN)/python -m pytest -q -n auto -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -n auto -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
