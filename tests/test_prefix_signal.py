@@ -139,3 +139,33 @@ def test_once_the_cap_is_reached_drift_keeps_no_copy_and_reads_nothing():
     assert rt.prefix.length == 1, rt.prefix.reason
     train(tm, 8, lambda n: 0.0)
     assert rt.prefix.length == 1 and rt.prefix._snap is None and all(h == [] for h in rt.prefix.history)
+
+
+@pytest.mark.parametrize("signal", ["drift", "grad"])
+def test_the_decision_of_a_step_that_read_nothing_new_is_the_policys_own(signal):
+    """PrefixState reuses its last decision on steps that added no reading (outside a cool-down): each
+    deciding step's length and reason equal ``policy.prefix_decision`` called afresh, across freeze events
+    and the cool-downs after them."""
+    cfg = CosmicConfig(cdg="prefix", cdg_prefix_signal=signal, cdg_prefix_window=3, cdg_prefix_every=2,
+                       cdg_prefix_threshold=0.5, cdg_prefix_max=0.75, cdg_max_sets=3)
+    g = torch.Generator().manual_seed(3)
+    params = [torch.randn(4, 3, generator=g), torch.randn(5, generator=g), torch.randn(6, generator=g)]
+    state = PrefixState(3)
+    state.set_units([policy.PrefixUnit(str(u), (u,)) for u in range(3)], [p.numel() for p in params])
+    seen_memo = 0
+    for step in range(40):
+        if signal == "grad" and state.reads_grads_at(step, cfg):
+            state.note_grads([0, 1, 2], [torch.full_like(p, 1.0 + 0.01 * step) for p in params])
+        for p in params:
+            p.mul_(1.0001)  # barely moving: the blocks settle, one event per cool-down
+        appended = state._appended
+        got = state.end_of_step(step, [], cfg, params)
+        seen_memo += state._appended == appended and state.last_event is None
+        window = cfg.cdg_prefix_window // (cfg.cdg_prefix_every if signal == "grad" else 1)
+        since = None if state.last_event is None else step - state.last_event
+        want = policy.prefix_decision(state.length, state._changes(cfg, max(1, window)), 3, state.events, since, cfg)
+        if signal == "drift" or state.reads_grads_at(step, cfg):  # ("grad" decides on its reading steps only)
+            assert (got, state.reason) == want, step
+        if got != state.length:
+            state.advance(got, step)
+    assert state.events >= 1 and seen_memo > 0

@@ -95,7 +95,8 @@ class CosmicRuntime(StepMixin):
         self.config = config
         self.transformed = transformed
         self.steps = 0
-        self.last_step: dict[str, Any] = {}
+        self._last_step: dict[str, Any] = {}
+        self._last_record: tuple | None = None  # the latest step's record, made a dict when read
         self.mode: str | None = None  # None (inactive), "eager" or "compiled"
         self._names: list[str] = []
         self._refs: list[weakref.ref] = []
@@ -123,6 +124,27 @@ class CosmicRuntime(StepMixin):
         self._in_backward = False
         self._e_out_seen = False
         self._init_steps()
+
+    @property
+    def last_step(self) -> dict[str, Any]:
+        """What CDG/CCE did in the latest step (see the class docstring); built when read, so a step
+        that nobody inspects does not pay for the names."""
+        rec = self._last_record
+        if rec is not None:
+            self._last_record = None
+            step, e_out, efficiency, skipped, scale, frozen, outside, prefix = rec
+            names = self._names
+            self._last_step = {
+                "step": step,
+                "e_out": e_out,
+                "efficiency": {names[k]: v for k, v in efficiency.items()},
+                "skipped": [names[k] for k in skipped],
+                "scale": {names[k]: v for k, v in scale.items()},
+                "frozen": sorted(names[i] for i in frozen),
+                "outside_graphs": [names[k] for k in outside],
+                "prefix": prefix,
+            }
+        return self._last_step
 
     # ------------------------------------------------------------------ binding
     @property

@@ -133,6 +133,8 @@ class PrefixState:
         self._unit_of: dict[int, int] = {}
         self._numel: list[int] = []
         self._acc: dict[int, torch.Tensor] = {}
+        self._vec: torch.Tensor | None = None  # note_grads' per-block sums when it was the step's only reading
+        self._vec_units: list[int] = []  # the blocks that have a sum in _vec
         self._acc_traced: dict[int, torch.Tensor] = {}  # per block, summed inside a traced backward
         self._traced_units: list[int] = []
         self._batch_units: tuple[int, ...] = ()  # note_grads' last block-per-gradient list, and its tensor
@@ -141,6 +143,8 @@ class PrefixState:
         self._snap: list[torch.Tensor] | None = None  # drift: the candidate block's weights W steps ago
         self._snap_unit: int | None = None
         self._snap_step = 0
+        self._appended = 0  # readings appended so far: the decision below changes only with them
+        self._memo: tuple | None = None  # (key, wanted, reason) of the last decision outside a cool-down
 
     # ------------------------------------------------------------------ blocks
     def build(self, model: nn.Module, order: Sequence[int], index: dict[str, int], protected: set[int],
@@ -168,6 +172,7 @@ class PrefixState:
         self.units = list(units)
         self.known = True
         self.history = [[] for _ in self.units]
+        self._memo = None
         self._numel = list(numel)
         self._cosmic = frozenset(int(i) for i in cosmic)
         self._snap = None
@@ -195,6 +200,7 @@ class PrefixState:
         u = self._unit_of.get(i)
         if u is None or u < self.length or grad is None:
             return  # no gradient yet: before a traced backward, which reads it itself (note_traced_grad)
+        self._flush_vec()
         sq = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()  # no gradient-sized temporary
         self._acc[u] = self._acc[u] + sq if u in self._acc else sq
 
@@ -209,6 +215,7 @@ class PrefixState:
             return
         units, gs = zip(*picked, strict=True)
         device = gs[0].device
+        self._flush_vec()
         if any(g.device != device for g in gs):  # a model spread over devices: per parameter
             for u, g in picked:
                 sq = torch.linalg.vector_norm(g.detach(), dtype=torch.float32).square()
@@ -219,8 +226,19 @@ class PrefixState:
             self._batch_units = units
             self._batch_index = torch.tensor(units, dtype=torch.long, device=device)
         sums = torch.zeros(len(self.units), dtype=torch.float32, device=device).index_add_(0, self._batch_index, sq)
+        if not self._acc:  # the step's first reading (the usual case): kept as one tensor, read at its end
+            self._vec, self._vec_units = sums, sorted(set(units))
+            return
         for u in sorted(set(units)):
             self._acc[u] = self._acc[u] + sums[u] if u in self._acc else sums[u]
+
+    def _flush_vec(self) -> None:
+        """Move :meth:`note_grads`' pending per-block sums into the per-block dict (before another
+        reading adds to them, in the order the readings came)."""
+        if self._vec is not None:
+            vec, self._vec = self._vec, None
+            for u in self._vec_units:
+                self._acc[u] = self._acc[u] + vec[u] if u in self._acc else vec[u]
 
     # a backward traced by compiled autograd frees each gradient inside it, so the block readings are
     # taken there, into 0-d tensors that persist between steps (one compiled graph serves every step)
@@ -243,6 +261,7 @@ class PrefixState:
 
     def end_traced(self) -> None:
         """After a traced backward: its sums become this step's readings, as :meth:`note_grad`'s."""
+        self._flush_vec()
         for u in self._traced_units:
             self._acc[u] = self._acc_traced[u].clone()
         self._traced_units = []
@@ -263,7 +282,11 @@ class PrefixState:
             config: the run's config.
             params: the parameters by index (the drift signal reads them).
         """
-        acc, self._acc = self._acc, {}
+        vec, units = self._vec, self._vec_units
+        if vec is not None and self._acc:
+            self._flush_vec()
+            vec = None
+        acc, self._acc, self._vec = self._acc, {}, None
         if not self.known:
             return self.length
         window = config.cdg_prefix_window
@@ -271,7 +294,11 @@ class PrefixState:
             if step % config.cdg_prefix_every:
                 return self.length  # not a reading step: nothing read, nothing decided
             window = max(1, window // config.cdg_prefix_every)
-            if acc:
+            if vec is not None:
+                values = vec.sqrt().tolist()  # one sync per step
+                for u in units:
+                    self._append(u, values[u], 2 * window)
+            elif acc:
                 values = torch.stack([acc[u] for u in sorted(acc)]).sqrt().tolist()  # one sync per step
                 for u, v in zip(sorted(acc), values):
                     self._append(u, v, 2 * window)
@@ -281,9 +308,18 @@ class PrefixState:
             window = max(1, window // config.efficiency_every)
             for u in range(self.length, len(self.units)):
                 self._append(u, self._unit_efficiency(u, efficiencies), 2 * window)
-        changes = self._changes(config, window)
         since = None if self.last_event is None else step - self.last_event
+        # outside a cool-down the step count plays no part in the decision: on a step that read nothing
+        # new it is the last one (the drift signal reads once per window, "grad" every k-th step)
+        key = None
+        if since is None or since >= config.cdg_prefix_window:
+            key = (self._appended, self.length, self.events, len(self.units), window, id(config))
+            if self._memo is not None and self._memo[0] == key:
+                self.reason = self._memo[2]
+                return self._memo[1]
+        changes = self._changes(config, window)
         wanted, self.reason = policy.prefix_decision(self.length, changes, len(self.units), self.events, since, config)
+        self._memo = None if key is None else (key, wanted, self.reason)
         return wanted
 
     def preview(self, config: CosmicConfig, step: int) -> tuple[int, str]:
@@ -321,14 +357,14 @@ class PrefixState:
                 or not params):
             self._snap = None  # nothing more may freeze: no copy, no reading
             return
-        ws = [params[i].detach() for i in self.drift_params(u) if params[i] is not None]
         snap = self._snap
+        if snap is not None and self._snap_unit == u and step - self._snap_step < window:
+            return  # inside the window: nothing to read (a changed parameter is seen at its end)
+        ws = [params[i].detach() for i in self.drift_params(u) if params[i] is not None]
         if (snap is None or self._snap_unit != u or len(snap) != len(ws)
                 or any(a.shape != b.shape or a.device != b.device for a, b in zip(snap, ws))):
             self._snap = [w.clone() for w in ws]
             self._snap_unit, self._snap_step = u, step
-            return
-        if step - self._snap_step < window:
             return
         n = len(ws)
         norms = torch._foreach_norm([*torch._foreach_sub(ws, snap), *ws], 2, dtype=torch.float32)
@@ -341,6 +377,7 @@ class PrefixState:
         self._append(u, value if math.isfinite(value) else math.nan, 4)
 
     def _append(self, u: int, value: float, keep: int) -> None:
+        self._appended += 1
         h = self.history[u]
         h.append(value)
         del h[: max(0, len(h) - keep)]
@@ -361,6 +398,7 @@ class PrefixState:
         self.length = length
         self.last_event = step
         self.events += 1
+        self._memo = None
         self._snap = None  # the drift of the next candidate starts from a new snapshot
         for h in self.history:  # readings taken while earlier blocks trained describe another regime
             h.clear()
@@ -399,5 +437,6 @@ class PrefixState:
             self.history = [[] for _ in self.units]
         last = int(state["prefix.last_event"])
         self.last_event = None if last < 0 else last
-        self._acc = {}
+        self._acc, self._vec = {}, None
+        self._memo = None
         self._snap = None  # drift: the snapshot is taken again (the readings go on one window later)

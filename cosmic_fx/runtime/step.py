@@ -205,25 +205,29 @@ class StepMixin:
         self._unstepped = 0
         if self.step_boundary == "backward":
             return
+        params = self._params()  # once per step: the methods below take it
+        got = None
         if not self.num_grad_hooks:
-            self._collect_step()
+            got = self._collect_step(params)
         if self._window:
-            self._close_window()
+            self._close_window(params, got)
 
-    def _collect_step(self) -> None:
+    def _collect_step(self, params: list[torch.Tensor | None]) -> list[int] | None:
         """Without per-parameter hooks: find this step's gradients at the optimizer step, and do what the
-        end of each backward would have done (once per step: the backwards of a step are not seen)."""
+        end of each backward would have done (once per step: the backwards of a step are not seen).
+        Returns them (:meth:`_new_grads`), or ``None`` when nothing is decided."""
         if not self.config.hooks_enabled:
-            return  # nothing to decide (no CDG, no CCE): the steps are not counted, as with no hooks
-        got = self._new_grads()
+            return None  # nothing to decide (no CDG, no CCE): the steps are not counted, as with no hooks
+        got = self._new_grads(params)
         if not got:
-            return  # no backward since the last step
+            return None  # no backward since the last step
         self._commit_piece_sums()
         if self.mode == "compiled" and not self._e_out_seen and self.config.reads_e_out:
             self.use_output_hook()  # no compiled graph returned the model output (see _end_of_backward)
         self._e_out_seen = False
         self._step_grads.update(got)
         self._window = max(self._window, 1)
+        return got
 
     # ------------------------------------------------------------------ E_out
     def set_output(self, out: torch.Tensor) -> None:
@@ -408,40 +412,47 @@ class StepMixin:
         else:
             self._window += 1
 
-    def _close_window(self) -> None:
+    def _close_window(self, params: list[torch.Tensor | None] | None = None, got: list[int] | None = None) -> None:
         """End a step of the optimizer / explicit boundary: decide every parameter that received a
-        gradient in it, once, on the accumulated gradient (in index order: the same on every rank)."""
-        params = self._params()
+        gradient in it, once, on the accumulated gradient (in index order: the same on every rank).
+        ``got``: this step's new gradients when :meth:`_collect_step` found them (no hooks)."""
+        if params is None:
+            params = self._params()
         under_ddp = self._ddp is not None
-        todo = [i for i, p in enumerate(params)
-                if p is not None and p.requires_grad and p.grad is not None and (i in self._step_grads or under_ddp)]
+        if got is not None and not under_ddp and len(got) == len(self._step_grads):
+            todo = got  # (what the scan below finds: the step's gradients are exactly these)
+        else:
+            todo = [i for i, p in enumerate(params) if p is not None and p.requires_grad and p.grad is not None
+                    and (i in self._step_grads or under_ddp)]
         if self._measures_now(todo):
             for i in todo:
                 self._decide(i, params[i])
         else:
             self._decide_unmeasured(todo, params)
         self._window = 0
-        self._end_step(in_backward=False)
-        if not self.num_grad_hooks:
-            self._mark_grads_seen()
+        self._end_step(in_backward=False, params=params)
+        if not self.num_grad_hooks and self._cce_on:
+            self._mark_grads_seen(params)  # CCE scaled gradients in place: their versions moved
 
-    def _new_grads(self) -> list[int]:
+    def _new_grads(self, params: list[torch.Tensor | None]) -> list[int]:
         """The parameters whose ``.grad`` is new or changed in place since the last step closed: what
-        the hooks would have seen (a gradient kept from an earlier step is not this step's)."""
+        the hooks would have seen (a gradient kept from an earlier step is not this step's). Records
+        them as seen: a later step finds them again only if they change."""
         seen, got = self._seen_grads, []
-        for i, p in enumerate(self._params()):
+        for i, p in enumerate(params):
             if p is None or not p.requires_grad or (g := p.grad) is None:
                 continue
             old = seen.get(i)
             if old is None or old[0]() is not g or old[1] != g._version:
                 got.append(i)
+                seen[i] = (weakref.ref(g), g._version)
         return got
 
-    def _mark_grads_seen(self) -> None:
+    def _mark_grads_seen(self, params: list[torch.Tensor | None] | None = None) -> None:
         """Record every current ``.grad`` (and its version) as belonging to a closed step."""
         seen = self._seen_grads
         seen.clear()
-        for i, p in enumerate(self._params()):
+        for i, p in enumerate(self._params() if params is None else params):
             if p is not None and (g := p.grad) is not None:
                 seen[i] = (weakref.ref(g), g._version)
 
@@ -479,7 +490,7 @@ class StepMixin:
                 torch._foreach_mul_(list(gs), list(factors))
             self._step_scale = {i: scales[i] for i in todo}
 
-    def _end_step(self, *, in_backward: bool) -> None:
+    def _end_step(self, *, in_backward: bool, params: list[torch.Tensor | None] | None = None) -> None:
         step = self.steps
         self.steps += 1
         self.cce.end_of_step(self._step_e.values())
@@ -488,17 +499,9 @@ class StepMixin:
             self.cce.multipliers(self.readings.value, self.readings.version, self._initial_efficiencies)
         outside = self.accounting.end_of_step(self.steps, self._step_grads, len(self.cdg.sets_used),
                                               self.config.cdg_max_sets)
-        names = self._names
-        self.last_step = {
-            "step": self.steps,
-            "e_out": self.readings.e_out_value(),
-            "efficiency": {names[k]: v for k, v in self._step_e.items()},
-            "skipped": [names[k] for k in self._step_skipped],
-            "scale": {names[k]: v for k, v in self._step_scale.items()},
-            "frozen": self.frozen,
-            "outside_graphs": [names[k] for k in outside],
-        }
         skipped = list(self._step_skipped)
+        record = [self.steps, self.readings.e_out_value(), self._step_e, skipped, self._step_scale, self.cdg.frozen,
+                  outside, None]
         self._reset_step()
         self.readings.end_step()
         wanted = None
@@ -509,16 +512,20 @@ class StepMixin:
                 self.cdg.since_decision = 0
                 wanted = self.cdg.decide(self._protected, self.config)
                 if self._distributed().active:  # rank 0 decides for every rank
-                    wanted = self._distributed().broadcast_set(wanted, len(names), self._device())
+                    wanted = self._distributed().broadcast_set(wanted, len(self._names), self._device())
         elif self.config.cdg is CDGMode.PREFIX:
-            length = self.prefix.end_of_step(step, self.readings.value, self.config, self._params())
+            if params is None:
+                params = self._params()
+            length = self.prefix.end_of_step(step, self.readings.value, self.config, params)
             if length != self.prefix.length or self._distributed().active:
                 wanted = frozenset(i for u in self.prefix.units[:length] for i in u.params)
                 if self._distributed().active:  # rank 0 decides for every rank
-                    wanted = self._distributed().broadcast_set(wanted, len(names), self._device())
+                    wanted = self._distributed().broadcast_set(wanted, len(self._names), self._device())
                 if wanted == self.cdg.frozen:
                     wanted = None
-        self.last_step["prefix"] = self.prefix.reason if self.config.cdg is CDGMode.PREFIX else None
+        if self.config.cdg is CDGMode.PREFIX:
+            record[-1] = self.prefix.reason
+        self._last_record = tuple(record)  # CosmicRuntime.last_step makes it a dict, with names, when read
         if self.config.cdg is CDGMode.PREFIX and not self.prefix.known and step == 0:
             warnings.warn(
                 "cosmic_fx: cdg='prefix' does not know the order in which the forward pass reads the parameters "
@@ -528,14 +535,17 @@ class StepMixin:
                 RuntimeWarning, stacklevel=2)
         ddp = self._ddp() if self._ddp is not None else None
         if ddp is None or not in_backward:
-            self._finish_step(step, skipped, wanted, ddp)
+            if skipped or wanted is not None:
+                self._finish_step(step, skipped, wanted, ddp, params)
         elif skipped or wanted is not None:
             # DDP's own end-of-backward callback (copying the all-reduced buckets into .grad) was
             # queued after this one; a callback queued now runs after it
             _queue_callback(lambda: self._finish_step(step, skipped, wanted, ddp))
 
-    def _finish_step(self, step: int, skipped: list[int], wanted: frozenset[int] | None, ddp) -> None:
-        params = self._params()
+    def _finish_step(self, step: int, skipped: list[int], wanted: frozenset[int] | None, ddp,
+                     params: list[torch.Tensor | None] | None = None) -> None:
+        if params is None:
+            params = self._params()
         if ddp is not None:
             for i in skipped:
                 if params[i] is not None:
