@@ -54,6 +54,7 @@ __all__ = ["KeyedDataset", "PrefixCache"]
 
 _RANDOM_OPS = ("dropout", "rand", "bernoulli", "normal", "multinomial", "randperm")
 _STORE_DTYPES = (None, torch.bfloat16, torch.float16)
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
 class KeyedDataset(torch.utils.data.Dataset):
@@ -97,12 +98,19 @@ def content_keys(tensors: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
     rows = []
     for t in tensors:
         flat = t.detach().reshape(t.shape[0], -1)
-        if flat.dtype.is_floating_point or flat.dtype.is_complex:
-            flat = flat.contiguous().view(torch.uint8).reshape(t.shape[0], -1)
+        if flat.dtype.is_floating_point or flat.dtype.is_complex or flat.element_size() > 4 \
+                or flat.dtype is torch.bool:
+            # the bits as integers of at most 32 bits (a float32 is one int32, not four bytes widened to
+            # int64 each: a quarter of the work; 64-bit values are two int32s, see the bound below)
+            as_int = _INT_OF_SIZE[min(flat.element_size(), 4)]
+            flat = flat.contiguous().view(as_int).reshape(t.shape[0], -1)
         rows.append(flat.to(torch.int64))
     flat = torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
     n = flat.shape[1]
-    # int64 arithmetic wraps: a random linear form modulo 2**64, twice (collisions ~2**-64 per pair)
+    # int64 arithmetic wraps: a random linear form with odd weights modulo 2**64, twice. Two rows that
+    # differ collide with probability about 2**-(64 - 31) per form: their difference's largest power of
+    # 2 is at most 2**31 for values of at most 32 bits (with 64-bit values two sign bits that differ
+    # would cancel for any odd weights)
     h1 = (flat * _hash_weights(n, flat.device, 1)).sum(1)
     h2 = (flat * _hash_weights(n, flat.device, 2)).sum(1)
     return list(zip(h1.tolist(), h2.tolist()))

@@ -222,3 +222,26 @@ def test_the_fast_preset_with_a_fused_optimizer_and_the_cache_equals_it_without_
     assert cosmic_fx.runtime_of(cm).prefix.length == 1 and cache.hits > 0
     for p, q in zip(*results):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64,
+                                   torch.complex128, torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_content_keys_tell_rows_apart_by_their_bits(dtype):
+    """Equal rows share a key; a row that differs in one value, in two sign bits of 64-bit values (which a
+    64-bit linear form with odd weights would cancel) or only in the sign of a zero gets another."""
+    from cosmic_fx.prefix_cache import content_keys
+
+    a = (torch.randn(3, 5, generator=torch.Generator().manual_seed(0)) * 100).to(dtype)
+    a[0, 0] = 0
+    a[1] = a[0]
+    a[2] = a[0]
+    a[2, 0] = 1
+    k = content_keys([a])
+    assert k[0] == k[1] and k[0] != k[2]
+    if dtype.is_floating_point or dtype.is_complex:
+        b = a.clone()
+        b[0, 1], b[0, 2] = -b[0, 1], -b[0, 2]
+        assert content_keys([b])[0] != k[0]
+        z = torch.zeros(2, 4, dtype=dtype)
+        z[1, :2] = -0.0
+        assert len(set(content_keys([z]))) == 2
