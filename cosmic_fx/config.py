@@ -393,17 +393,19 @@ class CosmicConfig:
         * CSC off (``csc="none"``): after every site it costs 12-14x a clone per site, and on the
           output it slowed the start of training (digits, 40 steps: 66% test error against 34%
           without it; 3.3% and 3.5% after 400 steps; benchmarks/experiments/fast_preset_forms_experiment.py).
-        * CDG ``"prefix"``: blocks on the input side freeze once their gradient norm has settled and
+        * CDG ``"prefix"``: blocks on the input side freeze once their weights have stopped moving and
           then cost no backward at all (no weight or input gradients, no saved activations); a
-          25-step window (a decision is possible from step 50) and at most a third of the blocks
-          (``cdg_prefix_max=0.34``): freezing more, or sooner, lost accuracy when fine-tuning
-          (benchmarks/experiments/fast_window_experiment.py, docs/guide/presets.md). The settle signal
-          stays the gradient norm's change: the weight drift (``cdg_prefix_signal="drift"``, 0.02)
-          froze nothing on a deep digits MLP from scratch where ``"grad"`` froze a block and lost 1.1
-          points, and cost nothing on stdlib-lm-deep (-0.01 bits/char), but froze one block where
-          ``"grad"`` froze two on docs-finetune, and on mnist-transfer both froze ``conv1`` and lost
-          3-3.6 points (one seed, aot_eager,
-          benchmarks/experiments/settle_signal_experiment.py; docs/guide/presets.md, "Settle signal").
+          25-step window and at most a third of the blocks (``cdg_prefix_max=0.34``): freezing more,
+          or sooner, lost accuracy when fine-tuning (benchmarks/experiments/fast_window_experiment.py,
+          docs/guide/presets.md). The settle signal is the weight drift (``cdg_prefix_signal="drift"``,
+          ``||w_t - w_{t-25}|| / ||w_t||`` of the next block below 0.02 in two windows running), read
+          once per window. The gradient norm's change (``"grad"``, the preset's signal until
+          2026-12-02) froze blocks still learning from scratch: over 3 seeds on ``stdlib-lm-deep``
+          +0.260 bits/char against +0.047 for the drift, and on ``docs-finetune`` both +0.037
+          (benchmarks/experiments/fast_cce_sgd_experiment.py; docs/guide/presets.md, "Settle
+          signal"). It also reads every step, so a step before the first freeze cost 1.11-1.25x a
+          ``torch.compile`` step on digits against 1.01-1.08x with the drift
+          (benchmarks/experiments/costfree_step_experiment.py).
         * CCE off (``cce="off"``): under SGD with momentum it cost accuracy when fine-tuning
           (``mnist-transfer``, 3 seeds: 4.13 % final error with CCE, 2.73 % without, 2.80 % for
           ``torch.compile``; on digits from scratch no difference beyond the seed spread;
@@ -418,7 +420,8 @@ class CosmicConfig:
             ('prefix', 'diagonal', 'none', 'off', 511)
         """
         base = dict(qci_form=QCIForm.DIAGONAL, qci_min_width=511, csc=CSCPlacement.NONE, cdg=CDGMode.PREFIX,
-                    cdg_prefix_window=25, cdg_prefix_max=0.34, cce=CCEMode.OFF, cce_skip_adaptive=True)
+                    cdg_prefix_window=25, cdg_prefix_max=0.34, cdg_prefix_signal=PrefixSignal.DRIFT, cce=CCEMode.OFF,
+                    cce_skip_adaptive=True)
         return cls(**{**base, **overrides})
 
     @classmethod

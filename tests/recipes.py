@@ -25,8 +25,9 @@ PRESETS = {"default": CosmicConfig, "seed": CosmicConfig.seed, "fast": CosmicCon
 # every 10, instead of 10 and 50), so that a few dozen steps cross several decisions. The seed preset
 # measures every step already.
 SCHEDULE = {"default": {"cdg_interval": 10, "efficiency_every": 2}, "seed": {},
-            # prefix CDG deciding after 2 x 3 steps, any change counting as settled, a QCI on every site:
-            # block "0" of the 3-layer MLP freezes at step 6 (one block of the two: cap 0.75); CCE on (the
+            # prefix CDG (the preset's drift signal) deciding after 2 windows of 3 steps, any change counting
+            # as settled, a QCI on every site: block "0" of the 3-layer MLP freezes at step 7 (one block of
+            # the two: cap 0.75); CCE on (the
             # preset has it off), so that prefix CDG is tested together with CCE's multipliers and state
             "fast": {"cdg_prefix_window": 3, "cdg_prefix_threshold": 1e9, "cdg_prefix_max": 0.75, "qci_min_width": 0,
                      "cce": "relative"}}

@@ -35,7 +35,7 @@ def test_recompiles_per_event_are_plain_torch_compiles():
 
 
 def test_a_cdg_freeze_event_recompiles_exactly_once():
-    """The runtime's own freeze event (prefix CDG of the fast preset, block 0 at step 6) costs one graph."""
+    """The runtime's own freeze event (prefix CDG of the fast preset, block 0 at step 7) costs one graph."""
     import cosmic_fx
     from tests import recipes
 

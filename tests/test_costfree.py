@@ -196,7 +196,7 @@ def test_prefix_every_reads_the_blocks_on_every_kth_step_only(engine, monkeypatc
                         lambda *a, **k: decisions.append(1) or real_decision(*a, **k))
     k, window = 4, 8
     cfg = config("fast", cdg_prefix_window=window, cdg_prefix_every=k, cdg_prefix_threshold=1e9,
-                 cdg_prefix_max=0.75)
+                 cdg_prefix_max=0.75, cdg_prefix_signal="grad")
     tm, run = recipes.prepare(recipes.make_model(0), cfg, engine)
     opt = torch.optim.AdamW(tm.parameters(), lr=1e-3)  # CCE off (fast, AdamW): nothing else reads gradients
     cosmic_fx.watch_optimizer(tm, opt)

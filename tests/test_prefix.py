@@ -61,9 +61,11 @@ def lm(cls=TinyLM, n: int = 3) -> nn.Module:
 
 
 def fast(**kw) -> CosmicConfig:
-    """Prefix CDG that decides within a few steps: window 2, any change counts as settled."""
+    """Prefix CDG that decides within a few steps: window 2, any change counts as settled. The gradient
+    signal (the preset's is the weight drift, tests/test_prefix_signal.py): it reads every step, so the
+    events here come at steps these tests can name."""
     return CosmicConfig.fast(**{"cdg_prefix_window": 2, "cdg_prefix_threshold": 1e9, "lower": "aot_eager",
-                                "qci_min_width": 0, "cdg_prefix_max": 0.75, **kw})
+                                "qci_min_width": 0, "cdg_prefix_max": 0.75, "cdg_prefix_signal": "grad", **kw})
 
 
 def train(run, tm, steps: int, lr: float = 0.05) -> None:
@@ -143,7 +145,7 @@ def test_freezing_is_monotone_never_touches_the_output_layer_and_recompiles_once
     the entry point with ``options={"preset": "fast", ...}`` (the order from the graph dynamo hands the
     backend). A small graph keeps the compiles short: 2 blocks, no QCI/CSC."""
     options = {"preset": "fast", "cdg_prefix_window": 2, "cdg_prefix_threshold": 1e9, "cdg_prefix_max": 1.0,
-               "qci": False, "csc": "none", "lower": "aot_eager"}
+               "qci": False, "csc": "none", "lower": "aot_eager", "cdg_prefix_signal": "grad"}
     graphs = []
     handle = add_listener(graphs.append)
     try:

@@ -360,7 +360,7 @@ def test_ddp_two_processes_take_identical_decisions_and_keep_identical_parameter
     parameters (QCIs included) and runtime state (low-reading counters, readings, CCE's mean) as one
     process on the full batch, within float rounding. Run twice in a row (the repeat with the
     default preset), each under a timeout: a collective that one rank skips would hang a run."""
-    steps = 12  # calibrated-CDG decisions at steps 3, 6, 9 and 12; prefix CDG freezes at step 6
+    steps = 12  # calibrated-CDG decisions at steps 3, 6, 9 and 12; prefix CDG freezes at step 7
     presets = ("default", "fast")
     runs = []
     proc = start_ddp(tmp_path / "ddp0", steps, presets)
@@ -419,10 +419,12 @@ def test_ddp_two_processes_take_identical_decisions_and_keep_identical_parameter
                 assert torch.equal(other[0][key]["params"][n], a["params"][n]), (key, n)
     if ranks[0]["default", "eager"]["events"] == []:
         pytest.fail("the default preset must reach a freeze event within the schedule")
-    # prefix CDG froze the first block (and its QCI) at step 6, for good, on both ranks and every engine
+    # prefix CDG froze the first block (and its QCI) for good, on both ranks and every engine: the drift
+    # signal (window 3) snapshots the block at step 0 and reads it at the ends of steps 3 and 6, so the
+    # event is at step 7
     for engine in recipes.DDP_ENGINES:
         (step, names), = ranks[0]["fast", engine]["events"]
-        assert step == 6 and set(names) == {"0.weight", "0.bias", *(n for n in ranks[0]["fast", engine]["params"]
+        assert step == 7 and set(names) == {"0.weight", "0.bias", *(n for n in ranks[0]["fast", engine]["params"]
                                                                    if n.startswith("cosmic_qci.0."))}
 
 

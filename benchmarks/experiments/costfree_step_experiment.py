@@ -11,7 +11,9 @@ Arms, side by side from the same init, on digits (batch 64), one thread, ``aot_e
   before (a post-accumulate-grad hook per parameter, ``_decide`` per parameter every step, and CCE on
   under AdamW): what the fast preset cost before this change;
 * ``fast, cdg_prefix_every=5``: the fast preset reading the block gradient norms (and deciding) on
-  every 5th step only; the other four steps do no prefix work.
+  every 5th step only; the other four steps do no prefix work;
+* ``fast, drift``: the fast preset with ``cdg_prefix_signal="drift"``, which reads the next block's
+  weights once per ``cdg_prefix_window`` steps (here never: the window is 10**6 steps).
 
 Steps run interleaved (one of each arm per round, after a warm-up) and the median of each is reported,
 with its ratio to torch.compile's. Models: ``DigitsMLP()`` (6 parameter tensors) and a deep MLP of 8
@@ -68,10 +70,11 @@ def arms(base: nn.Module, optim: str) -> dict:
 
     plain = copy.deepcopy(base)
     out = {"torch.compile": (torch.compile(plain, backend="aot_eager"), make_opt(plain))}
-    for name, per_parameter, every in (("fast", False, 1), ("fast, per parameter", True, 1),
-                                       ("fast, cdg_prefix_every=5", False, 5)):
+    for name, per_parameter, every, signal in (("fast", False, 1, "grad"), ("fast, per parameter", True, 1, "grad"),
+                                               ("fast, cdg_prefix_every=5", False, 5, "grad"),
+                                               ("fast, drift", False, 1, "drift")):
         cfg = CosmicConfig.fast(lower="aot_eager", cdg_prefix_window=10**6, cce_skip_adaptive=not per_parameter,
-                                cdg_prefix_every=every)
+                                cdg_prefix_every=every, cdg_prefix_signal=signal)
         tm = cosmic_fx.transform(copy.deepcopy(base), cfg)
         run, opt = cosmic_fx.compile(tm), make_opt(tm)
         cosmic_fx.watch_optimizer(tm, opt)

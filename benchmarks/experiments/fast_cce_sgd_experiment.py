@@ -50,7 +50,7 @@ def main() -> None:
             for arm in arms:
                 t0 = time.perf_counter()
                 r = train_run(task, arm, seed)
-                print(f"| {task.name} | {seed} | {arm.name} | {r.final:.2f} | {r.frozen_fraction:.2f} | "
+                print(f"| {task.name} | {seed} | {arm.name} | {r.final:.3f} | {r.frozen_fraction:.2f} | "
                       f"{r.scaled_fraction:.2f} | {time.perf_counter() - t0:.0f} | {r.note} |", flush=True)
 
 
