@@ -379,10 +379,11 @@ class CosmicConfig:
     @classmethod
     def fast(cls, **overrides: Any) -> CosmicConfig:
         """The preset to try for speed and memory when fine-tuning: the mechanisms in their cheapest
-        measured forms. Measured (``cosmic-fx bench claims``, docs/claims/peers_full_run.md, 3 seeds): step
-        memory 0.69-0.70x ``torch.compile``'s on the fine-tuning tasks, steps 8-34% cheaper, accuracy
-        within budget when fine-tuning; from scratch it froze blocks still learning (+0.27 bits/char
-        on ``stdlib-lm-deep``), so check your own validation metric.
+        measured forms. Measured (``cosmic-fx bench claims``, docs/claims/peers_drift_run.md, 3 seeds): step
+        memory 0.84x ``torch.compile``'s on ``docs-finetune`` and 0.70x on ``mnist-transfer``, steps
+        8-25% cheaper where it froze, accuracy within budget when fine-tuning; from scratch it can still freeze a
+        block that is learning (+0.096 bits/char on ``stdlib-lm-deep``, over the budget in 2 seeds of
+        3), so check your own validation metric.
 
         * QCI ``qci_form="diagonal"``, only on sites wider than 511 (``qci_min_width=511``): there it
           adds 1-10% to its site's forward+backward under Inductor (the dense form: 2-2.3x;

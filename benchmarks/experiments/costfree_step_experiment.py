@@ -5,33 +5,31 @@ Produced: docs/guide/performance.md, section "What a step costs before anything 
 Arms, side by side from the same init, on digits (batch 64), one thread, ``aot_eager`` lowering:
 
 * ``torch.compile``: ``torch.compile(model, backend="aot_eager")``;
-* ``fast``: ``cosmic_fx.compile`` of the fast preset (``cdg_prefix_window`` large, so nothing freezes
-  while measuring), the optimizer watched: no per-parameter hook, unmeasured steps batched;
-* ``fast, per parameter``: the same, with the runtime forced back onto the per-parameter path it took
-  before (a post-accumulate-grad hook per parameter, ``_decide`` per parameter every step, and CCE on
-  under AdamW): what the fast preset cost before this change;
-* ``fast, cdg_prefix_every=5``: the fast preset reading the block gradient norms (and deciding) on
-  every 5th step only; the other four steps do no prefix work;
-* ``fast, drift``: the fast preset with ``cdg_prefix_signal="drift"``, which reads the next block's
-  weights once per ``cdg_prefix_window`` steps (here never: the window is 10**6 steps).
+* ``fast, grad``: ``cosmic_fx.compile`` of the fast preset with the gradient settle signal (the
+  preset's until 2026-12-02; ``cdg_prefix_window`` large, so nothing freezes while measuring), the
+  optimizer watched: no per-parameter hook, unmeasured steps batched, the block gradient norms read
+  every step;
+* ``fast, grad, per parameter``: the same, with the runtime forced back onto the per-parameter path
+  it took before (a post-accumulate-grad hook per parameter, ``_decide`` per parameter every step,
+  and CCE on under AdamW);
+* ``fast, grad, cdg_prefix_every=5``: reading the block gradient norms (and deciding) on every 5th
+  step only; the other four steps do no prefix work;
+* ``fast (drift)``: the fast preset as it is, ``cdg_prefix_signal="drift"``: it reads the next
+  block's weights once per ``cdg_prefix_window`` steps (here never: the window is 10**6 steps).
 
 Steps run interleaved (one of each arm per round, after a warm-up) and the median of each is reported,
 with its ratio to torch.compile's. Models: ``DigitsMLP()`` (6 parameter tensors) and a deep MLP of 8
 Linear(128, 128) + ReLU blocks (18 tensors, 1 measured step in 10 with ``efficiency_every=10``).
 
-Measured twice, 2026-12-02, on the shared 2-core machine while other jobs ran (timings noisy), 60 rounds;
-median step over torch.compile's (run 1 / run 2):
+The tables, with the runs they come from, are in docs/guide/performance.md. The latest (after the
+per-step bookkeeping was cut and the preset moved to the drift signal; two runs of 300 rounds on a
+quiet machine, median step over torch.compile's, run 1 / run 2):
 
-    model, optimizer        fast           fast, per parameter
-    DigitsMLP, AdamW        1.18x / 1.18x  1.19x / 1.19x
-    DigitsMLP, SGD          1.28x / 1.29x  1.25x / 1.19x
-    deep MLP, AdamW         1.13x / 1.06x  1.17x / 1.14x
-    deep MLP, SGD           1.24x / 1.17x  1.24x / 1.21x
-
-Removing the hooks and batching the unmeasured steps gains a few percent on the deep MLP and nothing
-measurable on the 6-tensor one: what is left is fixed work per step (the optimizer pre-hook's block
-gradient norms and step bookkeeping, about 0.2-0.3 ms here, and the backend's wrapper), not work per
-parameter. The 1.03x target is not met on these models.
+    model, optimizer        fast, grad     per parameter  grad, every 5  fast (drift)
+    DigitsMLP, AdamW        1.16x / 1.15x  1.16x / 1.15x  1.07x / 1.06x  1.03x / 1.03x
+    DigitsMLP, SGD          1.25x / 1.24x  1.22x / 1.23x  1.11x / 1.11x  1.07x / 1.08x
+    deep MLP, AdamW         1.11x / 1.11x  1.12x / 1.10x  1.05x / 1.05x  1.04x / 1.01x
+    deep MLP, SGD           1.15x / 1.14x  1.19x / 1.16x  1.07x / 1.05x  1.06x / 1.03x
 
 usage: python benchmarks/experiments/costfree_step_experiment.py [rounds]
 """
@@ -70,9 +68,10 @@ def arms(base: nn.Module, optim: str) -> dict:
 
     plain = copy.deepcopy(base)
     out = {"torch.compile": (torch.compile(plain, backend="aot_eager"), make_opt(plain))}
-    for name, per_parameter, every, signal in (("fast", False, 1, "grad"), ("fast, per parameter", True, 1, "grad"),
-                                               ("fast, cdg_prefix_every=5", False, 5, "grad"),
-                                               ("fast, drift", False, 1, "drift")):
+    for name, per_parameter, every, signal in (("fast, grad", False, 1, "grad"),
+                                               ("fast, grad, per parameter", True, 1, "grad"),
+                                               ("fast, grad, cdg_prefix_every=5", False, 5, "grad"),
+                                               ("fast (drift)", False, 1, "drift")):
         cfg = CosmicConfig.fast(lower="aot_eager", cdg_prefix_window=10**6, cce_skip_adaptive=not per_parameter,
                                 cdg_prefix_every=every, cdg_prefix_signal=signal)
         tm = cosmic_fx.transform(copy.deepcopy(base), cfg)
