@@ -169,3 +169,53 @@ def test_the_decision_of_a_step_that_read_nothing_new_is_the_policys_own(signal)
         if got != state.length:
             state.advance(got, step)
     assert state.events >= 1 and seen_memo > 0
+
+
+def _run_recorded(compiled: bool, quiet: bool, opt_cls=torch.optim.AdamW, **cfg):
+    """30 steps of the drift preset on :func:`mlp` (blocks 0 and 2 still, the rest moving), with the
+    runtime's quiet-step path on or off; returns what each step left and how often the path was taken."""
+    tm = cosmic_fx.transform(mlp(), drift_cfg(qci=False, **cfg))
+    if compiled:
+        run = cosmic_fx.compile(tm)
+    else:
+        cosmic_fx.attach_hooks(tm)
+        run = tm
+    rt = cosmic_fx.runtime_of(tm)
+    taken = [0]
+    inner = rt._quiet_step
+
+    def counted() -> bool:
+        done = inner() if quiet else False
+        taken[0] += done
+        return done
+
+    rt._quiet_step = counted  # the optimizer pre-hook calls it through the instance
+    groups = [{"params": [p], "lr": 0.0 if n.startswith(("0.", "2.")) else 1e-2} for n, p in tm.named_parameters()]
+    opt = opt_cls(groups)
+    cosmic_fx.watch_optimizer(tm, opt)
+    steps = []
+    for _ in range(30):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(run(X), Y).backward()
+        opt.step()
+        steps.append((rt.steps, rt.last_step, sorted(rt.frozen), rt.prefix.reason, rt.prefix.length))
+    return steps, {k: v.clone() for k, v in tm.state_dict().items()}, taken[0]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "aot_eager"])
+def test_the_quiet_step_path_leaves_what_the_full_step_leaves(compiled):
+    """On steps where nothing acts (drift inside its window, no CCE under AdamW) the optimizer pre-hook
+    takes a short path; step by step it leaves the same step count, record, frozen set, decision and
+    reason as the full path, and the same weights and runtime state, across freeze events."""
+    full, full_state, none_taken = _run_recorded(compiled, quiet=False)
+    fast, fast_state, taken = _run_recorded(compiled, quiet=True)
+    assert none_taken == 0 and 15 <= taken < 30  # most steps, not the reading / cool-down ones
+    assert full[-1][4] >= 1, full[-1][3]  # a block froze on the way
+    assert fast == full
+    torch.testing.assert_close(fast_state, full_state, rtol=0, atol=0, equal_nan=True)
+
+
+def test_the_quiet_step_path_is_not_taken_while_cce_scales_gradients():
+    sgd = lambda groups: torch.optim.SGD(groups, momentum=0.9)  # noqa: E731
+    assert _run_recorded(False, quiet=True, opt_cls=sgd)[2] > 0  # the preset's CCE is off
+    assert _run_recorded(False, quiet=True, opt_cls=sgd, cce="relative")[2] == 0

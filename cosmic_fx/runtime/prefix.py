@@ -313,7 +313,7 @@ class PrefixState:
         # new it is the last one (the drift signal reads once per window, "grad" every k-th step)
         key = None
         if since is None or since >= config.cdg_prefix_window:
-            key = (self._appended, self.length, self.events, len(self.units), window, id(config))
+            key = self._memo_key(window, config)
             if self._memo is not None and self._memo[0] == key:
                 self.reason = self._memo[2]
                 return self._memo[1]
@@ -321,6 +321,33 @@ class PrefixState:
         wanted, self.reason = policy.prefix_decision(self.length, changes, len(self.units), self.events, since, config)
         self._memo = None if key is None else (key, wanted, self.reason)
         return wanted
+
+    def _memo_key(self, window: int, config: CosmicConfig) -> tuple:
+        """What a decision outside a cool-down depends on (the step count does not enter it)."""
+        return (self._appended, self.length, self.events, len(self.units), window, id(config))
+
+    def quiet_end(self, step: int, config: CosmicConfig) -> bool:
+        """For the drift signal: whether :meth:`end_of_step` at the end of step ``step`` would read
+        nothing and return its last decision unchanged (inside the candidate's window, or nothing more
+        may freeze; outside a cool-down; no gradient sums pending). Then it does what that call would
+        (the reason of the last decision) and returns ``True``; otherwise ``False``, doing nothing,
+        and the caller calls :meth:`end_of_step`. ``tests/test_prefix_signal.py`` checks that runs
+        taking this path equal runs that never do, step by step."""
+        memo = self._memo
+        if (memo is None or not self.known or self._acc or self._vec is not None
+                or config.cdg_prefix_signal is not PrefixSignal.DRIFT or memo[1] != self.length):
+            return False
+        window = config.cdg_prefix_window  # (no cool-down: a freeze event drops the memo, and a
+        u = self.length                     # decision inside one is not memoised)
+        if u >= policy.prefix_cap(len(self.units), config) or self.events >= config.cdg_max_sets:
+            if self._snap is not None:
+                return False  # (end_of_step drops the snapshot)
+        elif self._snap is None or self._snap_unit != u or step - self._snap_step >= window:
+            return False  # a reading (or a first snapshot) is due
+        if memo[0] != self._memo_key(window, config):
+            return False
+        self.reason = memo[2]
+        return True
 
     def preview(self, config: CosmicConfig, step: int) -> tuple[int, str]:
         """What the decision at the end of step ``step`` would say on the readings so far (for

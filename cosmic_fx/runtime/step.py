@@ -203,6 +203,8 @@ class StepMixin:
 
     def _at_optimizer_step(self) -> None:
         self._unstepped = 0
+        if self._quiet_step():
+            return
         if self.step_boundary == "backward":
             return
         params = self._params()  # once per step: the methods below take it
@@ -211,6 +213,32 @@ class StepMixin:
             got = self._collect_step(params)
         if self._window:
             self._close_window(params, got)
+
+    def _quiet_step(self) -> bool:
+        """The whole step, when it is one on which nothing acts: prefix CDG with the drift signal
+        inside the candidate block's window (or with nothing left to freeze), no CCE, no hooks, no
+        DDP, nothing pending. It counts the step, keeps the compile accounting and the step's record,
+        and returns ``True``; it does what :meth:`_collect_step`, :meth:`_close_window` and
+        :meth:`_end_step` would do on such a step, without their calls (about 30 µs of Python a step
+        on a CPU, docs/guide/performance.md). Otherwise it returns ``False`` having done nothing."""
+        cfg = self.config
+        if (cfg.cdg is not CDGMode.PREFIX or cfg.cce_fused is not CCEFused.OFF or self._handles or self._window
+                or self._explicit or self._ddp is not None or self._piece_sums is not None or self.fused.external
+                or not (cfg.cce is CCEMode.OFF or self._cce_skipped) or self._step_grads
+                or (self._dist is not None and self._dist.active)
+                or not self.prefix.quiet_end(self.steps, cfg)):
+            return False
+        params = self._params()
+        got = self._new_grads(params)
+        if not got:
+            return True  # no backward since the last step (as _collect_step: nothing to close)
+        self._e_out_seen = False
+        self.steps += 1
+        outside = self.accounting.end_of_step(self.steps, set(got), len(self.cdg.sets_used), cfg.cdg_max_sets)
+        self._last_record = (self.steps, self.readings.e_out_value(), {}, [], {}, self.cdg.frozen, outside,
+                             self.prefix.reason)
+        self.readings.end_step()
+        return True
 
     def _collect_step(self, params: list[torch.Tensor | None]) -> list[int] | None:
         """Without per-parameter hooks: find this step's gradients at the optimizer step, and do what the
