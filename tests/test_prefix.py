@@ -4,6 +4,8 @@ recompiles, checkpoints, bad input and ``explain``."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -282,6 +284,33 @@ def test_freeze_prefix_grows_only_and_says_what_is_allowed():
     with pytest.raises(ValueError,
                        match="freeze_prefix needs cdg='prefix'; this runtime's config has cdg='calibrated'"):
         other.freeze_prefix(1)
+
+
+def test_freezing_a_block_with_batchnorm_in_training_mode_says_its_statistics_keep_updating():
+    """A frozen weight does not stop BatchNorm's running statistics: the freeze event that takes such a
+    block says so (once per model), and names the layers; in eval mode there is nothing to say."""
+    def convnet() -> nn.Sequential:
+        torch.manual_seed(0)
+        block = lambda i, o: nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU())  # noqa: E731
+        return nn.Sequential(block(1, 4), block(4, 4), block(4, 4), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+
+    tm = cosmic_fx.transform(convnet(), fast())
+    rt = cosmic_fx.runtime_of(tm)
+    assert [u.name for u in rt.prefix.units] == ["0.0", "0.1+1.0", "1.1+2.0"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rt.freeze_prefix(1)  # a convolution alone
+    with pytest.warns(UserWarning, match=r"froze blocks that hold BatchNorm layers in training mode \(0\.1\): "
+                                         r"their weights are frozen, but their running statistics keep updating"):
+        rt.freeze_prefix(2)
+    mean = tm.get_submodule("0.1").running_mean.clone()
+    tm(torch.randn(2, 1, 8, 8) + 3.0)
+    assert not torch.equal(mean, tm.get_submodule("0.1").running_mean)  # what the warning says
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rt.freeze_prefix(3)  # once per model
+        quiet = cosmic_fx.transform(convnet(), fast()).eval()
+        cosmic_fx.runtime_of(quiet).freeze_prefix(3)
 
 
 def test_an_unknown_forward_order_warns_and_freezes_nothing():

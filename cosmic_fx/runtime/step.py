@@ -94,6 +94,7 @@ class StepMixin:
         self._window = 0  # backward passes in the step still open (optimizer / explicit boundary)
         self._unstepped = 0  # backward passes since the last optimizer step (any boundary)
         self._warned_accumulation = False
+        self._warned_batchnorm = False
         self._seen_grads: dict[int, tuple[weakref.ref, int]] = {}  # without hooks: the grads of closed steps
         self._cce_skipped = False  # cce_skip_adaptive and a scale-invariant optimizer (Adam, AdamW)
         self._piece_sums: torch.Tensor | None = None
@@ -583,7 +584,9 @@ class StepMixin:
                 # the prefix grows only (a rank that received rank 0's set follows it); this step's
                 # gradients of the newly frozen blocks are dropped, so no optimizer moves them again
                 wanted = wanted | self.cdg.frozen
+                before = self.prefix.length
                 self.prefix.advance(self.prefix.length_of(wanted), step)
+                self._warn_frozen_batchnorm(before)
                 for i in wanted - self.cdg.frozen:
                     if params[i] is not None:
                         params[i].grad = None
@@ -593,6 +596,31 @@ class StepMixin:
                                      on_change=(lambda: rebuild_reducer(ddp)) if ddp is not None else None)
             if changed:
                 log.debug("cosmic CDG step %d: frozen %s", self.steps, self.frozen)
+
+    def _warn_frozen_batchnorm(self, before: int) -> None:
+        """Once per model: the blocks frozen from ``before`` on hold BatchNorm layers in training mode,
+        whose running statistics a frozen weight does not stop."""
+        model = self.model
+        if self._warned_batchnorm or model is None:
+            return
+        found = []
+        for unit in self.prefix.units[before:self.prefix.length]:
+            for block in unit.name.split("+"):
+                try:
+                    sub = model.get_submodule(block)
+                except AttributeError:
+                    continue  # a parameter held directly (a positional embedding)
+                found += [f"{block}.{n}" if n else block for n, m in sub.named_modules()
+                          if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+                          and m.track_running_stats]
+        if found:
+            self._warned_batchnorm = True
+            shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+            warnings.warn(
+                f"cosmic_fx: prefix CDG froze blocks that hold BatchNorm layers in training mode ({shown}): their "
+                "weights are frozen, but their running statistics keep updating from every batch. To freeze those "
+                "too, put the layers in eval mode (model.get_submodule(name).eval()) after the freeze; to let them "
+                "adapt, nothing to do. (Warned once per model.)", UserWarning, stacklevel=2)
 
     def _device(self) -> torch.device:
         p = next((p for p in self._params() if p is not None), None)
