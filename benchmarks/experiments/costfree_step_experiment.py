@@ -14,22 +14,24 @@ Arms, side by side from the same init, on digits (batch 64), one thread, ``aot_e
   and CCE on under AdamW);
 * ``fast, grad, cdg_prefix_every=5``: reading the block gradient norms (and deciding) on every 5th
   step only; the other four steps do no prefix work;
-* ``fast (drift)``: the fast preset as it is, ``cdg_prefix_signal="drift"``: it reads the next
-  block's weights once per ``cdg_prefix_window`` steps (here never: the window is 10**6 steps).
+* ``fast (drift), full step``: the fast preset, ``cdg_prefix_signal="drift"``: it reads the next
+  block's weights once per ``cdg_prefix_window`` steps (here never: the window is 10**6 steps), with
+  the runtime's quiet-step path switched off (every step closed in full, as before 2026-12-03);
+* ``fast (drift)``: the fast preset as it is: the steps between drift readings take the quiet path.
 
 Steps run interleaved (one of each arm per round, after a warm-up) and the median of each is reported,
 with its ratio to torch.compile's. Models: ``DigitsMLP()`` (6 parameter tensors) and a deep MLP of 8
 Linear(128, 128) + ReLU blocks (18 tensors, 1 measured step in 10 with ``efficiency_every=10``).
 
-The tables, with the runs they come from, are in docs/guide/performance.md. The latest (after the
-per-step bookkeeping was cut and the preset moved to the drift signal; two runs of 300 rounds on a
-quiet machine, median step over torch.compile's, run 1 / run 2):
+The tables, with the runs they come from, are in docs/guide/performance.md. The latest (the quiet
+step, 2026-12-03; two runs of 300 rounds on a quiet machine, median step over torch.compile's, run 1 /
+run 2):
 
-    model, optimizer        fast, grad     per parameter  grad, every 5  fast (drift)
-    DigitsMLP, AdamW        1.16x / 1.15x  1.16x / 1.15x  1.07x / 1.06x  1.03x / 1.03x
-    DigitsMLP, SGD          1.25x / 1.24x  1.22x / 1.23x  1.11x / 1.11x  1.07x / 1.08x
-    deep MLP, AdamW         1.11x / 1.11x  1.12x / 1.10x  1.05x / 1.05x  1.04x / 1.01x
-    deep MLP, SGD           1.15x / 1.14x  1.19x / 1.16x  1.07x / 1.05x  1.06x / 1.03x
+    model, optimizer        fast, grad     drift, full step  fast (drift), quiet step
+    DigitsMLP, AdamW        1.16x / 1.17x  1.04x / 1.05x     1.01x / 1.03x
+    DigitsMLP, SGD          1.28x / 1.28x  1.09x / 1.05x     1.04x / 1.05x
+    deep MLP, AdamW         1.09x / 1.14x  1.04x / 1.05x     1.02x / 1.04x
+    deep MLP, SGD           1.17x / 1.15x  1.06x / 1.07x     1.04x / 1.03x
 
 usage: python benchmarks/experiments/costfree_step_experiment.py [rounds]
 """
@@ -71,6 +73,7 @@ def arms(base: nn.Module, optim: str) -> dict:
     for name, per_parameter, every, signal in (("fast, grad", False, 1, "grad"),
                                                ("fast, grad, per parameter", True, 1, "grad"),
                                                ("fast, grad, cdg_prefix_every=5", False, 5, "grad"),
+                                               ("fast (drift), full step", False, 1, "drift"),
                                                ("fast (drift)", False, 1, "drift")):
         cfg = CosmicConfig.fast(lower="aot_eager", cdg_prefix_window=10**6, cce_skip_adaptive=not per_parameter,
                                 cdg_prefix_every=every, cdg_prefix_signal=signal)
@@ -82,6 +85,8 @@ def arms(base: nn.Module, optim: str) -> dict:
             rt._sync_hooks = lambda: None  # keep the hooks (instance attributes shadow the methods)
             rt._measures_now = lambda todo: True
             rt._attach_hooks()
+        if name.endswith("full step"):
+            cosmic_fx.runtime_of(tm)._quiet_step = lambda: False  # every step takes the full close
         out[name] = (run, opt)
     return out
 
