@@ -217,3 +217,22 @@ def test_prefix_every_reads_the_blocks_on_every_kth_step_only(engine, monkeypatc
 def test_prefix_every_must_be_a_positive_int():
     with pytest.raises(ValueError, match="cdg_prefix_every must be an int >= 1; got 0"):
         CosmicConfig.fast(cdg_prefix_every=0)
+
+
+@pytest.mark.slow
+def test_the_side_by_side_pre_freeze_step_experiment_runs_and_prints_every_arm():
+    """The script the README's fast row cites (benchmarks/experiments/claims_prefreeze_step_experiment.py),
+    on its smallest task: it trains the three arms under Inductor and prints one line with each."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "experiments" / "claims_prefreeze_step_experiment.py"
+    proc = subprocess.run([sys.executable, str(script), "--tasks", "digits-mlp", "--rounds", "3", "--threads", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("digits-mlp (3 rounds): torch.compile "), line
+    for arm in ("torch.compile", "cosmic fast", "cosmic off"):
+        assert f"{arm} " in line, line
+    assert line.count("x; optimizer.step() ") == 3, line  # each arm's ratio and its optimizer step

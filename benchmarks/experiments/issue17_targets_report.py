@@ -10,7 +10,7 @@ The run's median step is over all its steps, after any freeze too: on a task whe
 nothing it is the median step before the first freeze; where it froze, the pre-freeze step is
 measured by benchmarks/experiments/costfree_step_experiment.py instead, and the row says so.
 
-Produced: docs/claims/peers_full_run.md, section "Issue 17's targets".
+Produced: docs/claims/peers_full_run.md and docs/claims/peers_drift015_run.md, section "Issue 17's targets".
 
     python benchmarks/experiments/issue17_targets_report.py results/claims-peers/claims.json
 """
