@@ -384,7 +384,8 @@ class CosmicConfig:
         ``mnist-transfer``, time to the target 0.93x and 0.95x (inside the seed spread), the final metric
         within the accuracy budget on all six claims tasks, from scratch included (nothing froze on
         ``stdlib-lm-deep``: +0.004 bits/char); before its first freeze a step costs 0.97-1.03x a
-        ``torch.compile`` step on the claims tasks and 1.04-1.06x on the half-millisecond ``digits-mlp``.
+        ``torch.compile`` step on five claims tasks and 1.04-1.06x on the half-millisecond ``digits-mlp``
+        (benchmarks/experiments/claims_prefreeze_step_experiment.py).
 
         * QCI ``qci_form="diagonal"``, only on sites wider than 511 (``qci_min_width=511``): there it
           adds 1-10% to its site's forward+backward under Inductor (the dense form: 2-2.3x;

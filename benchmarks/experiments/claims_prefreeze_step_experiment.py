@@ -40,7 +40,8 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--tasks", default="digits-mlp,stdlib-lm,stdlib-lm-deep")
 ap.add_argument("--rounds", type=int, default=45)
 ap.add_argument("--threads", type=int, default=2)
-ap.add_argument("--pretrained", default=None, help="the fine-tuning tasks' pretrained weights (a claims run's pretrained/); default: pretrain in memory")
+ap.add_argument("--pretrained", default=None,
+                help="the fine-tuning tasks' pretrained weights (a claims run's pretrained/); default: in memory")
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
 
@@ -53,7 +54,8 @@ for task in make_tasks(args.tasks.split(","), quick=False, cache_dir=args.pretra
     torch._dynamo.reset()
     base = task.factory(0)
     runs = {}
-    for name, cfg in (("torch.compile", None), ("cosmic fast", CosmicConfig.fast()), ("cosmic off", CosmicConfig.off())):
+    arms = (("torch.compile", None), ("cosmic fast", CosmicConfig.fast()), ("cosmic off", CosmicConfig.off()))
+    for name, cfg in arms:
         m = copy.deepcopy(base)
         run = torch.compile(m) if cfg is None else cosmic_fx.compile(m, cfg)
         params = m.parameters() if cfg is None else run._orig_mod.parameters()
