@@ -5,8 +5,9 @@ Produced: docs/claims/peers_drift015_run.md, section "The step before the first 
 The claims run's median-step rows compare arms trained one after the other, so the machine's drift
 between them enters the ratio (``torch.compile`` on ``stdlib-lm-deep``: 81, 101 and 96 ms in the three
 seeds of one run). This runs the arms side by side from the same init, one step of each per round, on
-the task's own model, batches, optimizer (AdamW, or SGD with momentum 0.9) and learning rate, under
-Inductor, 2 threads (the claims run's):
+the task's own model, batches, optimizer and learning rate, under Inductor, 2 threads (the claims
+run's); the arms are built by the bench's own code (``cosmic_fx.bench.arms.arms_for``,
+``cosmic_fx.training.build``):
 
 * ``torch.compile``: ``torch.compile(model)`` (Inductor);
 * ``cosmic fast``: ``cosmic_fx.compile(model, CosmicConfig.fast())`` as ``cosmic-fx bench claims``
@@ -32,7 +33,9 @@ import torch
 
 import cosmic_fx
 from cosmic_fx import CosmicConfig
+from cosmic_fx.bench.arms import arms_for
 from cosmic_fx.bench.tasks import make_tasks
+from cosmic_fx.training import Arm, _optimizer, build
 
 WARMUP = 5
 
@@ -48,20 +51,16 @@ torch.set_num_threads(args.threads)
 for task in make_tasks(args.tasks.split(","), quick=False, cache_dir=args.pretrained):
     if task.prepare is not None:
         task.prepare(0)
-    if task.optimizer not in ("adamw", "momentum"):
-        raise SystemExit(f"{task.name}: this script builds AdamW or SGD with momentum; the task uses {task.optimizer}")
     torch.manual_seed(0)
     torch._dynamo.reset()
     base = task.factory(0)
+    arms = arms_for(task, "inductor", only=["torch.compile", "cosmic fast"])
+    arms = {"torch.compile": arms["torch.compile"], "cosmic fast": arms["cosmic fast"],
+            "cosmic off": Arm("cosmic off", CosmicConfig.off(lower="inductor"), "compile", task.optimizer, task.lr)}
     runs = {}
-    arms = (("torch.compile", None), ("cosmic fast", CosmicConfig.fast()), ("cosmic off", CosmicConfig.off()))
-    for name, cfg in arms:
-        m = copy.deepcopy(base)
-        run = torch.compile(m) if cfg is None else cosmic_fx.compile(m, cfg)
-        params = m.parameters() if cfg is None else run._orig_mod.parameters()
-        opt = (torch.optim.AdamW(params, lr=task.lr) if task.optimizer == "adamw"
-               else torch.optim.SGD(params, lr=task.lr, momentum=0.9))
-        runs[name] = (run, opt)
+    for name, arm in arms.items():
+        run, trained, _ = build(arm, copy.deepcopy(base))
+        runs[name] = (run, _optimizer(arm, trained.parameters()))
     times: dict[str, list[float]] = {k: [] for k in runs}
     opt_times: dict[str, list[float]] = {k: [] for k in runs}  # optimizer.step() alone (pre-hooks included)
     batches = list(itertools.islice(task.batches(0), WARMUP + args.rounds))
@@ -76,7 +75,7 @@ for task in make_tasks(args.tasks.split(","), quick=False, cache_dir=args.pretra
             if i >= WARMUP:
                 times[k].append(t2 - t0)
                 opt_times[k].append(t2 - t1)
-    frozen = cosmic_fx.runtime_of(runs["cosmic fast"][0]._orig_mod).prefix.length
+    frozen = cosmic_fx.runtime_of(runs["cosmic fast"][0]).prefix.length
     if frozen:
         raise SystemExit(f"{task.name}: the fast arm froze {frozen} block(s) while measuring; lower --rounds")
     ref = statistics.median(times["torch.compile"])
