@@ -171,9 +171,11 @@ def test_the_decision_of_a_step_that_read_nothing_new_is_the_policys_own(signal)
     assert state.events >= 1 and seen_memo > 0
 
 
-def _run_recorded(compiled: bool, quiet: bool, opt_cls=torch.optim.AdamW, **cfg):
+def _run_recorded(compiled: bool, quiet: bool, opt_cls=torch.optim.AdamW, *, set_to_none: bool = True,
+                  idle_steps: frozenset[int] = frozenset(), **cfg):
     """30 steps of the drift preset on :func:`mlp` (blocks 0 and 2 still, the rest moving), with the
-    runtime's quiet-step path on or off; returns what each step left and how often the path was taken."""
+    runtime's quiet-step path on or off; returns what each step left and how often the path was taken.
+    At the steps of ``idle_steps`` a forward and a second ``opt.step()`` follow, with no backward."""
     tm = cosmic_fx.transform(mlp(), drift_cfg(qci=False, **cfg))
     if compiled:
         run = cosmic_fx.compile(tm)
@@ -194,10 +196,13 @@ def _run_recorded(compiled: bool, quiet: bool, opt_cls=torch.optim.AdamW, **cfg)
     opt = opt_cls(groups)
     cosmic_fx.watch_optimizer(tm, opt)
     steps = []
-    for _ in range(30):
-        opt.zero_grad(set_to_none=True)
+    for step in range(30):
+        opt.zero_grad(set_to_none=set_to_none)
         nn.functional.cross_entropy(run(X), Y).backward()
         opt.step()
+        if step in idle_steps:  # a forward with no backward (a loss logged), then another step()
+            run(X)
+            opt.step()  # (AdamW moves the weights again on the old gradients; the runtime counts no step)
         steps.append((rt.steps, rt.last_step, sorted(rt.frozen), rt.prefix.reason, rt.prefix.length))
     return steps, {k: v.clone() for k, v in tm.state_dict().items()}, taken[0]
 
@@ -213,6 +218,52 @@ def test_the_quiet_step_path_leaves_what_the_full_step_leaves(compiled):
     assert full[-1][4] >= 1, full[-1][3]  # a block froze on the way
     assert fast == full
     torch.testing.assert_close(fast_state, full_state, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["set_to_none", "zeroed"])
+def test_the_quiet_step_path_counts_no_step_without_a_backward(set_to_none):
+    """A second ``step()`` with a forward but no backward before it is no step, on the quiet path as on
+    the full one, whether it falls inside the drift window (where the compiled path looks at one
+    gradient only) or on the reading step after it, and whether the gradients are new tensors or
+    zeroed in place."""
+    idle = frozenset({4, 7, 8, 12, 20})
+    full, full_state, _ = _run_recorded(True, quiet=False, set_to_none=set_to_none, idle_steps=idle)
+    fast, fast_state, taken = _run_recorded(True, quiet=True, set_to_none=set_to_none, idle_steps=idle)
+    assert taken >= 15 and full[-1][0] == 30
+    assert fast == full
+    torch.testing.assert_close(fast_state, full_state, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_quiet_compiled_step_looks_at_one_gradient(monkeypatch):
+    """On a quiet step of a model compiled as one graph, the runtime reads one parameter's gradient,
+    not every parameter's (``CosmicRuntime._new_grads`` is the loop over all of them)."""
+    from cosmic_fx.runtime import CosmicRuntime
+
+    loops, quiet = [], []
+    inner_new, inner_quiet = CosmicRuntime._new_grads, CosmicRuntime._quiet_step
+
+    def counted_new(self, params):
+        loops.append(self.steps)
+        return inner_new(self, params)
+
+    def counted_quiet(self):
+        done = inner_quiet(self)
+        if done:
+            quiet.append(self.steps)
+        return done
+
+    monkeypatch.setattr(CosmicRuntime, "_new_grads", counted_new)
+    monkeypatch.setattr(CosmicRuntime, "_quiet_step", counted_quiet)
+    tm = cosmic_fx.transform(mlp(), drift_cfg(qci=False))
+    run = cosmic_fx.compile(tm)
+    opt = torch.optim.AdamW(tm.parameters(), lr=1e-2)
+    cosmic_fx.watch_optimizer(tm, opt)
+    for _ in range(30):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(run(X), Y).backward()
+        opt.step()
+    assert len(quiet) >= 15  # most steps are quiet (window 3: two of every three)
+    assert len(loops) <= 30 - len(quiet) + 1, (loops, quiet)  # the loop ran on the other steps only
 
 
 def test_the_quiet_step_path_is_not_taken_while_cce_scales_gradients():

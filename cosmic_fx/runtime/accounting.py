@@ -13,10 +13,13 @@ which of the runtime's parameters that graph reads. At the end of each backward 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Collection
 
 import torch
 
 __all__ = ["CompileAccounting"]
+
+_NONE: frozenset[int] = frozenset()
 
 
 def _dynamo_hit_recompile_limit() -> bool:
@@ -35,24 +38,29 @@ class CompileAccounting:
         self.recompile_limit_hit = False
         self.outside_graphs: set[int] = set()  # parameter indices ever trained outside compiled graphs
         self._forwards = 0
-        self._covered: set[int] = set()
+        self._covered: frozenset[int] = _NONE  # the parameters read by this step's compiled forwards
 
     def note_forward(self, covered: frozenset[int]) -> None:
         self.compiled = True
         self._forwards += 1
-        self._covered |= covered
+        covered = covered if type(covered) is frozenset else frozenset(covered)
+        self._covered = covered if self._covered is _NONE else self._covered | covered  # (no copy for one graph)
 
-    def end_of_step(self, step: int, with_grads: set[int], sets_used: int, max_sets: int) -> list[int]:
-        """Close a step; returns the indices whose gradients came from outside compiled graphs."""
+    def end_of_step(self, step: int, with_grads: Collection[int], sets_used: int, max_sets: int) -> list[int]:
+        """Close a step (``with_grads``: the indices that received gradients in it); returns, sorted,
+        those whose gradients came from outside compiled graphs."""
         outside: list[int] = []
         if self.compiled:
             if self._forwards == 0:
                 self._report_uncompiled(step, sets_used, max_sets)
             else:
-                outside = sorted(with_grads - self._covered)
-                self.outside_graphs.update(outside)
+                covered = self._covered
+                outside = [i for i in with_grads if i not in covered]
+                if outside:
+                    outside.sort()
+                    self.outside_graphs.update(outside)
         self._forwards = 0
-        self._covered = set()
+        self._covered = _NONE
         return outside
 
     def _report_uncompiled(self, step: int, sets_used: int, max_sets: int) -> None:

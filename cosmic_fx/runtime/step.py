@@ -97,6 +97,9 @@ class StepMixin:
         self._warned_batchnorm = False
         self._seen_grads: dict[int, tuple[weakref.ref, int]] = {}  # without hooks: the grads of closed steps
         self._cce_skipped = False  # cce_skip_adaptive and a scale-invariant optimizer (Adam, AdamW)
+        self._quiet_config = None  # _quiet_step: the config its two flags were read from
+        self._sentinel: int | None = None  # _quiet_new_grads: the parameter whose gradient stands for the step's
+        self._seen_lazy = False  # _seen_grads is behind by quiet steps that looked at the sentinel only
         self._piece_sums: torch.Tensor | None = None
         self._reset_step()
 
@@ -223,23 +226,53 @@ class StepMixin:
         :meth:`_end_step` would do on such a step, without their calls (the pre-hook went from 33 to 23 µs a step
         on a CPU, docs/guide/performance.md). Otherwise it returns ``False`` having done nothing."""
         cfg = self.config
-        if (cfg.cdg is not CDGMode.PREFIX or cfg.cce_fused is not CCEFused.OFF or self._handles or self._window
-                or self._explicit or self._ddp is not None or self._piece_sums is not None or self.fused.external
-                or not (cfg.cce is CCEMode.OFF or self._cce_skipped) or self._step_grads
-                or (self._dist is not None and self._dist.active)
+        if self._quiet_config is not cfg:  # what the config alone says, once per config
+            self._quiet_config = cfg
+            self._quiet_by_config = cfg.cdg is CDGMode.PREFIX and cfg.cce_fused is CCEFused.OFF
+            self._quiet_cce_off = cfg.cce is CCEMode.OFF
+        if (not self._quiet_by_config or self._handles or self._window or self._explicit or self._ddp is not None
+                or self._piece_sums is not None or self.fused.external or self._step_grads
+                or not (self._quiet_cce_off or self._cce_skipped) or (self._dist is not None and self._dist.active)
                 or not self.prefix.quiet_end(self.steps, cfg)):
             return False
-        params = self._params()
-        got = self._new_grads(params)
+        got = self._quiet_new_grads()
         if not got:
             return True  # no backward since the last step (as _collect_step: nothing to close)
         self._e_out_seen = False
         self.steps += 1
-        outside = self.accounting.end_of_step(self.steps, set(got), len(self.cdg.sets_used), cfg.cdg_max_sets)
+        outside = self.accounting.end_of_step(self.steps, got, len(self.cdg.sets_used), cfg.cdg_max_sets)
         self._last_record = (self.steps, self.readings.e_out_value(), {}, [], {}, self.cdg.frozen, outside,
                              self.prefix.reason)
         self.readings.end_step()
         return True
+
+    def _quiet_new_grads(self) -> list[int]:
+        """:meth:`_new_grads` for :meth:`_quiet_step`, without a loop over the parameters where one
+        gradient answers for all of them: when the only training forward since the last step was one
+        compiled graph's and nothing has trained outside compiled graphs, the step's gradients came from
+        that graph's backward, one autograd node that writes the gradients of all its trainable inputs
+        at once. One of them (the sentinel, picked by a step that looked at all) then has a new gradient
+        exactly when that backward ran; the step's other records are brought up to date by the next
+        :meth:`_new_grads` (``_seen_lazy``). Returns ``[sentinel]`` or ``[]`` then; otherwise
+        :meth:`_new_grads` of every parameter.
+
+        What this cannot see, and the loop would: a parameter trained outside compiled graphs for the
+        first time on such a step (it enters ``outside_graphs`` at the next step that loops), and a
+        gradient edited by hand between two ``step()`` calls with no backward between them."""
+        acct, i = self.accounting, self._sentinel
+        if i is not None and acct.compiled and acct._forwards == 1 and not acct.outside_graphs and i in acct._covered:
+            p = self._refs[i]()
+            g = p.grad if p is not None and p.requires_grad else None
+            if g is not None:
+                old = self._seen_grads.get(i)
+                if old is not None and old[0]() is g and old[1] == g._version:
+                    return []  # that backward did not run since the last step
+                self._seen_grads[i] = (weakref.ref(g), g._version)
+                self._seen_lazy = True
+                return [i]
+        got = self._new_grads(self._params())
+        self._sentinel = got[-1] if got else None  # (the last block's: prefix CDG freezes from the first)
+        return got
 
     def _collect_step(self, params: list[torch.Tensor | None]) -> list[int] | None:
         """Without per-parameter hooks: find this step's gradients at the optimizer step, and do what the
@@ -468,6 +501,13 @@ class StepMixin:
         the hooks would have seen (a gradient kept from an earlier step is not this step's). Records
         them as seen: a later step finds them again only if they change."""
         seen, got = self._seen_grads, []
+        if self._seen_lazy:  # quiet steps looked at the sentinel only (_quiet_new_grads)
+            self._seen_lazy = False
+            i = self._sentinel
+            p = params[i] if i is not None else None
+            old, g = seen.get(i), None if p is None else p.grad
+            if g is not None and old is not None and old[0]() is g and old[1] == g._version:
+                self._mark_grads_seen(params)  # no backward since the last of them: these are its gradients
         for i, p in enumerate(params):
             if p is None or not p.requires_grad or (g := p.grad) is None:
                 continue
@@ -481,6 +521,7 @@ class StepMixin:
         """Record every current ``.grad`` (and its version) as belonging to a closed step."""
         seen = self._seen_grads
         seen.clear()
+        self._seen_lazy = False
         for i, p in enumerate(self._params() if params is None else params):
             if p is not None and (g := p.grad) is not None:
                 seen[i] = (weakref.ref(g), g._version)
