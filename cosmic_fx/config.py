@@ -383,9 +383,8 @@ class CosmicConfig:
         Inductor): step memory 0.84x ``torch.compile``'s on ``docs-finetune`` and 0.70x on
         ``mnist-transfer``, time to the target 0.93x and 0.95x (inside the seed spread), the final metric
         within the accuracy budget on all six claims tasks, from scratch included (nothing froze on
-        ``stdlib-lm-deep``: +0.004 bits/char); before its first freeze a step costs 0.97-1.02x a
-        ``torch.compile`` step on the three transformer tasks, 1.005-1.034x on the two CNNs and
-        1.04-1.06x on the half-millisecond ``digits-mlp``
+        ``stdlib-lm-deep``: +0.004 bits/char); before its first freeze a step costs 1.00-1.03x a
+        ``torch.compile`` step on every task, 1.027-1.028x on the half-millisecond ``digits-mlp``
         (benchmarks/experiments/claims_prefreeze_step_experiment.py).
 
         * QCI ``qci_form="diagonal"``, only on sites wider than 511 (``qci_min_width=511``): there it

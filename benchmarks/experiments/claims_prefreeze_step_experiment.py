@@ -1,6 +1,7 @@
 """The fast preset's step before any freeze against a torch.compile step on the claims tasks, interleaved.
 
-Produced: docs/claims/peers_drift015_run.md, section "The step before the first freeze, side by side".
+Produced: docs/claims/peers_drift015_run.md, section "The step before the first freeze, side by side"
+(and its "After the quiet step looks at one gradient").
 
 The claims run's median-step rows compare arms trained one after the other, so the machine's drift
 between them enters the ratio (``torch.compile`` on ``stdlib-lm-deep``: 81, 101 and 96 ms in the three

@@ -1,6 +1,7 @@
 """A fast-preset training step before any freeze against a torch.compile step (issue 17, item 1).
 
-Produced: docs/guide/performance.md, section "What a step costs before anything freezes", its table.
+Produced: docs/guide/performance.md, section "What a step costs before anything freezes", its tables
+(the latest in "The quiet step looks at one gradient").
 
 Arms, side by side from the same init, on digits (batch 64), one thread, ``aot_eager`` lowering:
 
@@ -24,14 +25,14 @@ with its ratio to torch.compile's. Models: ``DigitsMLP()`` (6 parameter tensors)
 Linear(128, 128) + ReLU blocks (18 tensors, 1 measured step in 10 with ``efficiency_every=10``).
 
 The tables, with the runs they come from, are in docs/guide/performance.md. The latest (the quiet
-step, 2026-12-03; two runs of 300 rounds on a quiet machine, median step over torch.compile's, run 1 /
-run 2):
+step looking at one gradient, 2026-12-03; two runs of 300 rounds on a quiet machine, median step over
+torch.compile's, run 1 / run 2):
 
     model, optimizer        fast, grad     drift, full step  fast (drift), quiet step
-    DigitsMLP, AdamW        1.16x / 1.17x  1.04x / 1.05x     1.01x / 1.03x
-    DigitsMLP, SGD          1.28x / 1.28x  1.09x / 1.05x     1.04x / 1.05x
-    deep MLP, AdamW         1.09x / 1.14x  1.04x / 1.05x     1.02x / 1.04x
-    deep MLP, SGD           1.17x / 1.15x  1.06x / 1.07x     1.04x / 1.03x
+    DigitsMLP, AdamW        1.13x / 1.14x  1.03x / 1.04x     1.00x / 1.00x
+    DigitsMLP, SGD          1.18x / 1.17x  1.07x / 1.06x     1.02x / 1.02x
+    deep MLP, AdamW         1.09x / 1.09x  1.02x / 1.03x     1.01x / 1.00x
+    deep MLP, SGD           1.14x / 1.13x  1.04x / 1.04x     1.00x / 1.01x
 
 usage: python benchmarks/experiments/costfree_step_experiment.py [rounds]
 """

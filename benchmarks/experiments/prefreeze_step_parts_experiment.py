@@ -1,7 +1,8 @@
 """Where a fast-preset step before the first freeze spends its extra time (issue 17, item 1).
 
 Produced: docs/guide/performance.md, section "What a step costs before anything freezes", the
-paragraph "Where the rest goes", and the parts paragraph of "The quiet step".
+paragraph "Where the rest goes", and the parts paragraphs of "The quiet step" and "The quiet step looks
+at one gradient".
 
 DigitsMLP on digits (batch 64), SGD lr 0.05 (``--adamw``: AdamW 1e-3), one thread, ``aot_eager``;
 three arms from the same init, interleaved, 400 rounds after a warm-up: ``torch.compile``,
