@@ -89,6 +89,25 @@ def test_freeze_units_are_prefix_cdgs_blocks():
     assert peers.freezeout_count(units) == 2 and peers.freezeout_count([]) == 0
 
 
+def test_a_fixed_freeze_schedule_freezes_its_k_blocks_from_its_step(transfer):
+    task, seen = _recording(transfer)
+    run = train_run(task, Arm("freezeout:2@0", None, "compile", "momentum", task.lr, lower="eager",
+                              peer="freezeout:2@0"), seed=0)
+    calls = seen["calls"][2:2 + task.steps]
+    first = {"conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"}
+    assert all({n for n, g in flags.items() if not g} == first for flags, _ in calls)
+    assert torch.equal(calls[0][1], seen["model"].conv1.weight.detach())  # never trained
+    assert "2 of 4 blocks frozen from step 0" in run.note
+
+
+@pytest.mark.parametrize("spec", ["freezeout:", "freezeout:2", "freezeout:x@0", "freeze:1@0", "freezeout:0@0",
+                                  "freezeout:5@0", "freezeout:1@300"])
+def test_a_bad_freeze_schedule_is_refused_with_the_valid_form(spec):
+    units = [["a.w"], ["b.w"], ["c.w"], ["d.w"]]
+    with pytest.raises(ValueError, match="freezeout:K@S|K must be 1..4"):
+        peers.freeze_schedule(spec, units, 300)
+
+
 def test_freezeout_freezes_exactly_the_first_third_from_30_percent(transfer):
     task, seen = _recording(transfer)
     run = train_run(task, Arm("FreezeOut schedule", None, "compile", "momentum", task.lr, lower="eager",

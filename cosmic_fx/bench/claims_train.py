@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from ..training import Arm, _optimizer, build
-from .peers import freezeout_step
 from .tasks import Task
 
 __all__ = ["Run", "gradient_mismatch", "train_run"]
@@ -115,9 +114,10 @@ def _optimizer_for(arm: Arm, params) -> torch.optim.Optimizer | None:
     return _optimizer(arm, params)
 
 
-def _peer_setup(task: Task, arm: Arm, model: nn.Module, batches: list) -> tuple[nn.Module, list[str], str]:
-    """Prepare a peer arm (:mod:`cosmic_fx.bench.peers`): the model to build, the FreezeOut schedule's
-    parameter names (frozen from :func:`~cosmic_fx.bench.peers.freezeout_step`), and a note.
+def _peer_setup(task: Task, arm: Arm, model: nn.Module, batches: list) -> tuple[nn.Module, list[str], str, int]:
+    """Prepare a peer arm (:mod:`cosmic_fx.bench.peers`): the model to build, a freeze schedule's
+    parameter names and the 0-based step they are frozen from (:func:`~cosmic_fx.bench.peers.freeze_schedule`),
+    and a note.
 
     Raises:
         PeerSkipped: the arm does not apply to this task, or peft is missing.
@@ -125,21 +125,21 @@ def _peer_setup(task: Task, arm: Arm, model: nn.Module, batches: list) -> tuple[
     from . import peers
 
     if arm.peer == "lora":
-        return peers.lora_model(model), [], f"LoRA r={peers.LORA_RANK} on the nn.Linear layers but the head"
-    if arm.peer == "freezeout":
+        return peers.lora_model(model), [], f"LoRA r={peers.LORA_RANK} on the nn.Linear layers but the head", 0
+    if arm.peer is not None and arm.peer.partition(":")[0] == "freezeout":
         units = peers.freeze_units(model, batches[0][0])
-        k = peers.freezeout_count(units)
+        k, at = peers.freeze_schedule(arm.peer, units, task.steps)
         names = [n for u in units[:k] for n in u]
-        return model, names, f"{k} of {len(units)} blocks frozen from step {peers.freezeout_step(task.steps)}"
+        return model, names, f"{k} of {len(units)} blocks frozen from step {at}", at
     if arm.peer == "cache":
         share = peers.repeat_fraction(batches)
         if share < peers.MIN_REPEAT:
             raise peers.PeerSkipped(f"not applicable: inputs do not repeat "
                                     f"({100 * share:.1f}% of the samples come back)")
-        return model, [], f"{100 * share:.0f}% of the samples come back"
+        return model, [], f"{100 * share:.0f}% of the samples come back", 0
     if arm.peer is not None:
-        raise ValueError(f"unknown peer {arm.peer!r}; valid: freezeout, lora, cache")
-    return model, [], ""
+        raise ValueError(f"unknown peer {arm.peer!r}; valid: freezeout (or freezeout:K@S), lora, cache")
+    return model, [], "", 0
 
 
 def train_run(task: Task, arm: Arm, seed: int, tick: Callable[[], None] | None = None) -> Run:
@@ -158,7 +158,7 @@ def train_run(task: Task, arm: Arm, seed: int, tick: Callable[[], None] | None =
     torch.manual_seed(seed)
     model = task.factory(seed)
     batches = list(task.batches(seed))
-    model, schedule, note = _peer_setup(task, arm, model, batches)
+    model, schedule, note, freeze_from = _peer_setup(task, arm, model, batches)
     train_mod, eval_mod, hooks = build(arm, model)
     opt = _optimizer_for(arm, train_mod.parameters())
     step_times, compile_time = [], 0.0
@@ -169,7 +169,7 @@ def train_run(task: Task, arm: Arm, seed: int, tick: Callable[[], None] | None =
         from ..prefix_cache import PrefixCache
 
         forward = PrefixCache(train_mod)  # content keys: the task's batches carry no sample ids
-    frozen_at = freezeout_step(task.steps) + 1 if schedule else None  # 1-based step number
+    frozen_at = freeze_from + 1 if schedule else None  # 1-based step number
     by_name = dict(model.named_parameters())
     if arm.config is None and arm.engine == "compile":
         frames, t0 = _frames_compiled(), time.perf_counter()
@@ -191,7 +191,7 @@ def train_run(task: Task, arm: Arm, seed: int, tick: Callable[[], None] | None =
             opt.step()
 
     for i, (x, y) in enumerate(batches, start=1):
-        if i == frozen_at:  # FreezeOut: the first third of the blocks stop training (one recompile)
+        if i == frozen_at:  # FreezeOut: the first blocks stop training (one recompile, or none from step 0)
             for name in schedule:
                 by_name[name].requires_grad_(False)
                 by_name[name].grad = None

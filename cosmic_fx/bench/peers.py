@@ -27,7 +27,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["BEST_IMPL", "LORA_RANK", "PeerSkipped", "freeze_units", "freezeout_count", "freezeout_step", "lora_model",
+__all__ = ["BEST_IMPL", "LORA_RANK", "PeerSkipped", "freeze_schedule", "freeze_units", "freezeout_count",
+           "freezeout_step", "lora_model",
            "repeat_fraction"]
 
 # The fastest torch.optim implementation under torch.compile on this CPU, per optimizer, from
@@ -87,6 +88,30 @@ def freezeout_count(units: Sequence[Sequence[str]]) -> int:
         (1, 1, 0)
     """
     return max(1, len(units) // 3) if units else 0
+
+
+def freeze_schedule(peer: str, units: Sequence[Sequence[str]], steps: int) -> tuple[int, int]:
+    """``(blocks, step)`` of a fixed freeze schedule: how many of the first ``units`` it freezes, from
+    which 0-based training step. ``"freezeout"`` is the FreezeOut arm (:func:`freezeout_count` from
+    :func:`freezeout_step`); ``"freezeout:K@S"`` freezes the first ``K`` blocks from step ``S`` (the
+    schedules of ``benchmarks/experiments/prefix_ceiling_experiment.py``).
+
+    Example:
+        >>> units = [["a.w"], ["b.w"], ["c.w"], ["d.w"], ["e.w"], ["f.w"]]
+        >>> freeze_schedule("freezeout", units, 300), freeze_schedule("freezeout:3@0", units, 300)
+        ((2, 90), (3, 0))
+    """
+    if peer == "freezeout":
+        return freezeout_count(units), freezeout_step(steps)
+    head, _, spec = peer.partition(":")
+    k, _, at = spec.partition("@")
+    if head != "freezeout" or not k.isdigit() or not at.isdigit():
+        raise ValueError(f"unknown freeze schedule {peer!r}; valid: 'freezeout', or 'freezeout:K@S' (the first K "
+                         "blocks from the 0-based step S, e.g. 'freezeout:3@0')")
+    if not 1 <= int(k) <= len(units) or int(at) >= steps:
+        raise ValueError(f"freeze schedule {peer!r}: K must be 1..{len(units)} (the model's blocks) and S below the "
+                         f"task's {steps} steps")
+    return int(k), int(at)
 
 
 def lora_model(model: nn.Module) -> nn.Module:
