@@ -1,7 +1,8 @@
 """Which prefix window (and QCI or not) makes the `fast` preset freeze within a fine-tuning budget?
 
 Produced: docs/guide/presets.md, section "The fast preset: prefix freezing", the table "Choosing the
-window and the cap" (docs-finetune and mnist-transfer, one seed).
+window and the cap" (docs-finetune and mnist-transfer, one seed); and the shorter-window paragraph of
+"What a frozen prefix can buy: fixed schedules" (mnist-transfer, three seeds).
 
     python benchmarks/experiments/fast_window_experiment.py [--seeds 0] [--tasks docs-finetune,mnist-transfer] ARM ...
 
