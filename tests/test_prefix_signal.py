@@ -172,10 +172,11 @@ def test_the_decision_of_a_step_that_read_nothing_new_is_the_policys_own(signal)
 
 
 def _run_recorded(compiled: bool, quiet: bool, opt_cls=torch.optim.AdamW, *, set_to_none: bool = True,
-                  idle_steps: frozenset[int] = frozenset(), **cfg):
+                  idle_steps: frozenset[int] = frozenset(), micro: int = 1, **cfg):
     """30 steps of the drift preset on :func:`mlp` (blocks 0 and 2 still, the rest moving), with the
     runtime's quiet-step path on or off; returns what each step left and how often the path was taken.
-    At the steps of ``idle_steps`` a forward and a second ``opt.step()`` follow, with no backward."""
+    At the steps of ``idle_steps`` a forward and a second ``opt.step()`` follow, with no backward;
+    each step accumulates the gradients of ``micro`` backward passes."""
     tm = cosmic_fx.transform(mlp(), drift_cfg(qci=False, **cfg))
     if compiled:
         run = cosmic_fx.compile(tm)
@@ -198,7 +199,8 @@ def _run_recorded(compiled: bool, quiet: bool, opt_cls=torch.optim.AdamW, *, set
     steps = []
     for step in range(30):
         opt.zero_grad(set_to_none=set_to_none)
-        nn.functional.cross_entropy(run(X), Y).backward()
+        for _ in range(micro):
+            nn.functional.cross_entropy(run(X), Y).backward()
         opt.step()
         if step in idle_steps:  # a forward with no backward (a loss logged), then another step()
             run(X)
@@ -229,6 +231,16 @@ def test_the_quiet_step_path_counts_no_step_without_a_backward(set_to_none):
     idle = frozenset({4, 7, 8, 12, 20})
     full, full_state, _ = _run_recorded(True, quiet=False, set_to_none=set_to_none, idle_steps=idle)
     fast, fast_state, taken = _run_recorded(True, quiet=True, set_to_none=set_to_none, idle_steps=idle)
+    assert taken >= 15 and full[-1][0] == 30
+    assert fast == full
+    torch.testing.assert_close(fast_state, full_state, rtol=0, atol=0, equal_nan=True)
+
+
+def test_the_quiet_step_path_with_gradient_accumulation_leaves_what_the_full_step_leaves():
+    """Two backward passes per step (two compiled forwards): the quiet path scans every gradient, as
+    the full step does, and leaves the same."""
+    full, full_state, _ = _run_recorded(True, quiet=False, micro=2)
+    fast, fast_state, taken = _run_recorded(True, quiet=True, micro=2)
     assert taken >= 15 and full[-1][0] == 30
     assert fast == full
     torch.testing.assert_close(fast_state, full_state, rtol=0, atol=0, equal_nan=True)
