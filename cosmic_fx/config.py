@@ -384,7 +384,8 @@ class CosmicConfig:
         ``mnist-transfer``, time to the target 0.93x and 0.95x (inside the seed spread), the final metric
         within the accuracy budget on all six claims tasks, from scratch included (nothing froze on
         ``stdlib-lm-deep``: +0.004 bits/char); before its first freeze a step costs 1.00-1.03x a
-        ``torch.compile`` step on every task, 1.027-1.028x on the half-millisecond ``digits-mlp``
+        ``torch.compile`` step on every task, 1.027-1.028x over 300 steps on the half-millisecond
+        ``digits-mlp`` (one 45-step run: 1.043x)
         (benchmarks/experiments/claims_prefreeze_step_experiment.py).
 
         * QCI ``qci_form="diagonal"``, only on sites wider than 511 (``qci_min_width=511``): there it
