@@ -3,8 +3,9 @@
 Prefix CDG (``cdg="prefix"``) freezes the blocks on the input side for good; from then on their
 output for a given sample never changes (AutoFreeze, PipeTransformer's AutoCache). When the same
 samples come back (several epochs over one dataset, without random augmentation) the cache keeps
-each sample's prefix output and, for a batch whose samples are all cached, runs only the rest of the
-model: neither the prefix's forward nor (it is frozen) its backward.
+each sample's prefix output and runs the prefix's forward on the samples of a batch it has not
+cached only: a batch whose samples are all cached runs only the rest of the model, neither the
+prefix's forward nor (it is frozen) its backward.
 
 How it works. The model must come from :func:`cosmic_fx.transform` on its traced path (its forward
 is a graph). At each freeze event the cache cuts that graph in two: the *prefix* (every node the
@@ -397,27 +398,45 @@ class PrefixCache:
                 self._turn_off(f"sample key {k!r} came back with another input (random augmentation, or keys that "
                                "do not name samples), so its cached prefix output would be wrong")
                 return self.model(*inputs)
-        if all(e is not None for e in found):
-            self.hits += n
+        missing = [j for j, e in enumerate(found) if e is None]
+        self.hits += n - len(missing)
+        if not missing:
             crossing = [torch.stack([e[0][j] for e in found]).to(dtype) for j, dtype in enumerate(self._dtypes)]
+            return self._suffix(*inputs, *crossing)
+        self.misses += len(missing)
+        self.prefix_runs += 1
+        if len(missing) < n:  # the prefix runs on the samples not cached only
+            rows = torch.tensor(missing, device=batched[0].device)
+            part = [t.index_select(0, rows) if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else t
+                    for t in inputs]
         else:
-            self.misses += n
-            self.prefix_runs += 1
-            with torch.no_grad():
-                crossing = list(self._split.prefix(*inputs))
-            if not all(isinstance(c, torch.Tensor) and c.dim() > 0 and c.shape[0] == n for c in crossing):
-                self._turn_off("a value that crosses from the frozen prefix to the rest of the model is not a tensor "
-                               "batched on dim 0, so it cannot be kept per sample")
-                return self.model(*inputs)
-            self._dtypes = [c.dtype for c in crossing]
-            self._store(keys, found, content, crossing)
+            part = inputs
+        with torch.no_grad():
+            ran = list(self._split.prefix(*part))
+        if not all(isinstance(c, torch.Tensor) and c.dim() > 0 and c.shape[0] == len(missing) for c in ran):
+            self._turn_off("a value that crosses from the frozen prefix to the rest of the model is not a tensor "
+                           "batched on dim 0, so it cannot be kept per sample")
+            return self.model(*inputs)
+        self._dtypes = [c.dtype for c in ran]
+        self._store([keys[j] for j in missing], [content[j] for j in missing], ran)
+        if len(missing) == n:
+            return self._suffix(*inputs, *ran)
+        hit = [j for j, e in enumerate(found) if e is not None]
+        crossing = []
+        for j, c in enumerate(ran):
+            whole = c.new_empty((n, *c.shape[1:]))
+            whole[torch.tensor(missing, device=c.device)] = c
+            whole[torch.tensor(hit, device=c.device)] = torch.stack([found[i][0][j] for i in hit]).to(c.dtype)
+            crossing.append(whole)
         return self._suffix(*inputs, *crossing)
 
-    def _store(self, keys, found, content, crossing) -> None:
+    def _store(self, keys, content, crossing) -> None:
+        """Keep row ``j`` of ``crossing`` for ``keys[j]`` (samples not cached yet; a key twice in one
+        batch is kept once)."""
         if self._full:
             return
-        for j, (k, entry) in enumerate(zip(keys, found)):
-            if entry is not None or k in self._entries:
+        for j, k in enumerate(keys):
+            if k in self._entries:
                 continue
             rows = tuple(c[j].to(self.dtype if self.dtype is not None and c.is_floating_point() else c.dtype,
                                  copy=True) for c in crossing)

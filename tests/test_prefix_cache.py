@@ -92,6 +92,36 @@ def test_training_with_the_cache_equals_training_without_it(case):
         assert len(calls) == 4 + n and max(calls) == 4 + n - 1
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "aot_eager"])
+def test_a_batch_partly_cached_runs_the_prefix_on_its_new_samples_only(compiled):
+    """Reshuffled epochs: a batch with cached and new samples runs the frozen prefix on the new ones,
+    and the output is the model's, within float rounding (the cached rows came from another batch)."""
+    (x, y), (fresh, _) = mlp_batches(2, scale=3)
+    tm = cosmic_fx.transform(small_mlp(), _config(cdg_prefix_max=0.5, lower="aot_eager"))
+    run = cosmic_fx.compile(tm) if compiled else tm
+    if not compiled:
+        cosmic_fx.attach_hooks(tm)
+    cache = PrefixCache(run)
+    opt = torch.optim.SGD(tm.parameters(), lr=0.01)
+    for _ in range(5):  # the first block freezes at the end of step 3; step 5 fills the cache with x
+        nn.functional.cross_entropy(cache(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert cosmic_fx.runtime_of(tm).prefix.length == 1 and cache.entries == 8
+    rows = []
+    handle = tm.get_submodule("0").register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    mixed = torch.cat([fresh[:3], x[2:7], fresh[3:5]])  # 5 cached samples among 5 new ones
+    before = (cache.hits, cache.misses, cache.prefix_runs)
+    out = cache(mixed)
+    handle.remove()
+    assert (cache.hits - before[0], cache.misses - before[1], cache.prefix_runs - before[2]) == (5, 5, 1)
+    assert cache.entries == 13
+    if not compiled:
+        assert rows == [5]  # the first Linear ran on the five new samples
+    torch.testing.assert_close(out, run(mixed))
+    assert cache(mixed).shape == out.shape and cache.hits - before[0] == 15  # all ten cached now
+
+
 def test_a_freeze_event_invalidates_the_entries():
     # three freezable blocks of one each (Linear 6->24, 24->24, 24->16), the output layer last;
     # cdg_prefix_threshold tiny at first, so that freeze events come one at a time when we allow them
