@@ -422,11 +422,12 @@ class PrefixCache:
         if len(missing) == n:
             return self._suffix(*inputs, *ran)
         hit = [j for j, e in enumerate(found) if e is not None]
+        new_rows, hit_rows = rows.to(ran[0].device), torch.tensor(hit, device=ran[0].device)
         crossing = []
         for j, c in enumerate(ran):
             whole = c.new_empty((n, *c.shape[1:]))
-            whole[torch.tensor(missing, device=c.device)] = c
-            whole[torch.tensor(hit, device=c.device)] = torch.stack([found[i][0][j] for i in hit]).to(c.dtype)
+            whole[new_rows] = c
+            whole[hit_rows] = torch.stack([found[i][0][j] for i in hit]).to(c.dtype)
             crossing.append(whole)
         return self._suffix(*inputs, *crossing)
 

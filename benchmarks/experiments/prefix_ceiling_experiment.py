@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 
 import torch
 
 from cosmic_fx.bench.arms import arms_for
 from cosmic_fx.bench.claims_train import train_run
+from cosmic_fx.bench.common import mean_std
 from cosmic_fx.bench.tasks import make_tasks
 from cosmic_fx.training import Arm
 
@@ -52,13 +52,6 @@ schedules = dict(SCHEDULES)
 for item in args.schedules:
     name, _, specs = item.partition("=")
     schedules[name] = specs.split(",")
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    kept = [v for v in values if not math.isnan(v)]
-    if not kept:
-        return math.nan, math.nan
-    return statistics.mean(kept), (statistics.stdev(kept) if len(kept) > 1 else 0.0)
 
 
 for task in make_tasks(args.tasks.split(","), quick=False, cache_dir=args.pretrained):

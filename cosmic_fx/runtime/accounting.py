@@ -46,6 +46,12 @@ class CompileAccounting:
         covered = covered if type(covered) is frozenset else frozenset(covered)
         self._covered = covered if self._covered is _NONE else self._covered | covered  # (no copy for one graph)
 
+    def one_graph_reads(self, i: int) -> bool:
+        """Whether this step's training forwards so far were one compiled graph's, which reads parameter
+        ``i``, and no step has trained a parameter outside compiled graphs: then that graph's backward
+        (one autograd node) wrote every gradient of the step."""
+        return self._forwards == 1 and not self.outside_graphs and i in self._covered
+
     def end_of_step(self, step: int, with_grads: Collection[int], sets_used: int, max_sets: int) -> list[int]:
         """Close a step (``with_grads``: the indices that received gradients in it); returns, sorted,
         those whose gradients came from outside compiled graphs."""

@@ -85,6 +85,12 @@ def _discover(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             rt._watch(optimizer, discovered=True)
 
 
+def _seen(record: tuple[weakref.ref, int] | None, grad: torch.Tensor) -> bool:
+    """Whether ``grad`` is the gradient a ``_seen_grads`` record names, unchanged since (same tensor,
+    same version)."""
+    return record is not None and record[0]() is grad and record[1] == grad._version
+
+
 class StepMixin:
     """The per-step half of :class:`~cosmic_fx.runtime.CosmicRuntime` (see the module docstring)."""
 
@@ -261,13 +267,12 @@ class StepMixin:
         What this cannot see, and the loop would: a parameter trained outside compiled graphs for the
         first time on such a step (it enters ``outside_graphs`` at the next step that loops), and a
         gradient edited by hand between two ``step()`` calls with no backward between them."""
-        acct, i = self.accounting, self._sentinel
-        if i is not None and acct.compiled and acct._forwards == 1 and not acct.outside_graphs and i in acct._covered:
+        i = self._sentinel
+        if i is not None and self.accounting.one_graph_reads(i):
             p = self._refs[i]()
             g = p.grad if p is not None and p.requires_grad else None
             if g is not None:
-                old = self._seen_grads.get(i)
-                if old is not None and old[0]() is g and old[1] == g._version:
+                if _seen(self._seen_grads.get(i), g):
                     return []  # that backward did not run since the last step
                 self._seen_grads[i] = (weakref.ref(g), g._version)
                 self._seen_lazy = True
@@ -507,13 +512,12 @@ class StepMixin:
             self._seen_lazy = False
             i = self._sentinel
             p = params[i] if i is not None else None
-            old, g = seen.get(i), None if p is None else p.grad
-            if g is not None and old is not None and old[0]() is g and old[1] == g._version:
+            if p is not None and p.grad is not None and _seen(seen.get(i), p.grad):
                 self._mark_grads_seen(params)  # no backward since the last of them: these are its gradients
         for i, p in enumerate(params):
             if p is None or not p.requires_grad or (g := p.grad) is None:
                 continue
-            old = seen.get(i)
+            old = seen.get(i)  # (_seen, inline: once per parameter on every step that scans)
             if old is None or old[0]() is not g or old[1] != g._version:
                 got.append(i)
                 seen[i] = (weakref.ref(g), g._version)
