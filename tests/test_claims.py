@@ -236,7 +236,10 @@ def test_big_finetune_task_quick_form_pretrains_and_trains_in_seconds():
 
     task = make_tasks(["docs-finetune-big"], quick=True)[0]
     assert task.name == "docs-finetune-big" and task.tags == {"transformer", "fine-tune"}
-    assert task.prepare(0)["cached"] == "no" and task.prepare(0)["cached"] == "memory"  # once per seed
+    ticks: list[int] = []
+    assert task.prepare(0, ticks.append)["cached"] == "no"
+    assert ticks == [1] * task.prepare_steps and task.prepare_steps == 5  # the bar moves per pretraining step
+    assert task.prepare(0, ticks.append)["cached"] == "memory" and len(ticks) == 5  # once per seed, no step
     torch.manual_seed(0)
     model = task.factory(0)
     assert len(model.blocks) == 12 and model.tok.embedding_dim == 32

@@ -136,8 +136,9 @@ def run(
     cache_dir = os.path.join(out_dir, "pretrained") if out_dir else None
     task_objs = make_tasks(list(tasks or DEFAULT_TASKS), quick, cache_dir=cache_dir)
     plan = [(t, name, arm) for t in task_objs for name, arm in arms_for(t, lower, quick, arms).items()]
-    # the bar counts training steps (a 6-block LM run is minutes long); a pretraining counts as one
-    total = sum(task.steps for task, _, _ in plan) * seeds + sum(seeds for t in task_objs if t.prepare is not None)
+    # the bar counts training steps, pretraining steps included (a big pretraining is many minutes long)
+    total = (sum(task.steps for task, _, _ in plan) * seeds
+             + sum(max(1, t.prepare_steps) * seeds for t in task_objs if t.prepare is not None))
     results: dict[str, dict[str, list[Run]]] = {}
     skipped: dict[str, dict[str, str]] = {}  # task -> arm -> why it did not run
     pretrain: dict[str, list[dict[str, Any]]] = {}
@@ -147,8 +148,14 @@ def run(
                 continue
             for seed in range(seeds):  # pretraining: once per seed, before (and outside) every arm
                 bar.set_postfix_str(f"{task.name} / pretraining / seed {seed}")
-                pretrain.setdefault(task.name, []).append(task.prepare(seed))
-                bar.update(1)
+                ticks = [0]
+
+                def tick(n: int, ticks: list[int] = ticks) -> None:
+                    ticks[0] += n
+                    bar.update(n)
+
+                pretrain.setdefault(task.name, []).append(task.prepare(seed, tick))
+                bar.update(max(1, task.prepare_steps) - ticks[0])  # a cached pretraining ran no step
         for task, name, arm in plan:
             results.setdefault(task.name, {})
             for seed in range(seeds):

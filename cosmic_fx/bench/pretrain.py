@@ -90,15 +90,17 @@ class Pretraining:
         }
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
-    def train(self, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def train(self, seed: int, tick: Callable[[int], object] | None = None
+              ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Pretrain from scratch (eager, deterministic for one build and thread count). The global RNG
         state is restored afterwards, so a caller's seeded initialisation does not depend on whether
-        the weights came from the cache."""
+        the weights came from the cache. ``tick(1)`` is called after each step (a progress bar)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self._train(seed)
+            return self._train(seed, tick)
 
-    def _train(self, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _train(self, seed: int, tick: Callable[[int], object] | None
+               ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         model = self.build()
         params = model.parameters()
         opt = (torch.optim.SGD(params, lr=self.lr, momentum=0.9) if self.optimizer == "momentum"
@@ -111,6 +113,8 @@ class Pretraining:
             loss.backward()
             opt.step()
             done += 1
+            if tick is not None:
+                tick(1)
         if done != self.steps:
             raise RuntimeError(f"Pretraining {self.name!r}: batches({seed}) gave {done} batches, expected {self.steps}")
         info = {"seconds": time.perf_counter() - t0,
@@ -138,8 +142,10 @@ class PretrainCache:
             return None
         return os.path.join(self.folder, f"{pre.name}-seed{seed}-{pre.key(seed)[:16]}.pt")
 
-    def get(self, pre: Pretraining, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """``(state_dict, info)``; ``info["cached"]`` is ``"memory"``, ``"disk"`` or ``"no"`` (trained now)."""
+    def get(self, pre: Pretraining, seed: int, tick: Callable[[int], object] | None = None
+            ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``(state_dict, info)``; ``info["cached"]`` is ``"memory"``, ``"disk"`` or ``"no"`` (trained now,
+        calling ``tick(1)`` after each pretraining step)."""
         key = pre.key(seed)
         if key in self._memory:
             state, info = self._memory[key]
@@ -150,7 +156,7 @@ class PretrainCache:
             if stored.get("key") == key:  # a file from another spec (a prefix collision, an edit) is retrained
                 self._memory[key] = (stored["state"], stored["info"])
                 return stored["state"], {**stored["info"], "cached": "disk"}
-        state, info = pre.train(seed)
+        state, info = pre.train(seed, tick)
         self._memory[key] = (state, info)
         if path is not None:
             os.makedirs(self.folder, exist_ok=True)

@@ -45,7 +45,9 @@ class Task:
         tags: what kind of workload it is, for the targets that apply to some tasks only
             (``"transformer"``, ``"fine-tune"``).
         ablations: also run each mechanism alone on this task (the small tasks only: they are cheap).
-        prepare: ``seed -> info``: work done once per seed before any arm (pretraining), or ``None``.
+        prepare: ``(seed, tick) -> info``: work done once per seed before any arm (pretraining), or
+            ``None``; it calls ``tick(1)`` after each of its ``prepare_steps`` steps (a progress bar).
+        prepare_steps: the steps ``prepare`` takes when it trains (0 without ``prepare``).
     """
 
     name: str
@@ -63,7 +65,8 @@ class Task:
     tolerance: float
     tags: frozenset[str] = frozenset()
     ablations: bool = False
-    prepare: Callable[[int], dict[str, Any]] | None = None
+    prepare: Callable[..., dict[str, Any]] | None = None
+    prepare_steps: int = 0
 
 
 def _classification_batches(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int):

@@ -27,6 +27,8 @@ same batches; the pretraining is done once per seed, not per arm (:mod:`cosmic_f
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -95,8 +97,8 @@ def deep_lm_task(quick: bool) -> Task:
 
 
 def _prepare(cache: PretrainCache, pre: Pretraining):
-    def prepare(seed: int) -> dict:
-        return cache.get(pre, seed)[1]
+    def prepare(seed: int, tick: Callable[[int], object] | None = None) -> dict:
+        return cache.get(pre, seed, tick=tick)[1]
 
     return prepare
 
@@ -131,7 +133,7 @@ def _code_to_prose_task(name: str, pre_name: str, quick: bool, cache: PretrainCa
         evaluate=lm_evaluator(docs_held, lm["context"], windows), metric="bits/char",
         target=target, steps=steps, eval_every=eval_every,
         optimizer="adamw", lr=lr, adamw_lr=lr, tolerance=0.05,
-        tags=frozenset({"transformer", "fine-tune"}), prepare=_prepare(cache, pre),
+        tags=frozenset({"transformer", "fine-tune"}), prepare=_prepare(cache, pre), prepare_steps=pre.steps,
     )
 
 
@@ -247,5 +249,5 @@ def mnist_transfer_task(quick: bool, cache: PretrainCache) -> Task:
         evaluate=_error_of(bvx, bvy), metric="error %",
         target=3.0, steps=steps, eval_every=10,
         optimizer="momentum", lr=0.01, adamw_lr=1e-3, tolerance=1.0,
-        tags=frozenset({"fine-tune"}), prepare=_prepare(cache, pre),
+        tags=frozenset({"fine-tune"}), prepare=_prepare(cache, pre), prepare_steps=pre.steps,
     )
