@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import statistics
 
 import pytest
 import torch
@@ -243,8 +244,12 @@ def test_big_finetune_task_quick_form_pretrains_and_trains_in_seconds():
     torch.manual_seed(0)
     model = task.factory(0)
     assert len(model.blocks) == 12 and model.tok.embedding_dim == 32
-    run = train_run(task, Arm("eager AdamW", None, "eager", "adamw", task.adamw_lr), seed=0)
+    reached = dataclasses.replace(task, target=7.0)  # log2(98) < 7: reached at the first evaluation
+    run = train_run(reached, Arm("eager AdamW", None, "eager", "adamw", task.adamw_lr), seed=0)
     assert [s for s, _ in run.curve] == [5, 10] and 0 < run.final < 7
+    assert run.steps_to_target == 5 and run.time_to_target == sum(run.step_seconds[:5])
+    assert len(run.step_seconds) == 10 and all(t > 0 for t in run.step_seconds)
+    assert math.isnan(run.median_step) or run.median_step == statistics.median(run.step_seconds)
 
 
 def test_big_finetune_task_full_form_and_its_place_in_the_task_lists():

@@ -36,6 +36,8 @@ class Run:
         gradient_check: for a plain ``torch.compile`` arm, whether its gradients on the first batch
             equal eager PyTorch's (``"match"``, or which parameters differ); ``"-"`` for other arms.
         note: what a peer arm did (:mod:`cosmic_fx.bench.peers`): blocks frozen, LoRA layers, cache hits.
+        step_seconds: every training step's seconds, a compile step counted as the median (as in
+            ``time_to_target``): the time to another target is ``sum(step_seconds[:steps])``.
     """
 
     final: float
@@ -49,6 +51,7 @@ class Run:
     scaled_fraction: float
     gradient_check: str = "-"
     note: str = ""
+    step_seconds: list[float] = dataclasses.field(default_factory=list)
 
 
 def _frames_compiled() -> int:
@@ -221,9 +224,8 @@ def train_run(task: Task, arm: Arm, seed: int, tick: Callable[[], None] | None =
     valid = [t for t in step_times if not math.isnan(t)]
     median = statistics.median(valid) if valid else float("nan")
     steps_to = next((s for s, m in curve if m <= task.target), float("nan"))
-    time_to = float("nan")
-    if not math.isnan(steps_to):
-        time_to = sum(median if math.isnan(t) else t for t in step_times[: int(steps_to)])
+    seconds = [median if math.isnan(t) else t for t in step_times]
+    time_to = float("nan") if math.isnan(steps_to) else sum(seconds[: int(steps_to)])
     peak = _peak_step_memory(lambda: one_step(*batches[-1]))
     h = hooks or cosmic_fx.hooks_of(eval_mod) or cosmic_fx.hooks_of(model)
     if h is not None:
@@ -232,7 +234,7 @@ def train_run(task: Task, arm: Arm, seed: int, tick: Callable[[], None] | None =
         final=curve[-1][1], curve=curve, steps_to_target=steps_to, time_to_target=time_to,
         median_step=median, compile_time=compile_time, peak_memory_mb=peak,
         frozen_fraction=frozen_sum / max(n, 1), scaled_fraction=scaled_sum / max(n, 1), gradient_check=check,
-        note=_note(note, forward),
+        note=_note(note, forward), step_seconds=seconds,
     )
 
 
