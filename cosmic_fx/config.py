@@ -382,18 +382,23 @@ class CosmicConfig:
         measured forms. Measured (``cosmic-fx bench claims``, docs/claims/peers_drift015_run.md, 3 seeds,
         Inductor): step memory 0.84x ``torch.compile``'s on ``docs-finetune`` and 0.70x on
         ``mnist-transfer``, time to the target 0.93x and 0.95x (inside the seed spread), the final metric
-        within the accuracy budget on all six claims tasks, from scratch included (nothing froze on
+        within the accuracy budget on the six default claims tasks, from scratch included (nothing froze on
         ``stdlib-lm-deep``: +0.004 bits/char); before its first freeze a step costs 1.00-1.03x a
         ``torch.compile`` step on every task, 1.027-1.028x over 300 steps on the half-millisecond
         ``digits-mlp`` (one 45-step run: 1.043x)
-        (benchmarks/experiments/claims_prefreeze_step_experiment.py).
+        (benchmarks/experiments/claims_prefreeze_step_experiment.py). On the 12-block
+        ``docs-finetune-big`` (3 seeds, docs/claims/big_run.md) it froze a block still learning:
+        +0.058 bits/char, over the 0.05 budget in every seed, time to the target 1.01x, memory 0.92x.
 
-        * QCI ``qci_form="diagonal"``, only on sites wider than 511 (``qci_min_width=511``): there it
-          adds 1-10% to its site's forward+backward under Inductor (the dense form: 2-2.3x;
-          docs/perf.md, "CSC and the QCI forms"); on narrower sites it costs more (11% of its site at
-          width 256; a 6-block width-64 transformer with a QCI on every site: 1.33x step time and
-          1.47x step memory, benchmarks/experiments/fast_preset_cost_experiment.py), so they get none.
-          ``qci_min_width=0`` puts it back everywhere.
+        * QCI off (``qci=False``, since 2026-12-04): the gate is work on every step and never stops
+          acting, so it cannot meet "costs nothing until it acts". Where the preset used to put it (the
+          diagonal form on sites wider than 511, ``qci_min_width=511``; none of the six default claims
+          tasks has such a site), on ``docs-finetune-big``'s twelve width-1024 MLP sites it cost
+          1.16x ``torch.compile``'s median step and 1.30x its peak step memory, for a final metric
+          +0.015 bits/char (no gain): docs/claims/big_run.md. On narrower sites it costs more (a
+          6-block width-64 transformer with a QCI on every site: 1.33x step time and 1.47x step
+          memory, benchmarks/experiments/fast_preset_cost_experiment.py). ``qci=True`` puts the
+          diagonal gate back on sites wider than 511; ``qci_min_width=0`` everywhere.
         * CSC off (``csc="none"``): after every site it costs 12-14x a clone per site, and on the
           output it slowed the start of training (digits, 40 steps: 66% test error against 34%
           without it; 3.3% and 3.5% after 400 steps; benchmarks/experiments/fast_preset_forms_experiment.py).
@@ -424,10 +429,13 @@ class CosmicConfig:
 
         Example:
             >>> cfg = CosmicConfig.fast()
-            >>> cfg.cdg.value, cfg.qci_form.value, cfg.csc.value, cfg.cce.value, cfg.qci_min_width
-            ('prefix', 'diagonal', 'none', 'off', 511)
+            >>> cfg.cdg.value, cfg.qci, cfg.csc.value, cfg.cce.value
+            ('prefix', False, 'none', 'off')
+            >>> CosmicConfig.fast(qci=True).qci_at(1024), CosmicConfig.fast(qci=True).qci_at(256)
+            (True, False)
         """
-        base = dict(qci_form=QCIForm.DIAGONAL, qci_min_width=511, csc=CSCPlacement.NONE, cdg=CDGMode.PREFIX,
+        base = dict(qci=False, qci_form=QCIForm.DIAGONAL, qci_min_width=511, csc=CSCPlacement.NONE,
+                    cdg=CDGMode.PREFIX,
                     cdg_prefix_window=25, cdg_prefix_max=0.34, cdg_prefix_signal=PrefixSignal.DRIFT,
                     cdg_prefix_threshold=0.015, cce=CCEMode.OFF,
                     cce_skip_adaptive=True)

@@ -29,8 +29,8 @@ SCHEDULE = {"default": {"cdg_interval": 10, "efficiency_every": 2}, "seed": {},
             # as settled, a QCI on every site: block "0" of the 3-layer MLP freezes at step 7 (one block of
             # the two: cap 0.75); CCE on (the
             # preset has it off), so that prefix CDG is tested together with CCE's multipliers and state
-            "fast": {"cdg_prefix_window": 3, "cdg_prefix_threshold": 1e9, "cdg_prefix_max": 0.75, "qci_min_width": 0,
-                     "cce": "relative"}}
+            "fast": {"cdg_prefix_window": 3, "cdg_prefix_threshold": 1e9, "cdg_prefix_max": 0.75, "qci": True,
+                     "qci_min_width": 0, "cce": "relative"}}
 
 
 # DDP runs decide every 3 steps (calibrated CDG counts every reading: a counter one step behind on one

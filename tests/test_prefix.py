@@ -67,7 +67,8 @@ def fast(**kw) -> CosmicConfig:
     signal (the preset's is the weight drift, tests/test_prefix_signal.py): it reads every step, so the
     events here come at steps these tests can name."""
     return CosmicConfig.fast(**{"cdg_prefix_window": 2, "cdg_prefix_threshold": 1e9, "lower": "aot_eager",
-                                "qci_min_width": 0, "cdg_prefix_max": 0.75, "cdg_prefix_signal": "grad", **kw})
+                                "qci": True, "qci_min_width": 0, "cdg_prefix_max": 0.75, "cdg_prefix_signal": "grad",
+                                **kw})
 
 
 def train(run, tm, steps: int, lr: float = 0.05) -> None:

@@ -223,10 +223,18 @@ def test_qci_min_width_puts_qcis_only_on_wider_sites(name):
         torch.testing.assert_close(tm.eval()(x), reference(x))
 
 
-def test_fast_preset_puts_no_qci_below_width_512():
+def test_fast_preset_puts_no_qci_and_with_qci_on_only_above_width_511():
     model = nn.Sequential(nn.Linear(8, 600), nn.ReLU(), nn.Linear(600, 64), nn.ReLU(), nn.Linear(64, 4))
-    tm = cosmic_fx.transform(model, CosmicConfig.fast())
-    assert sorted(n for n, m in tm.cosmic_qci.named_modules() if isinstance(m, QuantumClassicalInterface)) == ["0"]
+
+    def gated(cfg):
+        tm = cosmic_fx.transform(model, cfg)
+        qci = getattr(tm, "cosmic_qci", None)
+        if qci is None:
+            return []
+        return sorted(n for n, m in qci.named_modules() if isinstance(m, QuantumClassicalInterface))
+
+    assert gated(CosmicConfig.fast()) == []  # the gate never stops acting: off in the fast preset
+    assert gated(CosmicConfig.fast(qci=True)) == ["0"]  # put back: the diagonal form on sites wider than 511
     assert CosmicConfig.fast().qci_min_width == 511
     # two freezable blocks and a cap of a third: none may freeze, and explain says so
     report = cosmic_fx.explain(model, torch.rand(2, 8), CosmicConfig.fast())

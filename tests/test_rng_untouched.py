@@ -33,7 +33,7 @@ class Untraceable(Traced):
 PRESETS = {
     "default": CosmicConfig(),
     "seed": CosmicConfig.seed(),
-    "fast": CosmicConfig.fast(),
+    "fast": CosmicConfig.fast(qci=True),  # the preset has no QCI since 2026-12-04: its wide-site form, put back
     "off": CosmicConfig.off(),
     "lowrank": CosmicConfig(qci_form="lowrank", qci_init="seed"),
     "diagonal": CosmicConfig(qci_form="diagonal"),

@@ -2,9 +2,11 @@
 
 Produced: docs/guide/presets.md, section "The fast preset: prefix freezing", the table "Choosing the
 window and the cap" (docs-finetune and mnist-transfer, one seed); and the shorter-window paragraph of
-"What a frozen prefix can buy: fixed schedules" (mnist-transfer, three seeds).
+"What a frozen prefix can buy: fixed schedules" (mnist-transfer, three seeds); docs/claims/big_run.md
+(docs-finetune-big: what QCI and CDG each cost, and the fast preset without the QCI over three seeds).
 
     python benchmarks/experiments/fast_window_experiment.py [--seeds 0] [--tasks docs-finetune,mnist-transfer] ARM ...
+        [--json runs.json]
 
 ARM is ``compile`` (plain torch.compile with the task's optimizer) or ``fast:key=value,...``
 (``CosmicConfig.fast`` with overrides, e.g. ``fast:qci=False,cdg_prefix_window=25``). Every arm trains
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
+import json
 
 from cosmic_fx.bench.claims_train import train_run
 from cosmic_fx.bench.tasks import make_tasks
@@ -43,7 +47,9 @@ def main() -> None:
     ap.add_argument("arms", nargs="+")
     ap.add_argument("--tasks", default="docs-finetune,mnist-transfer")
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--json", default=None, help="also write every run (curve, step seconds) to this file")
     args = ap.parse_args()
+    runs = []
     tasks = make_tasks(args.tasks.split(","), quick=False, cache_dir="results/pretrained")
     print(
         "| task | seed | arm | final | steps to target | time to target s | median step ms | peak step MiB | frozen |"
@@ -61,6 +67,10 @@ def main() -> None:
                     f"{100 * r.frozen_fraction:.0f}% |",
                     flush=True,
                 )
+                runs.append({"task": task.name, "seed": seed, "arm": text, **dataclasses.asdict(r)})
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump(runs, f)
 
 
 if __name__ == "__main__":
