@@ -249,7 +249,7 @@ def test_big_finetune_task_quick_form_pretrains_and_trains_in_seconds():
     assert [s for s, _ in run.curve] == [5, 10] and 0 < run.final < 7
     assert run.steps_to_target == 5 and run.time_to_target == sum(run.step_seconds[:5])
     assert len(run.step_seconds) == 10 and all(t > 0 for t in run.step_seconds)
-    assert math.isnan(run.median_step) or run.median_step == statistics.median(run.step_seconds)
+    assert run.median_step == statistics.median(run.step_seconds)  # eager: no compile step to stand in for
 
 
 def test_big_finetune_task_full_form_and_its_place_in_the_task_lists():
@@ -326,3 +326,33 @@ def test_docstring_examples_run(module):
 
     mod = importlib.import_module(f"cosmic_fx.bench.{module}")
     assert doctest.testmod(mod, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+def test_the_claims_bar_ends_at_its_total_pretraining_steps_included_cached_or_not(monkeypatch, tmp_path):
+    import contextlib
+
+    from cosmic_fx.bench import claims as claims_mod
+
+    seen: list[tuple[int, int]] = []
+
+    @contextlib.contextmanager
+    def counting(total, desc, enabled=True):
+        class Bar:
+            n = 0
+
+            def update(self, k: int = 1) -> None:
+                self.n += k
+
+            def set_postfix_str(self, s: str) -> None:
+                pass
+
+        bar = Bar()
+        yield bar
+        seen.append((bar.n, total))
+
+    monkeypatch.setattr(claims_mod, "progress", counting)
+    for _ in range(2):  # the first run pretrains (a tick per step), the second loads the weights from disk
+        claims_mod.run(["docs-finetune"], seeds=1, quick=True, out_dir=str(tmp_path), arms=["torch.compile"])
+    assert len(seen) == 2 and all(n == total for n, total in seen), seen
+    pre = make_tasks(["docs-finetune"], quick=True)[0].prepare_steps
+    assert pre > 0 and seen[0][1] > pre

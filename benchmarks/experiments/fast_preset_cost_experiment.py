@@ -29,9 +29,10 @@ if name == "torch.compile":
     run = torch.compile(m)
 else:
     # the fast preset as it was when this ran (README): a QCI on every site; the CDG fields never act
-    # within this run's steps. CosmicConfig.fast() now leaves QCIs off sites narrower than 512.
-    first = dict(qci_min_width=0, cdg_prefix_window=100, cdg_prefix_max=0.75)
-    cfg = {"fast": CosmicConfig.fast(**first), "fast qci off": CosmicConfig.fast(qci=False, **first)}[name]
+    # within this run's steps. CosmicConfig.fast() has since left QCIs off sites narrower than 512, and
+    # since 2026-12-04 off altogether (qci=False): qci=True puts back the form this run measured.
+    first = dict(qci=True, qci_min_width=0, cdg_prefix_window=100, cdg_prefix_max=0.75)
+    cfg = {"fast": CosmicConfig.fast(**first), "fast qci off": CosmicConfig.fast(**{**first, "qci": False})}[name]
     tm = cosmic_fx.transform(m, cfg)
     run = cosmic_fx.compile(tm)
 opt = torch.optim.AdamW(tm.parameters(), lr=1e-3)

@@ -40,8 +40,9 @@ def run(cfg, seed, steps):
 
 
 # the fast preset as it was when this ran (README's table): a QCI on every site, a 100-step window,
-# three quarters of the blocks; CosmicConfig.fast() has since changed these three
-FIRST = dict(qci_min_width=0, cdg_prefix_window=100, cdg_prefix_max=0.75, lower="eager")
+# three quarters of the blocks; CosmicConfig.fast() has since changed these three, and turned the QCI
+# off (qci=False, 2026-12-04): qci=True keeps the QCI this run measured
+FIRST = dict(qci=True, qci_min_width=0, cdg_prefix_window=100, cdg_prefix_max=0.75, lower="eager")
 arms = {
     "plain PyTorch": None,
     "default preset": CosmicConfig(lower="eager"),

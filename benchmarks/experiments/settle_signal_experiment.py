@@ -112,7 +112,9 @@ def run(task: Task, arm: str, seed: int) -> dict:
     else:
         signal, _, thr = arm.partition(":")
         extra = {"cdg_prefix_threshold": float(thr)} if thr else {}
-        cfg = CosmicConfig.fast(lower="aot_eager", cdg_prefix_signal=signal, **extra)
+        # qci=True: the preset when this ran (a diagonal QCI on sites wider than 511, so on every block of
+        # wide-transfer); the preset has had qci=False since 2026-12-04
+        cfg = CosmicConfig.fast(lower="aot_eager", cdg_prefix_signal=signal, qci=True, **extra)
         train_mod = cosmic_fx.compile(model, cfg)
         eval_mod = train_mod._orig_mod
     params = list(train_mod.parameters())

@@ -138,7 +138,7 @@ def run(
     plan = [(t, name, arm) for t in task_objs for name, arm in arms_for(t, lower, quick, arms).items()]
     # the bar counts training steps, pretraining steps included (a big pretraining is many minutes long)
     total = (sum(task.steps for task, _, _ in plan) * seeds
-             + sum(max(1, t.prepare_steps) * seeds for t in task_objs if t.prepare is not None))
+             + sum(t.prepare_steps * seeds for t in task_objs if t.prepare is not None))
     results: dict[str, dict[str, list[Run]]] = {}
     skipped: dict[str, dict[str, str]] = {}  # task -> arm -> why it did not run
     pretrain: dict[str, list[dict[str, Any]]] = {}
@@ -148,14 +148,10 @@ def run(
                 continue
             for seed in range(seeds):  # pretraining: once per seed, before (and outside) every arm
                 bar.set_postfix_str(f"{task.name} / pretraining / seed {seed}")
-                ticks = [0]
-
-                def tick(n: int, ticks: list[int] = ticks) -> None:
-                    ticks[0] += n
-                    bar.update(n)
-
-                pretrain.setdefault(task.name, []).append(task.prepare(seed, tick))
-                bar.update(max(1, task.prepare_steps) - ticks[0])  # a cached pretraining ran no step
+                info = task.prepare(seed, bar.update)  # one tick per pretraining step
+                pretrain.setdefault(task.name, []).append(info)
+                if info.get("cached", "no") != "no":  # weights from the cache: no step ran
+                    bar.update(task.prepare_steps)
         for task, name, arm in plan:
             results.setdefault(task.name, {})
             for seed in range(seeds):
